@@ -1,0 +1,1 @@
+"""vlmd's service: config, MQTT wiring, scheduling, worker, systemd, CLI."""
