@@ -1,0 +1,369 @@
+"""vlmd configuration: one TOML file + `VLMD_` environment variables + CLI overrides.
+
+Contract:
+- `load_config(path, env, overrides) -> Config`; precedence defaults < file < env <
+  overrides. The environment is read only inside `load_config` (never at import).
+- Env names: `VLMD_<KEY>` with `__` for nesting, e.g. `VLMD_MQTT__BROKER`,
+  `VLMD_DEVICE_ID`, `VLMD_CAMERAS__FRONT__CAPTION=true`. Keys are lower-cased. Variables
+  whose first part is not a top-level config key (e.g. `VLMD_BOARD_MODEL_DIR`) are
+  not config and are ignored (`ignored_env_names` lists them).
+- Every problem is collected and raised once as `ConfigError(issues)`; each issue is a
+  `(location, message)` pair whose location names the source (`file:line`, `env NAME`
+  or `override`) and the key path.
+- Relative paths in the file are relative to the file's directory. `password_file`
+  may use `${CREDENTIALS_DIRECTORY}`; with neither password nor password_file set,
+  `$CREDENTIALS_DIRECTORY/mqtt_password` is used when it exists (systemd
+  LoadCredential=). The password is read at load time and kept as a `SecretStr`.
+- Models are frozen and `extra="forbid"`; `Config()` alone gives the defaults with
+  `device_id`, `root` and `mqtt.client_id` filled in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from daemon.config_sources import (
+    ENV_PREFIX,
+    ConfigError,
+    ConfigIssue,
+    Key,
+    deep_merge,
+    env_key,
+    env_layer,
+    file_layer,
+    issue_from_pydantic,
+    leaves,
+    located,
+    set_key,
+)
+from protocol.topics import check_camera, check_publish_topic, check_root, is_valid_camera, topic_safe
+
+EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
+CREDENTIAL_NAME = "mqtt_password"
+_GROUP_BAD = re.compile(r"[/+#\x00]")
+
+
+class BrokerAddress(NamedTuple):
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://host[:1883]` or `mqtts://host[:8883]` -> BrokerAddress; ValueError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+    if parts.username or parts.password:
+        raise ValueError("put credentials in mqtt.username / mqtt.password, not in the broker URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker URL takes only a host and a port, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"broker URL has a bad port: {url!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"broker URL has no host: {url!r}")
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+def _optional_path(value: Any) -> Any:
+    return None if value == "" else value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class TlsConfig(_Section):
+    ca_file: Path | None = Field(None, description="CA bundle to verify the broker (PEM); empty = system store")
+    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    key_file: Path | None = Field(None, description="client private key (PEM); its contents are never logged")
+    insecure: bool = Field(False, description="skip broker host name verification (testing only)")
+
+    _empty_is_none = field_validator("ca_file", "cert_file", "key_file", mode="before")(_optional_path)
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if (self.key_file is None) != (self.cert_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file, self.insecure))
+
+
+class MqttConfig(_Section):
+    broker: str = Field("", description="mqtt://host:port or mqtts://host:port; empty = start the embedded broker")
+    client_id: str = Field("", description='MQTT client id; empty = "vlmd-<device_id>"')
+    username: str = Field("", description="user name for the broker; empty = anonymous")
+    password: SecretStr = Field(SecretStr(""), description="password (prefer password_file); never logged")
+    password_file: Path | None = Field(None, description="file holding the password, e.g. ${CREDENTIALS_DIRECTORY}/mqtt_password")
+    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive in seconds")
+    protocol: Literal["auto", "3.1.1", "5"] = Field("auto", description='"auto" tries MQTT 5 then falls back to 3.1.1')
+    persistent_session: bool = Field(True, description="keep the session across reconnects so QoS 1 asks survive")
+    reconnect_min_s: float = Field(1.0, gt=0, description="first reconnect delay (doubles up to reconnect_max_s)")
+    reconnect_max_s: float = Field(60.0, gt=0, description="longest reconnect delay")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings (mqtts:// brokers only)")
+
+    _empty_is_none = field_validator("password_file", mode="before")(_optional_path)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if value:
+            parse_broker_url(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.password.get_secret_value() and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.tls.configured and not (self.broker_address and self.broker_address.tls):
+            raise ValueError("tls settings need an mqtts:// broker")
+        return self
+
+    @property
+    def broker_address(self) -> BrokerAddress | None:
+        """The parsed broker URL, or None for the embedded broker."""
+        return parse_broker_url(self.broker) if self.broker else None
+
+    def password_value(self) -> str | None:
+        """The plain password for paho's username_pw_set, or None when unset."""
+        return self.password.get_secret_value() or None
+
+
+class EmbeddedBrokerConfig(_Section):
+    host: str = Field("127.0.0.1", min_length=1, description="address the embedded broker listens on")
+    port: int = Field(1883, ge=0, le=65535, description="port of the embedded broker; 0 = any free port")
+
+
+class ModelConfig(_Section):
+    path: Path | None = Field(None, description="model directory (or an M5Stack mode_<model>.json); empty = the demo model shipped with vlmd")
+    backend: Literal["auto", "reference", "axengine"] = Field("auto", description="auto: axengine when the model is compiled, else reference")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="reference backend dtype at graph boundaries")
+    provider: Literal["auto", "AxEngineExecutionProvider", "AXCLRTExecutionProvider"] = Field("auto", description="axengine execution provider")
+    device: int = Field(0, ge=0, description="AXCL card index (PCIe cards)")
+    kv_capacity: int = Field(1023, gt=0, description="KV cache rows (reference backend only)")
+    prefill_chunk: int = Field(128, gt=0, description="prefill chunk length (reference backend only)")
+    history_groups: int = Field(0, ge=0, description="extra prefill groups with history (reference backend only)")
+
+    _empty_is_none = field_validator("path", mode="before")(_optional_path)
+
+
+class RequestsConfig(_Section):
+    queue_size: int = Field(16, gt=0, description="questions waiting at most; more are rejected")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none")
+    max_tokens_limit: int = Field(1024, gt=0, description="largest max_tokens a request may ask for")
+    max_text_chars: int = Field(4000, gt=0, description="longest question text")
+    max_frames: int = Field(4, gt=0, description="most frames one question may ask for")
+    max_payload_bytes: int = Field(8_000_000, gt=0, description="largest ask payload (inline images included)")
+
+    @model_validator(mode="after")
+    def _limits(self) -> RequestsConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        return self
+
+
+class FramesConfig(_Section):
+    max_bytes: int = Field(8_000_000, gt=0, description="largest frame payload accepted")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest decoded frame (width x height)")
+    history: int = Field(4, gt=0, description="raw frames kept per camera; the newest answers `camera` questions")
+
+
+class CameraConfig(_Section):
+    topic: str = Field("", description="extra source topic for this camera's frames, e.g. frigate/front_door/snapshot")
+    caption: bool = Field(False, description="caption this camera's frames periodically")
+    interval_s: float = Field(30.0, gt=0, description="seconds between captions")
+    prompt: str = Field("Describe the image in one sentence.", min_length=1, description="caption question")
+    max_tokens: int = Field(64, gt=0, description="caption length limit in tokens")
+    min_change: float = Field(0.02, ge=0, le=1, description="skip a caption when the frame changed less (mean abs diff / 255 of a thumbnail)")
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        return check_publish_topic(value) if value else value  # an exact topic, no wildcards
+
+
+class StatsConfig(_Section):
+    interval_s: float = Field(30.0, gt=0, description="seconds between retained stats messages")
+
+
+class HomeAssistantConfig(_Section):
+    enabled: bool = Field(False, description="publish Home Assistant MQTT discovery")
+    discovery_prefix: str = Field("homeassistant", description="Home Assistant discovery topic prefix")
+
+    _prefix = field_validator("discovery_prefix")(check_root)
+
+
+class FleetConfig(_Section):
+    enabled: bool = Field(False, description="also take questions from the fleet's shared subscription (MQTT 5)")
+    group: str = Field("vlmd", description="shared subscription group name ($share/<group>/...)")
+    ask_topic: str = Field("vlmd/fleet/ask", description="topic the fleet's questions are published on")
+
+    _ask = field_validator("ask_topic")(check_publish_topic)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if not value or _GROUP_BAD.search(value):
+            raise ValueError("group must be one topic level (no '/', '+', '#')")
+        return value
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe level logged")
+    format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, JSON lines otherwise")
+
+
+class ShutdownConfig(_Section):
+    drain_timeout_s: float = Field(10.0, ge=0, description="seconds to let the running job finish on stop")
+    max_consecutive_failures: int = Field(3, gt=0, description="engine failures in a row before the daemon exits")
+
+
+class Config(_Section):
+    device_id: str = Field("", description="this board's id in topics; empty = the host name made topic-safe")
+    root: str = Field("", description='topic root; empty = "vlmd/<device_id>"')
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="broker connection")
+    embedded_broker: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig, description="used when mqtt.broker is empty")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="model directory and backend")
+    requests: RequestsConfig = Field(default_factory=RequestsConfig, description="limits on questions")
+    frames: FramesConfig = Field(default_factory=FramesConfig, description="limits on camera frames")
+    cameras: dict[str, CameraConfig] = Field(default_factory=dict, description="per-camera captions and source topics")
+    stats: StatsConfig = Field(default_factory=StatsConfig, description="stats publishing")
+    home_assistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig, description="Home Assistant discovery")
+    fleet: FleetConfig = Field(default_factory=FleetConfig, description="fleet-wide shared questions")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and format")
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="stopping and giving up")
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        # Same charset as camera names: one topic level, safe in logs and HA object ids.
+        if value and not is_valid_camera(value):
+            raise ValueError("device_id must be 1-64 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit")
+        return value
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        return check_root(value) if value else value
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, value: dict[str, CameraConfig]) -> dict[str, CameraConfig]:
+        for name in value:
+            check_camera(name)
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Config:
+        # Frozen models: fill derived defaults through __dict__ during validation.
+        device_id = self.device_id or topic_safe(socket.gethostname())
+        self.__dict__["device_id"] = device_id
+        self.__dict__["root"] = self.root or f"vlmd/{device_id}"
+        if not self.mqtt.client_id:  # copy: a caller's MqttConfig instance stays untouched
+            self.__dict__["mqtt"] = self.mqtt.model_copy(update={"client_id": f"vlmd-{device_id}"})
+        return self
+
+
+# --- loading -------------------------------------------------------------------------
+
+_PATH_KEYS: set[Key] = {("model", "path"), ("mqtt", "password_file"), *(("mqtt", "tls", k) for k in ("ca_file", "cert_file", "key_file"))}
+
+
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None, overrides: dict | None = None) -> Config:
+    """Build the effective Config; raises ConfigError listing every problem found."""
+    env = os.environ if env is None else env
+    layers: list[tuple[dict, dict[Key, str]]] = []
+    if path is not None:
+        layers.append(file_layer(Path(path), _PATH_KEYS))
+    layers.append(env_layer(env, Config.model_fields))
+    if overrides:
+        layers.append((overrides, {key: "override" for key, _ in leaves(overrides)}))
+    merged: dict = {}
+    provenance: dict[Key, str] = {}
+    for data, sources in layers:
+        deep_merge(merged, data)
+        provenance.update(sources)
+    try:
+        config = Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError([issue_from_pydantic(err, provenance) for err in exc.errors()]) from None
+    return _resolve_files(config, env, provenance)
+
+
+def cli_overrides(broker: str | None = None, device_id: str | None = None, model: str | Path | None = None,
+                  precision: str | None = None, log_level: str | None = None) -> dict:
+    """The `overrides` dict for load_config from the common command-line flags (None = not given)."""
+    flags = {("mqtt", "broker"): broker, ("device_id",): device_id, ("model", "path"): model,
+             ("model", "precision"): precision, ("logging", "level"): log_level}
+    overrides: dict = {}
+    for key, value in flags.items():
+        if value is not None:
+            set_key(overrides, key, str(value) if isinstance(value, Path) else value)
+    return overrides
+
+
+def redacted_dict(config: Config) -> dict:
+    """The config as plain TOML-able values with every secret replaced by "<redacted>"."""
+    data = config.model_dump(mode="json")
+    data["mqtt"]["password"] = "<redacted>" if config.mqtt.password_value() else ""
+    return data
+
+
+def ignored_env_names(env: Mapping[str, str]) -> list[str]:
+    """`VLMD_*` variables that are not config keys (left alone by load_config)."""
+    return sorted(name for name in env if name.startswith(ENV_PREFIX) and env_key(name, Config.model_fields) is None)
+
+
+def _resolve_files(config: Config, env: Mapping[str, str], provenance: dict[Key, str]) -> Config:
+    """Check that named files exist and read the password file (at load, not import)."""
+    issues: list[ConfigIssue] = []
+    mqtt = config.mqtt
+    password_file = _password_file(mqtt, env)
+    password = mqtt.password
+    if isinstance(password_file, str):  # a problem, not a path
+        issues.append(located(("mqtt", "password_file"), provenance, password_file))
+    elif password_file is not None:
+        try:
+            password = SecretStr(password_file.read_text(encoding="utf-8").rstrip("\r\n"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            issues.append(located(("mqtt", "password_file"), provenance, f"cannot read the password file {password_file}: {reason}"))
+    for name in ("ca_file", "cert_file", "key_file"):
+        file = getattr(mqtt.tls, name)
+        if file is not None and not file.is_file():
+            issues.append(located(("mqtt", "tls", name), provenance, f"no such file: {file}"))
+    if config.model.path is not None and not config.model.path.exists():
+        issues.append(located(("model", "path"), provenance, f"no such model directory or file: {config.model.path}"))
+    if issues:
+        raise ConfigError(issues)
+    new_mqtt = mqtt.model_copy(update={"password": password, "password_file": password_file})
+    return config.model_copy(update={"mqtt": new_mqtt})
+
+
+def _password_file(mqtt: MqttConfig, env: Mapping[str, str]) -> Path | str | None:
+    """The password file to read (None: none), or a message saying why it cannot be."""
+    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    if mqtt.password_file is None:
+        found = Path(credentials) / CREDENTIAL_NAME if credentials else None
+        usable = found is not None and not mqtt.password_value() and found.is_file()
+        return found if usable else None  # systemd's LoadCredential=mqtt_password
+    text = str(mqtt.password_file)
+    if "CREDENTIALS_DIRECTORY" in text and not credentials:
+        return "password_file uses $CREDENTIALS_DIRECTORY, which only systemd sets (LoadCredential=)"
+    return Path(text.replace("${CREDENTIALS_DIRECTORY}", credentials).replace("$CREDENTIALS_DIRECTORY", credentials))
