@@ -1,0 +1,170 @@
+"""Chat templates: the prompt text InternVL2-family checkpoints were trained on.
+
+The template is chosen by the checkpoint's `template` field (InternVL's conversation
+names). All InternVL templates use the MPT separator style:
+
+    system_template(system) + sep + user_role + user_message + sep + assistant_role
+
+Known names:
+
+- `Hermes-2` (InternVL2-1B/-4B...), `internlm2-chat` (InternVL2-2B/-8B...): ChatML tags,
+  `<|im_end|>` as separator with no newline after it, InternVL2's own system message;
+- `internvl2_5` (InternVL2.5 and InternVL3): ChatML tags, `<|im_end|>\n` as separator,
+  the InternVL2.5 system message;
+- `phi3-chat` (InternVL2-4B): `<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>`.
+
+A checkpoint without a `template` field (a text-only Qwen2-Instruct checkpoint, the demo
+model) gets Qwen2's ChatML: "You are a helpful assistant." and `<|im_end|>\n`. A
+`chat_template` (Jinja) in tokenizer_config.json is deliberately ignored: the choice
+depends on config.json alone, so it is deterministic and needs no Jinja engine.
+
+The system message is the explicit `system` argument, else config `system_message`
+(InternVL honours it when present), else the template's own.
+
+The user turn carries the images before the question, in InternVL's form: one image is
+`<img>` + N x `<IMG_CONTEXT>` + `</img>\\n`; several are numbered,
+`Image-1: <img>...</img>\\nImage-2: <img>...</img>\\n`.
+
+Token ids (stop tokens, `<IMG_CONTEXT>`) are read from the tokenizer, never hard-coded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from npu.tokenizer import Tokenizer
+
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+# Tokens that end a turn whichever template is in use, when the tokenizer has them.
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>")
+
+INTERNVL2_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+                    "是一个有用无害的人工智能助手。")
+INTERNVL2_5_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
+                      "联合开发的多模态大语言模型。")
+QWEN2_SYSTEM = "You are a helpful assistant."
+QWEN2_CHATML = "qwen2-chatml"
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """One conversation format (MPT separator style)."""
+
+    name: str
+    system_template: str  # contains "{system}"
+    system_message: str
+    user_role: str
+    assistant_role: str
+    sep: str
+
+
+TEMPLATES: dict[str, TemplateSpec] = {
+    spec.name: spec for spec in (
+        TemplateSpec("Hermes-2", "<|im_start|>system\n{system}", INTERNVL2_SYSTEM,
+                     "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"),
+        TemplateSpec("internlm2-chat", "<|im_start|>system\n{system}", INTERNVL2_SYSTEM,
+                     "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"),
+        TemplateSpec("internvl2_5", "<|im_start|>system\n{system}", INTERNVL2_5_SYSTEM,
+                     "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"),
+        TemplateSpec("phi3-chat", "<|system|>\n{system}", INTERNVL2_SYSTEM,
+                     "<|user|>\n", "<|assistant|>\n", "<|end|>"),
+        TemplateSpec(QWEN2_CHATML, "<|im_start|>system\n{system}", QWEN2_SYSTEM,
+                     "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """A tokenised prompt. `ids[:num_prefix_ids]` encodes `template.prefix(...)` exactly,
+    so a KV snapshot of the prefix stays valid whatever question follows."""
+
+    ids: list[int]
+    num_prefix_ids: int
+
+
+class ChatTemplate:
+    """Renders and tokenises prompts for one checkpoint."""
+
+    def __init__(self, spec: TemplateSpec, tokenizer: Tokenizer, system_message: str | None = None):
+        self.spec = spec
+        self.name = spec.name
+        self.tokenizer = tokenizer
+        self.system_message = spec.system_message if system_message is None else system_message
+        self.stop_ids = _stop_ids(spec, tokenizer)
+        self.image_context_id = tokenizer.token_id(IMG_CONTEXT)
+        self._image_tags_ok = all(tokenizer.token_id(t) is not None
+                                  for t in (IMG_START, IMG_END, IMG_CONTEXT))
+
+    @classmethod
+    def from_checkpoint(cls, config: dict[str, Any], tokenizer: Tokenizer) -> ChatTemplate:
+        """The template named by `config["template"]`, Qwen2 ChatML when there is none."""
+        name = config.get("template") or QWEN2_CHATML
+        spec = TEMPLATES.get(name)
+        if spec is None:
+            known = ", ".join(sorted(TEMPLATES))
+            raise ValueError(f"unknown chat template {name!r} in config.json; known: {known}")
+        return cls(spec, tokenizer, config.get("system_message"))
+
+    # -- text ----------------------------------------------------------------------------
+
+    def prefix(self, num_images: int, image_tokens: int, system: str | None = None) -> str:
+        """Everything before the question: system turn, user role, image blocks."""
+        spec = self.spec
+        system_text = spec.system_template.format(
+            system=self.system_message if system is None else system)
+        return system_text + spec.sep + spec.user_role + self.image_blocks(num_images, image_tokens)
+
+    def suffix(self) -> str:
+        """Everything after the question: end of the user turn, assistant role."""
+        return self.spec.sep + self.spec.assistant_role
+
+    def render(self, question: str, num_images: int, image_tokens: int,
+               system: str | None = None) -> str:
+        return self.prefix(num_images, image_tokens, system) + question + self.suffix()
+
+    def image_blocks(self, num_images: int, image_tokens: int) -> str:
+        if num_images < 0 or image_tokens < 0:
+            raise ValueError(f"num_images ({num_images}) and image_tokens ({image_tokens}) "
+                             "must be >= 0")
+        if num_images == 0:
+            return ""
+        if not self._image_tags_ok:
+            raise ValueError(f"the tokenizer lacks {IMG_START}, {IMG_END} or {IMG_CONTEXT}: "
+                             "this model cannot take images")
+        if image_tokens == 0:
+            raise ValueError("image_tokens must be > 0 when there are images")
+        block = IMG_START + IMG_CONTEXT * image_tokens + IMG_END + "\n"
+        if num_images == 1:
+            return block
+        return "".join(f"Image-{i}: {block}" for i in range(1, num_images + 1))
+
+    # -- ids -----------------------------------------------------------------------------
+
+    def encode_prompt(self, question: str, num_images: int, image_tokens: int,
+                      system: str | None = None) -> PromptIds:
+        """Token ids of `render(...)`, tokenised in three parts.
+
+        The question is encoded with special tokens as plain text (user text cannot forge
+        `<IMG_CONTEXT>` or end the turn), and the parts are encoded separately so the
+        prefix ids do not depend on the question. For ordinary questions the result equals
+        `tokenizer.encode(render(...))`.
+        """
+        prefix_ids = self.tokenizer.encode(self.prefix(num_images, image_tokens, system))
+        question_ids = self.tokenizer.encode(question, parse_special=False)
+        suffix_ids = self.tokenizer.encode(self.suffix())
+        return PromptIds(prefix_ids + question_ids + suffix_ids, len(prefix_ids))
+
+
+def _stop_ids(spec: TemplateSpec, tokenizer: Tokenizer) -> frozenset[int]:
+    """The separator token (which must exist) and whichever end-of-text tokens exist."""
+    separator = spec.sep.strip()
+    if tokenizer.token_id(separator) is None:
+        raise ValueError(f"template {spec.name!r} ends turns with {separator!r}, "
+                         "which the tokenizer does not have as a token")
+    ids = (tokenizer.token_id(name) for name in (separator, *END_OF_TEXT_TOKENS))
+    return frozenset(i for i in ids if i is not None)
