@@ -1,0 +1,240 @@
+"""Blueprint: the frozen dimensions of a model, read from a Hugging Face config.json.
+
+Three config dialects are understood:
+
+- transformers-native InternVL (`model_type: internvl`): `text_config`, `vision_config`,
+  `downsample_ratio`, `vision_feature_layer`;
+- the original OpenGVLab `InternVLChatModel`: `llm_config`, `vision_config`,
+  `force_image_size`, `downsample_ratio`, `select_layer`, `ps_version`, `template`;
+- a text-only `Qwen2ForCausalLM` (no vision).
+
+Only plain RoPE and GELU vision/projector activations are supported (the InternVL2
+family); anything else raises `BlueprintError` rather than computing something else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+KIND_INTERNVL_NATIVE = "internvl-native"
+KIND_INTERNVL_ORIGINAL = "internvl-original"
+KIND_QWEN2 = "qwen2"
+
+
+class BlueprintError(ValueError):
+    """A config.json this runtime cannot serve (unknown architecture or unsupported option)."""
+
+
+@dataclass(frozen=True)
+class VisionBlueprint:
+    image_size: int  # square input side in pixels
+    patch: int
+    hidden: int
+    n_layers: int  # layers in the checkpoint
+    n_heads: int
+    intermediate: int
+    norm: str  # "layer_norm" | "rms_norm"
+    eps: float
+    qk_norm: bool
+    downsample_ratio: float
+    select_layer: int  # -1 = last layer's output (hidden_states index, embeddings at 0)
+    ps_version: str  # "v2": InternVL2's pixel-shuffle layout
+    text_hidden: int  # projector output
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("layer_norm", "rms_norm"):
+            raise BlueprintError(f"vision norm_type {self.norm!r} is not supported")
+        whole_ratio = abs(1 / self.shuffle - self.downsample_ratio) < 1e-9
+        if self.image_size % self.patch or self.grid % self.shuffle or not whole_ratio:
+            raise BlueprintError(
+                f"image {self.image_size} / patch {self.patch} / downsample {self.downsample_ratio}"
+                " do not tile into whole tokens"
+            )
+        if not 1 <= self.n_layers_used <= self.n_layers:
+            raise BlueprintError(f"select_layer {self.select_layer} is out of range for {self.n_layers} layers")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def shuffle(self) -> int:
+        """Pixel-shuffle factor s = 1/downsample_ratio: s*s neighbouring patches become one token."""
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.grid // self.shuffle) ** 2
+
+    @property
+    def projector_in(self) -> int:
+        return self.hidden * self.shuffle**2
+
+    @property
+    def n_layers_used(self) -> int:
+        """How many encoder layers produce the selected hidden state."""
+        return self.select_layer if self.select_layer >= 0 else self.n_layers + 1 + self.select_layer
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    kind: str  # KIND_*
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rope_theta: float
+    rms_eps: float
+    tie_embeddings: bool
+    vision: VisionBlueprint | None
+    template: str | None  # config["template"], e.g. "Hermes-2"
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.vision.n_image_tokens if self.vision else 0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Blueprint:
+        """Read a config.json dict (any of the three dialects); raises BlueprintError."""
+        kind = detect_kind(config)
+        if kind == KIND_INTERNVL_NATIVE:
+            text, vision = config.get("text_config") or {}, _native_vision(config)
+        elif kind == KIND_INTERNVL_ORIGINAL:
+            text, vision = config.get("llm_config") or {}, _original_vision(config)
+        else:
+            text, vision = config, None
+        _check_qwen2(text)
+        tie = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+        n_heads = _need(text, "num_attention_heads")
+        hidden = _need(text, "hidden_size")
+        return cls(
+            kind=kind,
+            hidden=hidden,
+            n_layers=_need(text, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=int(text.get("num_key_value_heads") or n_heads),
+            head_dim=int(text.get("head_dim") or hidden // n_heads),
+            intermediate=_need(text, "intermediate_size"),
+            vocab=_need(text, "vocab_size"),
+            rope_theta=_rope_theta(text),
+            rms_eps=float(text.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=tie,
+            vision=vision,
+            template=config.get("template"),
+        )
+
+
+def detect_kind(config: dict[str, Any]) -> str:
+    architectures = config.get("architectures") or []
+    if config.get("model_type") == "internvl" or "InternVLForConditionalGeneration" in architectures:
+        return KIND_INTERNVL_NATIVE
+    if "InternVLChatModel" in architectures or "llm_config" in config:
+        return KIND_INTERNVL_ORIGINAL
+    if config.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in architectures:
+        return KIND_QWEN2
+    raise BlueprintError(
+        f"unsupported model: model_type={config.get('model_type')!r} architectures={architectures}"
+        " (expected InternVL2 or Qwen2ForCausalLM)"
+    )
+
+
+def _check_qwen2(text: dict[str, Any]) -> None:
+    """The decoder graphs are Qwen2's: InternVL2-2B/8B (InternLM2) or -4B (Phi-3) are refused here."""
+    model_type = text.get("model_type")
+    architectures = text.get("architectures") or []
+    if model_type not in (None, "qwen2") or any(a != "Qwen2ForCausalLM" for a in architectures):
+        raise BlueprintError(
+            f"language model {architectures or model_type} is not supported (only Qwen2 decoders:"
+            " InternVL2-1B, InternVL2.5-1B, InternVL3-1B/2B, Qwen2)"
+        )
+
+
+def _need(section: dict[str, Any], key: str) -> int:
+    if key not in section:
+        raise BlueprintError(f"config.json lacks {key!r}")
+    return int(section[key])
+
+
+def _rope_theta(text: dict[str, Any]) -> float:
+    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise BlueprintError(f"RoPE type {rope_type!r} is not supported (only plain RoPE)")
+    return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
+
+
+def _square(value: Any, what: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise BlueprintError(f"non-square {what} {list(value)} is not supported")
+        value = value[0]
+    return int(value)
+
+
+def _check_gelu(*acts: str | None) -> None:
+    for act in acts:
+        if act not in (None, "gelu"):
+            raise BlueprintError(f"activation {act!r} is not supported in the vision path (only exact gelu)")
+
+
+def _native_vision(config: dict[str, Any]) -> VisionBlueprint:
+    v = config.get("vision_config") or {}
+    text_hidden = _need(config.get("text_config") or {}, "hidden_size")
+    _check_gelu(v.get("hidden_act"), config.get("projector_hidden_act"))
+    layer = config.get("vision_feature_layer", -1)
+    if not isinstance(layer, int):
+        raise BlueprintError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+    if config.get("vision_feature_select_strategy", "default") != "default":
+        raise BlueprintError("only vision_feature_select_strategy 'default' (drop CLS) is supported")
+    return VisionBlueprint(
+        image_size=_square(v.get("image_size", 448), "image_size"),
+        patch=_square(v.get("patch_size", 14), "patch_size"),
+        hidden=_need(v, "hidden_size"),
+        n_layers=_need(v, "num_hidden_layers"),
+        n_heads=_need(v, "num_attention_heads"),
+        intermediate=_need(v, "intermediate_size"),
+        norm=v.get("norm_type", "layer_norm"),
+        eps=float(v.get("layer_norm_eps", 1e-6)),
+        qk_norm=bool(v.get("use_qk_norm", False)),
+        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
+        select_layer=layer,
+        ps_version="v2",
+        text_hidden=text_hidden,
+    )
+
+
+def _original_vision(config: dict[str, Any]) -> VisionBlueprint:
+    v = config.get("vision_config") or {}
+    text_hidden = _need(config.get("llm_config") or {}, "hidden_size")
+    _check_gelu(v.get("hidden_act"))
+    ps_version = config.get("ps_version", "v1")
+    if ps_version != "v2":
+        raise BlueprintError(f"ps_version {ps_version!r} is not supported (InternVL2 uses 'v2')")
+    size = config.get("force_image_size") or v.get("image_size", 448)
+    return VisionBlueprint(
+        image_size=_square(size, "image_size"),
+        patch=_square(v.get("patch_size", 14), "patch_size"),
+        hidden=_need(v, "hidden_size"),
+        n_layers=_need(v, "num_hidden_layers"),
+        n_heads=_need(v, "num_attention_heads"),
+        intermediate=_need(v, "intermediate_size"),
+        norm=v.get("norm_type", "rms_norm"),
+        eps=float(v.get("layer_norm_eps", 1e-6)),
+        qk_norm=bool(v.get("qk_normalization", False)),
+        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
+        select_layer=int(config.get("select_layer", -1)),
+        ps_version=ps_version,
+        text_hidden=text_hidden,
+    )

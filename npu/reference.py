@@ -1,0 +1,270 @@
+"""ReferenceSession: the compiled graphs (vision, decoder layer i, post) in numpy.
+
+`build_reference_sessions(...)` turns a Hugging Face checkpoint into sessions with
+exactly the names, shapes, groups and dtypes of a Pulsar2 `llm_build` package
+(docs/internals.md "Graph shapes"):
+
+- vision: `input` uint8 [1,H,W,3] -> `output` [1, n_image_tokens, hidden];
+- layer i: `K_cache`, `V_cache`, `indices` (uint32), `input`, `mask` ->
+  `K_cache_out`, `V_cache_out`, `output`; group 0 decode, group 1 first prefill chunk
+  (dummy K/V inputs of shape [1,1,kv_dim], fed zeros, never read), groups g >= 2
+  later chunks against chunk*(g-1) history rows;
+- post: `input` [1,1,hidden] -> `output` [1,1,vocab] logits (final RMSNorm + lm_head).
+
+Precision "fp32": float32 at every float boundary, matches transformers to float32
+rounding. Precision "bf16": the board's dtypes (bf16 at every float boundary, mask
+included); inside a graph both compute in float32 with the checkpoint's values.
+
+K/V rows are post-RoPE, as the board's caches hold them. Attention skips key columns
+that the mask blocks (<= -1e4) for every query row: their softmax weight is exactly 0
+in float32 once any column is open, so skipping is exact; a row with no open column
+falls back to the full softmax over every column, as the mask semantics say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from npu import reference_ops as ops
+from npu.blueprint import Blueprint
+from npu.checkpoint import Weights, load_checkpoint
+from npu.reference_vision import VisionEncoder
+from npu.session import BF16, Session, SessionError, TensorSpec, check_feed
+
+F32 = np.float32
+U32 = np.dtype(np.uint32)
+PRECISIONS = {"bf16": BF16, "fp32": np.dtype(F32)}
+_SKIP_BELOW = -1.0e4  # a mask value at or below this contributes exactly 0 after softmax
+
+
+class ReferenceSession:
+    """A numpy graph behind the Session interface; `run` validates every feed strictly."""
+
+    def __init__(self, name: str, inputs: list[list[TensorSpec]], outputs: list[list[TensorSpec]]):
+        self.name = name
+        self.num_groups = len(inputs)
+        self._inputs, self._outputs = inputs, outputs
+        self._buffers = [[np.empty(s.shape, s.dtype) for s in group] for group in outputs]
+
+    def inputs(self, group: int = 0) -> list[TensorSpec]:
+        return list(self._inputs[self._group(group)])
+
+    def outputs(self, group: int = 0) -> list[TensorSpec]:
+        return list(self._outputs[self._group(group)])
+
+    def _group(self, group: int) -> int:
+        if not 0 <= group < self.num_groups:
+            raise SessionError(f"{self.name}: shape group {group} out of range 0..{self.num_groups - 1}")
+        return group
+
+    def run(self, feed: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]:
+        check_feed(self, feed, group)
+        outputs = self._buffers[group]
+        self._compute(feed, group, outputs)
+        return list(outputs)
+
+    def _compute(self, feed: dict[str, np.ndarray], group: int, outputs: list[np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+class VisionSession(ReferenceSession):
+    def __init__(self, blueprint: Blueprint, weights: Weights, io_dtype: np.dtype):
+        v = blueprint.vision
+        self.encoder = VisionEncoder(blueprint, weights)
+        image = TensorSpec("input", (1, v.image_size, v.image_size, 3), np.dtype(np.uint8))
+        features = TensorSpec("output", (1, v.n_image_tokens, v.text_hidden), io_dtype)
+        super().__init__("vision", [[image]], [[features]])
+
+    def _compute(self, feed, group, outputs):
+        outputs[0][0] = self.encoder.forward(feed["input"][0])
+
+
+class PostSession(ReferenceSession):
+    def __init__(self, blueprint: Blueprint, weights: Weights, io_dtype: np.dtype):
+        self.eps = blueprint.rms_eps
+        self.norm = weights.f32("norm")
+        self.lm_head = np.ascontiguousarray(weights["lm_head"], dtype=F32)  # (vocab, hidden)
+        self._x = np.empty((1, blueprint.hidden), F32)  # (1, hidden)
+        self._logits = np.empty(blueprint.vocab, F32)  # (vocab,)
+        hidden = TensorSpec("input", (1, 1, blueprint.hidden), io_dtype)
+        logits = TensorSpec("output", (1, 1, blueprint.vocab), io_dtype)
+        super().__init__("post", [[hidden]], [[logits]])
+
+    def _compute(self, feed, group, outputs):
+        self._x[...] = feed["input"][0]
+        ops.rms_norm(self._x, self.norm, self.eps, out=self._x)
+        np.matmul(self.lm_head, self._x[0], out=self._logits)
+        outputs[0][0, 0] = self._logits
+
+
+@dataclass(frozen=True)
+class _GroupShape:
+    n: int  # query rows (1 for decode, chunk for prefill)
+    n_hist: int  # history key rows fed as K_cache (0 for the first chunk: its K/V input is a dummy)
+    cache_rows: int  # K_cache rows in the graph's input
+
+
+def _layer_groups(capacity: int, chunk: int, history_groups: int) -> list[_GroupShape]:
+    groups = [_GroupShape(1, capacity, capacity), _GroupShape(chunk, 0, 1)]
+    groups += [_GroupShape(chunk, chunk * (g - 1), chunk * (g - 1)) for g in range(2, history_groups + 2)]
+    return groups
+
+
+class LayerSession(ReferenceSession):
+    """Qwen2 decoder layer `index` with decode, first-chunk and history groups."""
+
+    def __init__(self, bp: Blueprint, weights: Weights, index: int, io_dtype: np.dtype, groups: list[_GroupShape]):
+        self.bp = bp
+        p = f"layers.{index}."
+        qkv_w = [weights.f32(p + f"{x}.weight") for x in "qkv"]
+        self.qkv_w = np.ascontiguousarray(np.concatenate(qkv_w).T)  # (hidden, q_dim + 2 * kv_dim)
+        self.qkv_b = np.concatenate([weights.f32(p + f"{x}.bias") for x in "qkv"])  # (q_dim + 2 * kv_dim,)
+        self.o_w = np.ascontiguousarray(weights.f32(p + "o.weight").T)  # (q_dim, hidden)
+        self.o_b = weights.f32(p + "o.bias") if p + "o.bias" in weights else None
+        gate_up = np.concatenate([weights.f32(p + "gate.weight"), weights.f32(p + "up.weight")])
+        self.gate_up_w = np.ascontiguousarray(gate_up.T)  # (hidden, 2 * intermediate)
+        self.down_w = np.ascontiguousarray(weights.f32(p + "down.weight").T)  # (intermediate, hidden)
+        self.attn_norm, self.mlp_norm = weights.f32(p + "attn_norm"), weights.f32(p + "mlp_norm")
+        self.shapes = groups
+        n_positions = max(g.n_hist + g.n for g in groups)
+        self.inv_freq = ops.rope_inv_freq(bp.rope_theta, bp.head_dim)
+        self.rope_cos, self.rope_sin = ops.rope_cos_sin(np.arange(n_positions), self.inv_freq)  # (positions, half)
+        n_max = max(g.n for g in groups)
+        keys_max = max(g.n_hist + g.n for g in groups)
+        self._x = np.empty((n_max, bp.hidden), F32)  # (rows, hidden) residual stream
+        self._normed = np.empty((n_max, bp.hidden), F32)  # (rows, hidden)
+        self._qkv = np.empty((n_max, bp.q_dim + 2 * bp.kv_dim), F32)  # (rows, q_dim + 2 kv_dim)
+        self._gate_up = np.empty((n_max, 2 * bp.intermediate), F32)  # (rows, 2 * intermediate)
+        self._keys = np.empty((keys_max, bp.kv_dim), F32)  # (open key rows, kv_dim)
+        self._values = np.empty((keys_max, bp.kv_dim), F32)  # (open key rows, kv_dim)
+        super().__init__(f"layer{index}", *self._specs(io_dtype))
+
+    def _specs(self, io: np.dtype) -> tuple[list[list[TensorSpec]], list[list[TensorSpec]]]:
+        kv, h = self.bp.kv_dim, self.bp.hidden
+        inputs, outputs = [], []
+        for g in self.shapes:
+            inputs.append([
+                TensorSpec("K_cache", (1, g.cache_rows, kv), io),
+                TensorSpec("V_cache", (1, g.cache_rows, kv), io),
+                TensorSpec("indices", (1, g.n), U32),
+                TensorSpec("input", (1, g.n, h), io),
+                TensorSpec("mask", (1, g.n, g.n_hist + g.n), io),
+            ])
+            outputs.append([
+                TensorSpec("K_cache_out", (1, g.n, kv), io),
+                TensorSpec("V_cache_out", (1, g.n, kv), io),
+                TensorSpec("output", (1, g.n, h), io),
+            ])
+        return inputs, outputs
+
+    def _rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if int(positions.max()) < len(self.rope_cos):
+            return self.rope_cos[positions], self.rope_sin[positions]
+        return ops.rope_cos_sin(positions, self.inv_freq)
+
+    def _compute(self, feed, group, outputs):
+        bp, shape = self.bp, self.shapes[group]
+        n = shape.n
+        x, normed, qkv = self._x[:n], self._normed[:n], self._qkv[:n]
+        x[...] = feed["input"][0]
+        ops.rms_norm(x, self.attn_norm, bp.rms_eps, out=normed)
+        np.matmul(normed, self.qkv_w, out=qkv)
+        qkv += self.qkv_b
+        q = qkv[:, : bp.q_dim].reshape(n, bp.n_heads, bp.head_dim)
+        k = qkv[:, bp.q_dim : bp.q_dim + bp.kv_dim].reshape(n, bp.n_kv_heads, bp.head_dim)
+        v = qkv[:, bp.q_dim + bp.kv_dim :].reshape(n, bp.n_kv_heads, bp.head_dim)
+        cos, sin = self._rope(feed["indices"][0])
+        ops.apply_rope_(q, cos, sin)
+        ops.apply_rope_(k, cos, sin)
+        k_out, v_out, hidden_out = outputs
+        k_out[0] = k.reshape(n, bp.kv_dim)
+        v_out[0] = v.reshape(n, bp.kv_dim)
+        context = self._attend(q, k, v, feed, shape)  # (n, q_dim)
+        attn = np.matmul(context, self.o_w, out=normed)
+        if self.o_b is not None:
+            attn += self.o_b
+        x += attn
+        self._mlp(x, n)
+        hidden_out[0] = x
+
+    def _attend(self, q, k, v, feed, shape: _GroupShape) -> np.ndarray:
+        """Attention of the new rows over open history rows + the new rows, mask added."""
+        bp = self.bp
+        mask = feed["mask"][0].astype(F32)  # (n, n_hist + n)
+        is_open = mask > _SKIP_BELOW
+        if is_open.any(axis=1).all():
+            columns = np.flatnonzero(is_open.any(axis=0))
+        else:
+            columns = np.arange(mask.shape[1])
+        hist = columns[columns < shape.n_hist]
+        new = columns[columns >= shape.n_hist] - shape.n_hist
+        m = len(hist) + len(new)
+        keys, values = self._keys[:m], self._values[:m]
+        _gather_rows(feed["K_cache"][0], hist, keys[: len(hist)])
+        _gather_rows(feed["V_cache"][0], hist, values[: len(hist)])
+        keys[len(hist) :] = k.reshape(shape.n, bp.kv_dim)[new]
+        values[len(hist) :] = v.reshape(shape.n, bp.kv_dim)[new]
+        heads = (m, bp.n_kv_heads, bp.head_dim)
+        sub_mask = mask if m == mask.shape[1] else mask[:, columns]
+        return ops.attention(q, keys.reshape(heads), values.reshape(heads), sub_mask)
+
+    def _mlp(self, x: np.ndarray, n: int) -> None:
+        inter = self.bp.intermediate
+        normed = ops.rms_norm(x, self.mlp_norm, self.bp.rms_eps, out=self._normed[:n])
+        gate_up = np.matmul(normed, self.gate_up_w, out=self._gate_up[:n])
+        hidden = ops.silu_mul(gate_up[:, :inter], gate_up[:, inter:])
+        x += np.matmul(hidden, self.down_w, out=normed)
+
+
+def _gather_rows(source: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[:] = source[rows] as float32; a contiguous run of rows is copied as one slice."""
+    if len(rows) == 0:
+        return
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first + 1 == len(rows):
+        out[...] = source[first : last + 1]
+    else:
+        out[...] = source[rows]
+
+
+@dataclass
+class ReferenceGraphs:
+    """Every graph of a model package: `vision` is None for a text-only model."""
+
+    blueprint: Blueprint
+    vision: Session | None
+    layers: list[Session]
+    post: Session
+    precision: str
+
+
+def build_reference_sessions(
+    source: str | Path | tuple[Blueprint, Weights],
+    precision: str = "bf16",
+    kv_capacity: int = 1023,
+    prefill_chunk: int = 128,
+    history_groups: int = 0,
+) -> ReferenceGraphs:
+    """Reference graphs for a checkpoint directory or an already loaded (blueprint, weights).
+
+    `kv_capacity` cache rows (decode mask has kv_capacity + 1 slots), prefill chunks of
+    `prefill_chunk` rows, and `history_groups` extra prefill groups (group g >= 2 prefills
+    chunk g-1 against chunk*(g-1) history rows). Raises ValueError for a bad combination.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+    if kv_capacity < 1 or prefill_chunk < 1 or history_groups < 0:
+        raise ValueError("kv_capacity and prefill_chunk must be >= 1, history_groups >= 0")
+    if prefill_chunk * (history_groups + 1) > kv_capacity:
+        raise ValueError(
+            f"{history_groups + 1} prefill chunks of {prefill_chunk} rows exceed the {kv_capacity}-row cache"
+        )
+    blueprint, weights = source if isinstance(source, tuple) else load_checkpoint(Path(source))
+    io = PRECISIONS[precision]
+    groups = _layer_groups(kv_capacity, prefill_chunk, history_groups)
+    vision = VisionSession(blueprint, weights, io) if blueprint.vision is not None else None
+    layers = [LayerSession(blueprint, weights, i, io, groups) for i in range(blueprint.n_layers)]
+    return ReferenceGraphs(blueprint, vision, layers, PostSession(blueprint, weights, io), precision)
