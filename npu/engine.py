@@ -1,0 +1,441 @@
+"""The engine: one prompt in, a stream of token events out, on one preallocated KV cache.
+
+`Engine(model)` reads every shape from the model's sessions (hidden size, KV capacity,
+kv_dim, prefill chunk, history groups, vision input and output, post output kind) and
+allocates all run state once: the KV cache and its decode mask, the prompt-embedding
+rows, every graph input buffer, the prefill masks and the feed dicts. A request
+allocates only what its size requires (its token ids, a sampler, a prefix snapshot);
+a decode step allocates no arrays of its own and copies only the new K/V rows and the
+next token's embedding row (greedy reads the logits in place).
+
+`generate(prompt, options, should_stop)` runs, top to bottom:
+
+1. tokenise the rendered chat prompt; refuse it (PromptTooLong) unless the prompt and
+   one answer token fit the cache; check the `<IMG_CONTEXT>` count (ImageError);
+2. restore a KV prefix snapshot when the image, system prompt and template match an
+   earlier request (no vision run, no image prefill), else reset the cache, look the
+   embeddings up and splice each image's vision features over its context rows;
+3. prefill (see `plan_prefill`): group 1 for the first chunk, a history group for a
+   later chunk whose start equals that group's history length, the decode group one
+   token at a time for everything else;
+4. decode: layers -> post -> sampling, until a stop token, the token budget (max_tokens,
+   cut to what the cache holds: finish "length") or `should_stop()` (checked before
+   every graph call: finish "cancelled");
+5. yield a `TokenEvent` per answer token (UTF-8-safe text deltas; stop tokens are not
+   emitted) and one `DoneEvent` with the text, usage and timings.
+
+The engine does not know MQTT, config files, image decoding, threads or requests: it
+runs one prompt at a time and must not be shared between threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from npu.image import to_vision_input
+from npu.kv_cache import KVCache, PrefixStore
+from npu.model import GraphShapes, read_shapes
+from npu.sampling import Sampler, SamplingParams
+from npu.session import BF16, MASK_BLOCKED, SessionError
+from npu.tokenizer import IncrementalDetokenizer
+
+
+class EngineError(Exception):
+    """A request the engine could not serve; `code` is the wire error code."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PromptTooLong(EngineError):
+    code = "too_long"
+
+
+class ImageError(EngineError):
+    code = "bad_image"
+
+
+class _Cancelled(Exception):
+    """should_stop() returned True between two graph calls."""
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Per-request generation settings. temperature 0 is greedy (the default)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    # Keep generating through stop tokens (parity tests and benchmarks want exact lengths).
+    ignore_stop: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        self.sampling_params()  # SamplingParams raises ValueError for a bad value
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        return self.temperature == 0 and self.repetition_penalty == 1.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A question with its images (RGB uint8 [H, W, 3] each, any size).
+
+    `image_key` names the images' content (e.g. "cam1:42"); prompts with the same key,
+    system prompt and template share a KV prefix snapshot, so the key must change when
+    the pixels do. None disables prefix reuse.
+    """
+
+    text: str
+    images: Sequence[np.ndarray] = ()
+    image_key: Hashable | None = None
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    delta: str  # UTF-8-safe text this token completes; may be ""
+    index: int  # 0-based position in the answer
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The last event. `text` is every delta plus any tail the detokenizer held back."""
+
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int  # answer tokens emitted (a stop token is not counted)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+Event = TokenEvent | DoneEvent
+
+
+def plan_prefill(start: int, end: int, chunk: int, history: dict[int, int]) -> list[tuple[int, int, int]]:
+    """Graph calls that fill cache rows start..end-1, as (group, first_row, num_rows).
+
+    Group 1 (when `chunk` > 0) takes the chunk at row 0; a history group takes the chunk
+    at row s when its history length (a key of `history`) is s; any other row goes
+    alone through the decode group 0.
+    """
+    steps: list[tuple[int, int, int]] = []
+    row = start
+    while row < end:
+        size = min(chunk, end - row)
+        if chunk and row == 0:
+            steps.append((1, 0, size))
+        elif chunk and row in history:
+            steps.append((history[row], row, size))
+        else:
+            size = 1
+            steps.append((0, row, 1))
+        row += size
+    return steps
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    num_prefix_ids: int
+    context_rows: np.ndarray  # (num_images * image_tokens,) rows of <IMG_CONTEXT>
+
+
+class Engine:
+    """Runs prompts on a model's sessions with one KV cache allocated here, once."""
+
+    def __init__(self, model: Any, max_prefixes: int = 4) -> None:
+        self.model = model
+        self.shapes: GraphShapes = read_shapes(model)
+        s = self.shapes
+        self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype)
+        self.prefixes = PrefixStore(max_prefixes)
+        self._host_copies = 0  # bytes copied outside the cache
+        self._layers = list(model.layers)
+        self._allocate()
+
+    @property
+    def bytes_copied(self) -> int:
+        """Bytes the host has copied since construction: cache rows, embeddings, casts."""
+        return self._host_copies + self.cache.bytes_written
+
+    # ------------------------------------------------------------------ build
+
+    def _allocate(self) -> None:
+        s = self.shapes
+        self._embeds = np.zeros((s.capacity, s.hidden), s.act_dtype)  # (capacity, hidden) prompt rows
+        self._token_input = np.zeros((1, 1, s.hidden), s.act_dtype)  # (1, 1, hidden)
+        self._token_id = np.zeros(1, np.int64)  # (1,)
+        self._position = np.zeros((1, 1), np.uint32)  # (1, 1)
+        self._decode_feeds = [
+            {"K_cache": k, "V_cache": v, "indices": self._position, "input": self._token_input,
+             "mask": self.cache.decode_mask}
+            for k, v in (self.cache.layer(i) for i in range(s.n_layers))
+        ]
+        self._prefill_feeds: dict[int, list[dict[str, np.ndarray]]] = {}
+        if s.chunk:
+            self._chunk_input = np.zeros((1, s.chunk, s.hidden), s.act_dtype)  # (1, chunk, hidden)
+            self._chunk_indices = np.zeros((1, s.chunk), np.uint32)  # (1, chunk)
+            self._chunk_offsets = np.arange(s.chunk, dtype=np.uint32)  # (chunk,)
+            self._prefill_feeds[1] = self._chunk_feeds(0)
+            for history_len, group in s.history_groups.items():
+                self._prefill_feeds[group] = self._chunk_feeds(history_len)
+        self._post_input = np.zeros((1, 1, s.hidden), s.post_dtype)  # (1, 1, hidden)
+        if s.vision_size is not None:
+            self._pixels = np.zeros((1, *s.vision_size, 3), np.uint8)  # (1, H, W, 3) the vision input
+        self._logits = np.zeros(s.vocab, np.float32) if s.vocab else None  # (vocab,) for the sampler
+
+    def _chunk_mask(self, history_len: int) -> np.ndarray:
+        """(1, chunk, history_len + chunk): every history column open, then a causal block."""
+        s = self.shapes
+        mask = np.zeros((1, s.chunk, history_len + s.chunk), s.mask_dtype)  # (1, chunk, history + chunk)
+        blocked = np.triu(np.ones((s.chunk, s.chunk), bool), k=1)  # (chunk, chunk) future columns
+        mask[0, :, history_len:][blocked] = MASK_BLOCKED
+        return mask
+
+    def _chunk_feeds(self, history_len: int) -> list[dict[str, np.ndarray]]:
+        """Per-layer feeds of the prefill group whose chunk starts after `history_len` rows."""
+        s, mask = self.shapes, self._chunk_mask(history_len)
+        # Group 1's K/V inputs are placeholders the graph ignores; their shape is the graph's.
+        placeholder = np.zeros(s.first_chunk_kv_shape, s.kv_dtype)
+        feeds = []
+        for k, v in (self.cache.layer(i) for i in range(s.n_layers)):
+            # History = the cache's leading rows: contiguous views, fed without a copy.
+            history = (k[:, :history_len], v[:, :history_len]) if history_len else (placeholder, placeholder)
+            feeds.append({"K_cache": history[0], "V_cache": history[1], "indices": self._chunk_indices,
+                          "input": self._chunk_input, "mask": mask})
+        return feeds
+
+    # ------------------------------------------------------------------ prompts
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        """Tokens the prompt occupies in the cache, image tokens included."""
+        return len(self._encode(prompt).ids)
+
+    def _encode(self, prompt: Prompt) -> _Encoded:
+        s, template = self.shapes, self.model.template
+        num_images = len(prompt.images)
+        if num_images and (self.model.vision is None or template.image_context_id is None):
+            raise ImageError("this model has no vision graph (or its tokenizer no <IMG_CONTEXT>): ask without an image")
+        encoded = template.encode_prompt(prompt.text, num_images, s.image_tokens, system=prompt.system)
+        ids = list(encoded.ids)
+        context_id = template.image_context_id
+        rows = np.flatnonzero(np.asarray(ids) == context_id) if context_id is not None else np.zeros(0, np.int64)
+        if len(rows) != num_images * s.image_tokens:
+            raise ImageError(f"the prompt holds {len(rows)} <IMG_CONTEXT> tokens but {num_images} image(s) of"
+                             f" {s.image_tokens} features each need {num_images * s.image_tokens}")
+        return _Encoded(ids, encoded.num_prefix_ids, rows)
+
+    def _check_fits(self, encoded: _Encoded) -> None:
+        capacity = self.shapes.capacity
+        if len(encoded.ids) + 1 > capacity:
+            raise PromptTooLong(
+                f"the prompt is {len(encoded.ids)} tokens ({len(encoded.context_rows)} of them image tokens) but the"
+                f" KV cache holds {capacity} and one must remain for the answer: shorten the question or send fewer images")
+
+    def _prefix_key(self, prompt: Prompt) -> Hashable | None:
+        if prompt.image_key is None or not prompt.images:
+            return None
+        return (prompt.image_key, len(prompt.images), prompt.system, self.model.template.name)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
+        """Yield TokenEvents then one DoneEvent. Raises EngineError subclasses (before any
+        token for PromptTooLong and ImageError)."""
+        options = options or GenerationOptions()
+        should_stop = should_stop or _never
+        started = time.perf_counter()
+        encoded = self._encode(prompt)
+        self._check_fits(encoded)
+        num_prompt = len(encoded.ids)
+        budget = min(options.max_tokens, self.shapes.capacity - num_prompt)
+        sampler = Sampler(options.sampling_params())
+        history = list(encoded.ids)  # what the repetition penalty sees: prompt and answer
+        detok = IncrementalDetokenizer(self.model.tokenizer)
+        stop_ids = frozenset() if options.ignore_stop else self.model.template.stop_ids
+        timings: dict[str, Any] = {"image_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "prefix_reused": False,
+                                   "images_encoded": 0}  # ttft_ms, decode_tokens_per_s once measurable
+        pieces: list[str] = []
+        finish = "length"
+        try:
+            hidden = self._prefill(prompt, encoded, should_stop, timings)
+            token = self._next_token(hidden, sampler, options, history)
+            first_token_at = time.perf_counter()
+            timings["ttft_ms"] = _ms(first_token_at - started)
+            while True:
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                delta = detok.push(token)
+                pieces.append(delta)
+                yield TokenEvent(token, delta, len(pieces) - 1)
+                if len(pieces) >= budget:
+                    break
+                history.append(token)
+                self._token_id[0] = token
+                self.model.embeddings.lookup(self._token_id, self._token_input[0])
+                self._host_copies += self._token_input.nbytes
+                hidden = self._decode_step(should_stop)
+                token = self._next_token(hidden, sampler, options, history)
+        except _Cancelled:
+            finish = "cancelled"
+        except SessionError as exc:
+            raise EngineError(f"a graph failed: {exc}") from exc
+        if "ttft_ms" in timings:
+            decode_s = time.perf_counter() - first_token_at
+            timings["decode_ms"] = _ms(decode_s)
+            steps = max(len(pieces) - 1, 0)
+            if steps and decode_s > 0:
+                timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
+        text = "".join(pieces) + detok.flush()
+        yield DoneEvent(text, finish, num_prompt, len(pieces), timings)
+
+    def _prefill(self, prompt: Prompt, encoded: _Encoded, should_stop: Callable[[], bool],
+                 timings: dict[str, Any]) -> np.ndarray:
+        """Fill the cache with the prompt; return the last row's hidden state [1, 1, hidden]."""
+        ids, end = encoded.ids, len(encoded.ids)
+        key = self._prefix_key(prompt)
+        entry = self.prefixes.find(key, ids) if key is not None else None
+        if entry is not None and entry.snapshot.length < encoded.context_rows.max(initial=-1) + 1:
+            entry = None  # image rows beyond the snapshot: not a follow-up on the same prefix
+        if entry is not None:
+            self.cache.restore(entry.snapshot)
+            timings["prefix_reused"] = True
+        else:
+            self.cache.reset()
+        start = self.cache.position
+        self.model.embeddings.lookup(np.asarray(ids[start:], np.int64), self._embeds[start:end])
+        self._host_copies += self._embeds[start:end].nbytes
+        if entry is None and prompt.images:
+            image_started = time.perf_counter()
+            self._encode_images(prompt.images, encoded.context_rows, should_stop)
+            timings["image_ms"] = _ms(time.perf_counter() - image_started)
+            timings["images_encoded"] = len(prompt.images)
+        prefill_started = time.perf_counter()
+        s = self.shapes
+        hidden = None
+        for group, row, size in plan_prefill(start, end, s.chunk, s.history_groups):
+            if group == 0:
+                np.copyto(self._token_input[0, 0], self._embeds[row])
+                self._host_copies += self._token_input.nbytes
+                hidden = self._decode_step(should_stop)
+            else:
+                hidden = self._chunk_step(group, row, size, should_stop)
+        timings["prefill_ms"] = _ms(time.perf_counter() - prefill_started)
+        if key is not None and entry is None and 0 < encoded.num_prefix_ids < end:
+            self.prefixes.put(key, ids[: encoded.num_prefix_ids], self.cache.snapshot(encoded.num_prefix_ids))
+        return hidden
+
+    def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
+                       should_stop: Callable[[], bool]) -> None:
+        s, vision = self.shapes, self.model.vision
+        for k, image in enumerate(images):
+            try:
+                pixels = to_vision_input(image, s.vision_size[0], s.vision_size[1], out=self._pixels)
+            except ValueError as exc:
+                raise ImageError(f"image {k}: {exc}") from None
+            if should_stop():
+                raise _Cancelled
+            try:
+                features = vision.run({s.vision_input_name: pixels}, 0)[0]  # (1, image_tokens, hidden)
+            except SessionError as exc:
+                raise EngineError(f"the vision graph failed: {exc}") from exc
+            self._embeds[rows[k * s.image_tokens:(k + 1) * s.image_tokens]] = features[0]
+            self._host_copies += features[0].size * self._embeds.itemsize
+
+    # ------------------------------------------------------------------ graph calls
+
+    def _run_layers(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
+                    should_stop: Callable[[], bool]) -> np.ndarray:
+        """Every layer on the group's input buffer; write the new K/V rows, advance once."""
+        k_index, v_index, out_index = self.shapes.output_order[group]
+        hidden = None
+        for layer, (session, feed) in enumerate(zip(self._layers, feeds)):
+            if should_stop():
+                raise _Cancelled
+            if hidden is not None:
+                feed["input"] = hidden  # the previous layer's output, fed as returned
+            outputs = session.run(feed, group)
+            self.cache.write(layer, outputs[k_index], outputs[v_index], num_rows)
+            hidden = outputs[out_index]
+        self.cache.advance(num_rows)
+        return hidden
+
+    def _decode_step(self, should_stop: Callable[[], bool]) -> np.ndarray:
+        """The token in `_token_input` at the cache position -> its hidden state [1, 1, hidden]."""
+        self._position[0, 0] = self.cache.position
+        return self._run_layers(0, self._decode_feeds, 1, should_stop)
+
+    def _chunk_step(self, group: int, row: int, size: int, should_stop: Callable[[], bool]) -> np.ndarray:
+        """Prompt rows row..row+size-1 through a prefill group -> the last row's hidden state."""
+        self._chunk_input[0, :size] = self._embeds[row:row + size]
+        self._chunk_input[0, size:] = 0  # padding rows: their K/V rows are never attended
+        self._host_copies += self._chunk_input.nbytes
+        np.add(self._chunk_offsets, row, out=self._chunk_indices[0])
+        hidden = self._run_layers(group, self._prefill_feeds[group], size, should_stop)
+        return hidden[:, size - 1:size]  # (1, 1, hidden) contiguous view
+
+    def _next_token(self, hidden: np.ndarray, sampler: Sampler, options: GenerationOptions,
+                    history: Sequence[int]) -> int:
+        s = self.shapes
+        if hidden.dtype != s.post_dtype:
+            np.copyto(self._post_input, hidden)
+            self._host_copies += self._post_input.nbytes
+            hidden = self._post_input
+        outputs = self.model.post.run({s.post_input_name: hidden}, 0)
+        if s.topk_ids_index is not None:
+            ids = outputs[s.topk_ids_index].reshape(-1)
+            if s.topk_values_index is None:
+                if not options.is_plain_greedy:
+                    raise EngineError("this post graph returns token ids without scores: only greedy decoding works")
+                return int(ids[0])
+            values = outputs[s.topk_values_index].reshape(-1).astype(np.float32)
+            return sampler.sample_candidates(values, ids, history)
+        logits = outputs[s.logits_index].reshape(-1)  # (vocab,)
+        if options.is_plain_greedy:
+            return argmax_logits(logits)  # in place: no copy of the logits
+        np.copyto(self._logits, logits)
+        self._host_copies += self._logits.nbytes
+        return sampler.sample(self._logits, history)
+
+
+def argmax_logits(logits: np.ndarray) -> int:
+    """Index of the largest logit (first on ties), reading bf16 logits in place.
+
+    numpy's argmax on bf16 is slow; the int16 bit patterns order non-negative bf16
+    values like the values, and negative ones in reverse, which a single argmax (or
+    argmin when every value is negative) exploits.
+    """
+    if logits.dtype != BF16:
+        return int(np.argmax(logits))
+    bits = logits.view(np.int16)
+    best = int(np.argmax(bits))
+    return best if bits[best] >= 0 else int(np.argmin(bits))
+
+
+def _never() -> bool:
+    return False
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

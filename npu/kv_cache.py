@@ -1,0 +1,189 @@
+"""The decoder's KV cache: one preallocated block that owns its position.
+
+`KVCache` holds every layer's K and V rows in the layer graphs' dtype, laid out so
+that `keys[i]` is exactly the `[1, capacity, kv_dim]` array the decode group takes:
+decode feeds views, never copies. It also owns the decode mask, because the mask is
+a function of the position: slot j < capacity is open iff row j is filled, and the
+last slot (the token itself) is always open. Advancing opens the new slots; nothing
+is rebuilt per token.
+
+Protocol (only the engine calls these): write the rows of the token(s) at the current
+position for every layer with `write`, then `advance(n)` once. `fits(n)` answers
+whether n more rows fit. `snapshot(length)` copies the first `length` rows of every
+layer; `restore` puts them back and sets the position to their end.
+
+`PrefixStore` keeps a few snapshots (least recently used evicted) keyed by whatever
+the engine decides (image, system prompt, template), each with the token ids it
+covers, so follow-up questions on the same image skip the vision run and prefill.
+
+This module knows nothing of graphs, sessions or tokenizers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from npu.session import MASK_BLOCKED
+
+
+class CacheFullError(RuntimeError):
+    """More rows were written or advanced than the cache holds (an engine bug)."""
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """The first `length` rows of every layer, copied out of a `KVCache`."""
+
+    length: int
+    keys: np.ndarray  # (n_layers, length, kv_dim)
+    values: np.ndarray  # (n_layers, length, kv_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class KVCache:
+    """Preallocated K/V rows for `n_layers` layers, `capacity` positions, `kv_dim` wide."""
+
+    def __init__(self, n_layers: int, capacity: int, kv_dim: int, dtype, mask_dtype) -> None:
+        if n_layers < 1 or capacity < 1 or kv_dim < 1:
+            raise ValueError(f"KV cache dimensions must be positive: {n_layers=} {capacity=} {kv_dim=}")
+        self.n_layers = n_layers
+        self.capacity = capacity
+        self.kv_dim = kv_dim
+        # The leading 1 makes keys[i] the decode graph's [1, capacity, kv_dim] input as is.
+        self.keys = np.zeros((n_layers, 1, capacity, kv_dim), dtype)  # (n_layers, 1, capacity, kv_dim)
+        self.values = np.zeros((n_layers, 1, capacity, kv_dim), dtype)  # (n_layers, 1, capacity, kv_dim)
+        self.decode_mask = np.empty((1, 1, capacity + 1), mask_dtype)  # (1, 1, capacity + 1)
+        self._open = np.zeros((), mask_dtype)
+        self.position = 0
+        # Bytes copied into the cache since construction (for the decode-overhead benchmark).
+        self.bytes_written = 0
+        self.reset()
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.decode_mask.nbytes
+
+    @property
+    def remaining(self) -> int:
+        return self.capacity - self.position
+
+    def reset(self) -> None:
+        """Forget every row: position 0, every cache slot of the decode mask blocked."""
+        self.position = 0
+        self.decode_mask.fill(MASK_BLOCKED)
+        self.decode_mask[0, 0, -1] = self._open
+
+    def fits(self, num_rows: int) -> bool:
+        return num_rows >= 0 and self.position + num_rows <= self.capacity
+
+    def advance(self, num_rows: int = 1) -> None:
+        """Mark the `num_rows` rows at the position as filled and move past them."""
+        if not self.fits(num_rows):
+            raise CacheFullError(f"cannot advance {num_rows} rows at position {self.position} of {self.capacity}")
+        start = self.position
+        if num_rows == 1:
+            self.decode_mask[0, 0, start] = self._open
+        else:
+            self.decode_mask[0, 0, start : start + num_rows] = self._open
+        self.position = start + num_rows
+
+    def write(self, layer: int, k_rows: np.ndarray, v_rows: np.ndarray, num_rows: int = 1) -> None:
+        """Copy the first `num_rows` rows of `k_rows`/`v_rows` ([1, n, kv_dim]) to the position.
+
+        The position does not move: every layer writes at the same rows, then the
+        engine calls `advance(num_rows)` once.
+        """
+        if not self.fits(num_rows):
+            raise CacheFullError(f"cannot write {num_rows} rows at position {self.position} of {self.capacity}")
+        start = self.position
+        if num_rows == 1:
+            # Row assignment is the cheapest copy numpy offers for the per-token path.
+            self.keys[layer, 0, start] = k_rows[0, 0]
+            self.values[layer, 0, start] = v_rows[0, 0]
+        else:
+            self.keys[layer, 0, start : start + num_rows] = k_rows[0, :num_rows]
+            self.values[layer, 0, start : start + num_rows] = v_rows[0, :num_rows]
+        self.bytes_written += 2 * num_rows * self.kv_dim * self.keys.itemsize
+
+    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's full K and V arrays, each [1, capacity, kv_dim] (views, no copy)."""
+        return self.keys[layer], self.values[layer]
+
+    def history(self, layer: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's first `length` rows, each [1, length, kv_dim] (contiguous views)."""
+        if not 0 <= length <= self.position:
+            raise CacheFullError(f"history of {length} rows asked at position {self.position}")
+        return self.keys[layer, :, :length], self.values[layer, :, :length]
+
+    def snapshot(self, length: int | None = None) -> KVSnapshot:
+        """Copy the first `length` rows (default: all filled rows) of every layer."""
+        length = self.position if length is None else length
+        if not 0 <= length <= self.position:
+            raise CacheFullError(f"cannot snapshot {length} rows at position {self.position}")
+        keys = self.keys[:, 0, :length].copy()  # (n_layers, length, kv_dim)
+        values = self.values[:, 0, :length].copy()  # (n_layers, length, kv_dim)
+        return KVSnapshot(length, keys, values)
+
+    def restore(self, snapshot: KVSnapshot) -> None:
+        """Put a snapshot's rows back at rows 0.. and set the position to its end."""
+        expected = (self.n_layers, snapshot.length, self.kv_dim)
+        if snapshot.keys.shape != expected or snapshot.values.shape != expected:
+            raise ValueError(f"snapshot of shape {snapshot.keys.shape} does not fit a cache of {expected}")
+        if snapshot.length > self.capacity:
+            raise CacheFullError(f"snapshot of {snapshot.length} rows exceeds capacity {self.capacity}")
+        self.reset()
+        self.keys[:, 0, : snapshot.length] = snapshot.keys
+        self.values[:, 0, : snapshot.length] = snapshot.values
+        self.bytes_written += snapshot.nbytes
+        self.advance(snapshot.length)
+
+
+@dataclass(frozen=True)
+class PrefixEntry:
+    token_ids: tuple[int, ...]
+    snapshot: KVSnapshot
+
+
+class PrefixStore:
+    """Up to `max_entries` KV prefix snapshots; the least recently used is evicted."""
+
+    def __init__(self, max_entries: int = 4) -> None:
+        if max_entries < 0:
+            raise ValueError(f"max_entries must be >= 0, got {max_entries}")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, PrefixEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def find(self, key: Hashable, token_ids: Sequence[int]) -> PrefixEntry | None:
+        """The entry under `key` whose token ids are a proper prefix of `token_ids`, if any."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        prefix = entry.token_ids
+        # A proper prefix: at least one prompt token must remain to produce the first logits.
+        if len(prefix) >= len(token_ids) or tuple(token_ids[: len(prefix)]) != prefix:
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: Hashable, token_ids: Sequence[int], snapshot: KVSnapshot) -> None:
+        if snapshot.length != len(token_ids):
+            raise ValueError(f"snapshot covers {snapshot.length} rows but {len(token_ids)} token ids were given")
+        if self.max_entries == 0:
+            return
+        self._entries[key] = PrefixEntry(tuple(token_ids), snapshot)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)

@@ -1,0 +1,92 @@
+"""`vlmd ask` end to end on a tiny checkpoint: streamed text, the --json final line, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from daemon.cli import main
+from npu.model import DEMO_MODEL_DIR
+from tests import model_factory
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "frame.png"
+    Image.fromarray(model_factory.random_image(seed=1, height=120, width=160)).save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def embeddings_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VLMD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "vlmd-cache"))
+
+
+def ask(capsys, *argv):
+    code = main(["ask", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ask_streams_the_answer_and_ends_with_the_final_json(capsys, tiny_internvl_native, image_file):
+    code, out, err = ask(capsys, "--model", str(tiny_internvl_native.path), "--image", str(image_file),
+                         "--max-tokens", "6", "--precision", "fp32", "--json", "What is this?")
+    assert code == 0, err
+    streamed, final_line = out.rsplit("\n", 2)[0], out.rstrip("\n").rsplit("\n", 1)[1]
+    final = json.loads(final_line)
+    assert final["done"] is True and final["finish_reason"] in ("stop", "length")
+    assert streamed == final["text"]
+    assert final["usage"]["prompt_tokens"] > model_factory.N_IMAGE_TOKENS
+    assert 0 < final["usage"]["completion_tokens"] <= 6 or final["finish_reason"] == "stop"
+    assert final["timings"]["images_encoded"] == 1 and final["timings"]["ttft_ms"] > 0
+
+
+def test_ask_without_image_and_seeded_sampling_repeats(capsys, tiny_qwen2):
+    argv = ["--model", str(tiny_qwen2.path), "--max-tokens", "5", "--temperature", "0.9", "--top-p", "0.9",
+            "--top-k", "20", "--repetition-penalty", "1.1", "--seed", "4", "--json", "Hello?"]
+    first = ask(capsys, *argv)
+    second = ask(capsys, *argv)
+    finals = [json.loads(run[1].splitlines()[-1]) for run in (first, second)]
+    assert first[0] == 0 and finals[0]["text"] == finals[1]["text"]
+    assert finals[0]["timings"]["images_encoded"] == 0
+
+
+def test_too_long_prompt_is_rejected_with_a_json_error(capsys, tiny_qwen2):
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--kv-capacity", "48", "--prefill-chunk", "16",
+                         "--json", "word " * 80)
+    assert code == 1 and "KV cache holds 48" in err
+    final = json.loads(out.splitlines()[-1])
+    assert final["finish_reason"] == "rejected" and final["error"]["code"] == "too_long"
+
+
+def test_bad_inputs_give_clear_errors(capsys, tmp_path, tiny_qwen2, image_file):
+    code, _, err = ask(capsys, "--model", str(tmp_path / "nowhere"), "hi")
+    assert code == 2 and "no such model directory" in err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--image", str(broken), "--json", "hi")
+    assert code == 2 and json.loads(out.splitlines()[-1])["error"]["code"] == "bad_image"
+    code, _, err = ask(capsys, "--model", str(tiny_qwen2.path), "--image", str(image_file), "hi")
+    assert code == 1 and "no vision graph" in err
+    code, _, err = ask(capsys, "--model", str(tiny_qwen2.path), "--temperature", "-1", "hi")
+    assert code == 2 and "temperature" in err
+
+
+@pytest.mark.skipif(DEMO_MODEL_DIR.joinpath("config.json").exists(), reason="the demo model is installed")
+def test_missing_demo_model_is_a_clear_error(capsys):
+    code, _, err = ask(capsys, "hi")
+    assert code == 2 and "demo model" in err and "--model" in err
+
+
+def test_console_script_runs(tiny_qwen2, tmp_path):
+    env = dict(os.environ, VLMD_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "ask", "--model", str(tiny_qwen2.path),
+                             "--max-tokens", "3", "--json", "Hi"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["usage"]["completion_tokens"] >= 0
