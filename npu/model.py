@@ -180,12 +180,12 @@ class Model:
 
 def load_model(path: str | Path | None = None, backend: str = "auto", precision: str = "bf16",
                kv_capacity: int = 1023, prefill_chunk: int = 128, history_groups: int = 0,
-               provider: str = "auto") -> Model:
+               provider: str = "auto", device_id: int = 0) -> Model:
     """Load the model at `path` (None: the demo model shipped with vlmd).
 
     `kv_capacity`, `prefill_chunk` and `history_groups` shape the reference graphs of a
     Hugging Face checkpoint (as `llm_build` options would); compiled graphs carry their
-    own. `provider` picks the axengine execution provider.
+    own. `provider` picks the axengine execution provider; `device_id` the AXCL card.
     """
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -210,7 +210,7 @@ def load_model(path: str | Path | None = None, backend: str = "auto", precision:
     if backend == "reference":
         raise ModelError(f"{layout.root} holds compiled graphs ({layout.kind} layout): the reference backend needs"
                          " the Hugging Face checkpoint; use backend 'axengine' on a board")
-    return _load_board(layout, provider)
+    return _load_board(layout, provider, device_id)
 
 
 def _load_reference(layout: Any, precision: str, kv_capacity: int, prefill_chunk: int,
@@ -231,11 +231,13 @@ def _load_reference(layout: Any, precision: str, kv_capacity: int, prefill_chunk
                  notes=tuple(layout.notes))
 
 
-def _load_board(layout: Any, provider: str) -> Model:
+def _load_board(layout: Any, provider: str, device_id: int) -> Model:
+    from npu.board import load_board_model
+    from npu.session import SessionError
+
     try:
-        from npu.board import load_board_model
-    except ImportError as exc:
-        raise ModelError(f"{layout.root}: compiled models need npu/board.py's loader, which is unavailable ({exc})") from exc
-    return load_board_model(layout.root, provider=provider)
+        return load_board_model(layout.root, provider=provider, device_id=device_id)
+    except SessionError as exc:  # axengine missing, or a graph it refused to open
+        raise ModelError(f"{layout.root}: {exc}") from exc
 
 
