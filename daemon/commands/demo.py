@@ -1,0 +1,186 @@
+"""`vlmd demo`: draw a scene, send it through the daemon over MQTT, print the answers.
+
+Without --broker it starts everything in-process: the embedded broker (on a free
+port) and the daemon with the configured model (by default the demo model, trained on
+exactly these scenes). With --broker it talks to a daemon already serving there under
+--device-id. Either way the path is the real one: a camera frame on
+`<root>/frame/demo`, questions on `<root>/ask`, streamed answers on `<root>/answer/<id>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import threading
+import time
+
+HELP = "show the pipeline end to end: a drawn camera frame, a caption and a question, streamed over MQTT"
+CAMERA = "demo"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", metavar="URL", help="talk to a daemon at this broker (default: start one in-process)")
+    parser.add_argument("--device-id", metavar="ID", default="demo", help="the daemon's device id (default: demo)")
+    parser.add_argument("--model", metavar="DIR", help="model for the in-process daemon (default: the demo model)")
+    parser.add_argument("--seed", type=int, default=7, help="which scene to draw (default: 7)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    from daemon.broker import BrokerStartError
+    from daemon.config import EX_CONFIG, ConfigError
+    from daemon.logs import configure_logging
+    from daemon.mqtt import MqttError
+    from npu.model import ModelError
+
+    configure_logging("warning", "console" if sys.stderr.isatty() else "auto", sys.stderr)
+    service = None
+    try:
+        if args.broker:
+            url, root = args.broker, f"vlmd/{args.device_id}"
+        else:
+            service = _start_daemon(args)
+            url, root = service.broker_url, service.topics.root
+        return _converse(url, root, args.seed, args.timeout, service)
+    except ConfigError as exc:
+        print(f"vlmd demo: invalid configuration:\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except (ModelError, BrokerStartError, MqttError, OSError) as exc:
+        print(f"vlmd demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if service is not None:
+            service.stop(drain_timeout=2.0)
+
+
+def _start_daemon(args: argparse.Namespace):
+    from daemon.config import load_config
+    from daemon.service import Service
+
+    overrides = {
+        "device_id": args.device_id,
+        "mqtt": {"broker": ""},
+        "embedded_broker": {"host": "127.0.0.1", "port": 0},  # never clash with a running broker
+        "logging": {"level": "warning"},
+    }
+    if args.model:
+        overrides["model"] = {"path": args.model}
+    print("starting the embedded broker and the daemon (loading the model) ...", flush=True)
+    service = Service(load_config(None, overrides=overrides))
+    service.start()
+    if not service.client.wait_connected(30):
+        raise SystemExit("vlmd demo: the daemon did not connect to the embedded broker")
+    return service
+
+
+def _converse(url: str, root: str, seed: int, timeout: float, service=None) -> int:
+    from daemon.scenes import CAPTION_PROMPTS, draw_scene
+    from protocol.topics import Topics
+
+    topics = Topics(root)
+    image, scene = draw_scene(seed)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    client = _DemoClient(url, topics)
+    try:
+        client.publish(topics.frame(CAMERA), buffer.getvalue(), qos=1)
+        print(f"published a {image.width}x{image.height} scene on {topics.frame(CAMERA)}")
+        _wait_for_frame(service)
+        question, expected = _pick_question(scene)
+        ok = True
+        for label, text, want in (("caption", CAPTION_PROMPTS[0], scene.caption()), ("question", question, expected)):
+            print(f"\n{label}: {text}\nanswer: ", end="", flush=True)
+            final = client.ask({"text": text, "camera": CAMERA, "max_tokens": 48}, timeout)
+            timings = final.get("timings", {})
+            verdict = "matches" if final["text"].strip().lower() == want.lower() else "differs"
+            print(f"\n  expected: {want} ({verdict})")
+            print(f"  finish: {final['finish_reason']}, ttft {timings.get('ttft_ms', 0):.0f} ms, "
+                  f"{timings.get('decode_tokens_per_s', 0):.1f} tok/s, prefix reused: {timings.get('prefix_reused')}")
+            if final["finish_reason"] not in ("stop", "length"):
+                print(f"  error: {final.get('error')}", file=sys.stderr)
+                ok = False
+        return 0 if ok else 1
+    finally:
+        client.close()
+
+
+def _wait_for_frame(service, timeout: float = 10.0) -> None:
+    """The frame and the ask travel on different topics: let the frame land first."""
+    if service is None:
+        time.sleep(0.5)  # a daemon elsewhere: nothing to watch but the clock
+        return
+    deadline = time.monotonic() + timeout
+    while CAMERA not in service.inbox.frame_counts() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _pick_question(scene) -> tuple[str, str]:
+    questions = scene.questions()
+    colour = [pair for pair in questions if pair[0].startswith("what colour")]
+    return (colour or questions)[0]
+
+
+class _DemoClient:
+    """A small paho client: publish, ask, print deltas as they arrive.
+
+    MQTT 3.1.1, which every broker speaks (the embedded one speaks nothing else); the
+    demo needs no MQTT 5 feature.
+    """
+
+    def __init__(self, url: str, topics):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from daemon.mqtt import MqttError, parse_broker_url
+
+        address = parse_broker_url(url)
+        self.topics = topics
+        self._finals: dict[str, dict] = {}
+        self._done = threading.Condition()
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+        if address.tls:
+            self._client.tls_set()
+        subscribed = threading.Event()
+        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.answer_filter(), qos=1)
+        self._client.on_subscribe = lambda *a: subscribed.set()
+        self._client.on_message = self._on_message
+        try:
+            self._client.connect(address.host, address.port)
+        except OSError as exc:
+            raise MqttError(f"cannot reach the broker at {url}: {exc}") from None
+        self._client.loop_start()
+        if not subscribed.wait(10):
+            raise SystemExit(f"vlmd demo: could not subscribe at {url}")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self._client.publish(topic, payload, qos=qos).wait_for_publish(10)
+
+    def ask(self, request: dict, timeout: float) -> dict:
+        request_id = f"demo-{time.monotonic_ns():x}"
+        self.publish(self.topics.ask(), json.dumps({"id": request_id, **request}).encode())
+        deadline = time.monotonic() + timeout
+        with self._done:
+            while request_id not in self._finals:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SystemExit(f"vlmd demo: no answer within {timeout:.0f}s")
+                self._done.wait(left)
+            return self._finals.pop(request_id)
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        if body.get("done"):
+            with self._done:
+                self._finals[body["id"]] = body
+                self._done.notify_all()
+        elif "delta" in body:
+            print(body["delta"], end="", flush=True)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,290 @@
+"""The paho-mqtt 2.x client wrapper: connect, reconnect, subscribe in on_connect, publish.
+
+Contract:
+- `start()` returns at once; paho's network thread connects and reconnects with
+  exponential backoff (`reconnect_min_s` .. `reconnect_max_s`).
+- Every successful CONNACK calls `on_connected()` (the service subscribes and
+  publishes `online` there, so both survive a reconnect). A refused CONNACK is logged
+  with its reason and is not a connection.
+- The last will is `offline` on the status topic, retained.
+- `persistent_session`: MQTT 3.1.1 clean_session=False, MQTT 5 clean_start=False plus
+  a session expiry, so QoS 1 questions sent while vlmd was away are delivered.
+- Callbacks never block and never raise into paho: handler errors are logged.
+- `protocol="auto"` probes the broker with a bare MQTT 5 connection and uses 3.1.1 when
+  the broker refuses it or hangs up (the embedded amqtt broker speaks 3.1.1 only); a
+  broker that is not up yet is probed again with backoff before the real connection.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from daemon.config import BrokerAddress
+from daemon.config import parse_broker_url as config_parse_broker_url
+from daemon.logs import get_logger
+
+log = get_logger("vlmd.mqtt")
+
+SESSION_EXPIRY_S = 3600  # MQTT 5: how long the broker keeps our session (and queued asks) while we are away
+PROBE_TIMEOUT_S = 5.0
+
+
+class MqttError(RuntimeError):
+    """A broker URL or setting vlmd cannot use."""
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://host[:port]` (default 1883) or `mqtts://host[:port]` (default 8883)."""
+    try:
+        return config_parse_broker_url(url)
+    except ValueError as exc:
+        raise MqttError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    url: str
+    client_id: str
+    username: str = ""
+    password: str = ""
+    keepalive_s: int = 30
+    protocol: str = "auto"  # "auto" | "3.1.1" | "5"
+    persistent_session: bool = True
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    tls: TlsSettings = TlsSettings()
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One received message, with the MQTT 5 reply properties when present."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+class MqttClient:
+    """One broker connection; thread-safe `publish`, callbacks run on paho's thread."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        will: tuple[str, bytes, int, bool],
+        on_message: Callable[[Incoming], None],
+        on_connected: Callable[[], None],
+    ):
+        self.settings = settings
+        self.address = parse_broker_url(settings.url)
+        self._will = will
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._connected = threading.Event()
+        self.num_connects = 0
+        self.session_present = False  # as the last CONNACK said
+        self.protocol = settings.protocol
+        self._client: paho.Client | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a late connect from the probe thread vs stop()
+
+    @property
+    def is_v5(self) -> bool:
+        return self.protocol == "5"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def start(self) -> None:
+        """Connect in the background; with "auto", probe the broker's protocol first."""
+        if self.protocol == "auto":
+            probed = self._probe_v5()
+            if probed is None:  # not up yet: keep probing on a helper thread, then connect
+                threading.Thread(target=self._probe_then_connect, name="vlmd-mqtt-probe", daemon=True).start()
+                return
+            self._choose(probed)
+        self._connect(self._build(self.protocol))
+
+    def _choose(self, v5: bool) -> None:
+        self.protocol = "5" if v5 else "3.1.1"
+        log.info("mqtt protocol chosen", protocol=self.protocol)
+
+    def _probe_then_connect(self) -> None:
+        delay = self.settings.reconnect_min_s
+        while not self._stopping.wait(delay):
+            probed = self._probe_v5()
+            if probed is not None:
+                with self._lock:
+                    if not self._stopping.is_set():
+                        self._choose(probed)
+                        self._connect(self._build(self.protocol))
+                return
+            delay = min(2 * delay, self.settings.reconnect_max_s)
+
+    def _connect(self, client: paho.Client) -> None:
+        self._client = client
+        kwargs = {}
+        if self.is_v5:
+            kwargs["clean_start"] = not self.settings.persistent_session
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S if self.settings.persistent_session else 0
+            kwargs["properties"] = props
+        client.connect_async(self.address.host, self.address.port, self.settings.keepalive_s, **kwargs)
+        client.loop_start()
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, correlation_data: bytes | None = None
+    ) -> paho.MQTTMessageInfo | None:
+        client = self._client
+        if client is None:  # not started, or stopped: a late final during shutdown
+            log.info("not connected, message dropped", topic=topic)
+            return None
+        properties = None
+        if self.is_v5 and correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("publish failed", topic=topic, rc=paho.error_string(info.rc))
+        return info
+
+    def subscribe(self, subscriptions: list[tuple[str, int]]) -> None:
+        client = self._client
+        if client is not None and subscriptions:
+            client.subscribe(subscriptions)
+
+    def stop(self, last: tuple[str, bytes, int, bool] | None = None, timeout: float = 5.0) -> None:
+        """Publish `last` (the `stopped` status), wait for it, disconnect cleanly (no will)."""
+        with self._lock:  # after this, the probe thread (if any) connects nothing
+            self._stopping.set()
+            client, self._client = self._client, None
+        if client is None:
+            return
+        if last is not None and self.connected:
+            info = client.publish(last[0], last[1], qos=last[2], retain=last[3])
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish the final status", error=str(exc))
+        self._connected.clear()  # a disconnect we asked for is not worth a warning
+        client.disconnect()
+        client.loop_stop()
+
+    # -- paho wiring ------------------------------------------------------------------
+
+    def _build(self, protocol: str) -> paho.Client:
+        version = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+        session_kwargs = {} if protocol == "5" else {"clean_session": not self.settings.persistent_session}
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.settings.client_id, protocol=version, **session_kwargs
+        )
+        if self.settings.username:
+            client.username_pw_set(self.settings.username, self.settings.password or None)
+        if self.address.tls:
+            tls = self.settings.tls
+            client.tls_set(ca_certs=tls.ca_file or None, certfile=tls.cert_file or None, keyfile=tls.key_file or None)
+            client.tls_insecure_set(tls.insecure)
+        topic, payload, qos, retain = self._will
+        client.will_set(topic, payload, qos=qos, retain=retain)
+        client.reconnect_delay_set(
+            max(1, round(self.settings.reconnect_min_s)), max(1, round(self.settings.reconnect_max_s))
+        )
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                self._connected.clear()
+                log.error("broker refused the connection", reason=str(reason_code), broker=self.settings.url)
+                return
+            self.num_connects += 1
+            self.session_present = bool(flags.session_present)
+            self._connected.set()
+            log.info("connected", broker=self.settings.url, protocol=self.protocol, session_present=flags.session_present)
+            self._on_connected()
+        except Exception:
+            log.exception("on_connect handler failed")
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected:
+            log.warning("disconnected", reason=str(reason_code))
+
+    def _handle_message(self, client, userdata, message) -> None:
+        try:
+            props = getattr(message, "properties", None)
+            response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            self._on_message(Incoming(message.topic, bytes(message.payload), response_topic or None, correlation))
+        except Exception:
+            log.exception("message handler failed", topic=getattr(message, "topic", "?"))
+
+    def _probe_v5(self) -> bool | None:
+        """Connect once with MQTT 5: True if the broker accepts it, False if it refuses the
+        version, None if it cannot be reached yet."""
+        result: dict[str, bool] = {}
+        done = threading.Event()
+        probe = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv5)
+        if self.settings.username:
+            probe.username_pw_set(self.settings.username, self.settings.password or None)
+        if self.address.tls:
+            tls = self.settings.tls
+            probe.tls_set(ca_certs=tls.ca_file or None, certfile=tls.cert_file or None, keyfile=tls.key_file or None)
+            probe.tls_insecure_set(tls.insecure)
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            result["v5"] = not reason_code.is_failure or reason_code.getName() not in _VERSION_REFUSALS
+            done.set()
+
+        def on_disconnect(client, userdata, flags, reason_code, properties):
+            result.setdefault("v5", False)  # hung up before any CONNACK: an MQTT 3.1.1-only broker
+            done.set()
+
+        probe.on_connect, probe.on_disconnect = on_connect, on_disconnect
+        try:
+            probe.connect(self.address.host, self.address.port, keepalive=10)
+        except OSError as exc:
+            log.warning("broker not reachable yet; will probe its protocol again", error=str(exc))
+            return None
+        probe.loop_start()
+        done.wait(PROBE_TIMEOUT_S)
+        probe.disconnect()
+        probe.loop_stop()
+        return result.get("v5", False)
+
+
+_VERSION_REFUSALS = frozenset({"Unsupported protocol version", "Protocol error", "Malformed packet"})
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll `predicate` until true or `timeout`; for callers that have no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
