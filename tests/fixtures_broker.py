@@ -6,6 +6,7 @@ CI these tests always run.
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -61,6 +62,8 @@ def start_mosquitto(directory: Path, port: int | None = None, extra_config: str 
     log_path = directory / f"mosquitto-{port}.log"
     config.write_text(
         f"listener {port} 127.0.0.1\n"
+        # mosquitto started as root drops to its own user, which cannot write our temp dirs
+        f"user {getpass.getuser()}\n"
         "allow_anonymous true\n"
         "persistence false\n"
         f"log_dest file {log_path}\n"
