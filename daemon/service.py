@@ -47,7 +47,7 @@ def load_engine(config: Config) -> Any:
     m = config.model
     model = load_model(
         m.path, backend=m.backend, precision=m.precision, kv_capacity=m.kv_capacity,
-        prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider,
+        prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
     )
     return Engine(model)
 
