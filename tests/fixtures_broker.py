@@ -52,6 +52,10 @@ def mosquitto_binary() -> str | None:
     )
 
 
+def _sets_user(config_text: str) -> bool:
+    return any(line.split()[:1] == ["user"] for line in config_text.splitlines())
+
+
 def start_mosquitto(directory: Path, port: int | None = None, extra_config: str = "") -> Broker:
     """Start mosquitto with an own config in `directory`; the caller terminates it."""
     binary = mosquitto_binary()
@@ -63,8 +67,8 @@ def start_mosquitto(directory: Path, port: int | None = None, extra_config: str 
     config.write_text(
         f"listener {port} 127.0.0.1\n"
         # mosquitto started as root drops to its own user, which cannot write our temp dirs
-        f"user {getpass.getuser()}\n"
-        "allow_anonymous true\n"
+        + ("" if _sets_user(extra_config) else f"user {getpass.getuser()}\n")
+        + "allow_anonymous true\n"
         "persistence false\n"
         f"log_dest file {log_path}\n"
         "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
