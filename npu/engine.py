@@ -13,8 +13,11 @@ next token's embedding row (greedy reads the logits in place).
 1. tokenise the rendered chat prompt; refuse it (PromptTooLong) unless the prompt and
    one answer token fit the cache; check the `<IMG_CONTEXT>` count (ImageError);
 2. restore a KV prefix snapshot when the image, system prompt and template match an
-   earlier request (no vision run, no image prefill), else reset the cache, look the
-   embeddings up and splice each image's vision features over its context rows;
+   earlier request (no vision run), else reset the cache, look the embeddings up and
+   splice each image's vision features over its context rows; a follow-up either
+   resumes at the snapshot's end or, when its measured graph times say that is cheaper,
+   restores only up to a chunk boundary and replays the rest of the prefix from the
+   snapshot's saved input rows (`prefix_replay`);
 3. prefill (see `plan_prefill`): group 1 for the first chunk, a history group for a
    later chunk whose start equals that group's history length, the decode group one
    token at a time for everything else;
@@ -38,11 +41,17 @@ from typing import Any
 import numpy as np
 
 from npu.image import to_vision_input
-from npu.kv_cache import KVCache, PrefixStore
+from npu.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.model import GraphShapes, read_shapes
-from npu.sampling import Sampler, SamplingParams
+from npu.sampling import Sampler, SamplingParams, top_k_indices
 from npu.session import BF16, MASK_BLOCKED, SessionError
 from npu.tokenizer import IncrementalDetokenizer
+
+
+# How a follow-up on a stored prefix is prefilled: "auto" picks the cheaper of resuming
+# at the snapshot's end and replaying from a chunk boundary (by measured graph times);
+# "never" always resumes; "always" replays whenever a boundary lies before the end.
+REPLAY_POLICIES = ("auto", "never", "always")
 
 
 class EngineError(Exception):
@@ -162,8 +171,14 @@ class _Encoded:
 class Engine:
     """Runs prompts on a model's sessions with one KV cache allocated here, once."""
 
-    def __init__(self, model: Any, max_prefixes: int = 4) -> None:
+    def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto") -> None:
+        if prefix_replay not in REPLAY_POLICIES:
+            raise ValueError(f"prefix_replay must be one of {REPLAY_POLICIES}, got {prefix_replay!r}")
         self.model = model
+        self.prefix_replay = prefix_replay
+        # Seconds per call of the whole layer stack, by shape group (moving average of
+        # what this engine measured): what a follow-up's prefill plan is priced with.
+        self.stack_seconds: dict[int, float] = {}
         self.shapes: GraphShapes = read_shapes(model)
         s = self.shapes
         self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype)
@@ -202,6 +217,7 @@ class Engine:
         if s.vision_size is not None:
             self._pixels = np.zeros((1, *s.vision_size, 3), np.uint8)  # (1, H, W, 3) the vision input
         self._logits = np.zeros(s.vocab, np.float32) if s.vocab else None  # (vocab,) for the sampler
+        self._order_keys = np.zeros(s.vocab, np.int16) if s.vocab else None  # (vocab,) bf16 top-k keys
 
     def _chunk_mask(self, history_len: int) -> np.ndarray:
         """(1, chunk, history_len + chunk): every history column open, then a causal block."""
@@ -319,12 +335,16 @@ class Engine:
         if entry is not None and entry.snapshot.length < encoded.context_rows.max(initial=-1) + 1:
             entry = None  # image rows beyond the snapshot: not a follow-up on the same prefix
         if entry is not None:
-            self.cache.restore(entry.snapshot)
+            self.cache.restore(entry.snapshot, self._follow_up_start(entry, end))
             timings["prefix_reused"] = True
         else:
             self.cache.reset()
-        start = self.cache.position
-        self.model.embeddings.lookup(np.asarray(ids[start:], np.int64), self._embeds[start:end])
+        start = lookup_from = self.cache.position
+        if entry is not None and start < entry.snapshot.length:
+            # Replay: the prefix rows from the snapshot's saved inputs, image features included.
+            lookup_from = entry.snapshot.length
+            self._embeds[start:lookup_from] = entry.embeds[start:lookup_from]
+        self.model.embeddings.lookup(np.asarray(ids[lookup_from:], np.int64), self._embeds[lookup_from:end])
         self._host_copies += self._embeds[start:end].nbytes
         if entry is None and prompt.images:
             image_started = time.perf_counter()
@@ -342,9 +362,43 @@ class Engine:
             else:
                 hidden = self._chunk_step(group, row, size, should_stop)
         timings["prefill_ms"] = _ms(time.perf_counter() - prefill_started)
-        if key is not None and entry is None and 0 < encoded.num_prefix_ids < end:
-            self.prefixes.put(key, ids[: encoded.num_prefix_ids], self.cache.snapshot(encoded.num_prefix_ids))
+        timings["prefill_rows"] = end - start
+        n_prefix = encoded.num_prefix_ids
+        if key is not None and entry is None and 0 < n_prefix < end:
+            self.prefixes.put(key, ids[:n_prefix], self.cache.snapshot(n_prefix), self._embeds[:n_prefix].copy())
         return hidden
+
+    def _follow_up_start(self, entry: PrefixEntry, end: int) -> int:
+        """The cache row a follow-up's prefill starts from.
+
+        Resuming at the snapshot's end runs the question rows one by one through the
+        decode group when the snapshot does not end on a chunk boundary; replaying from
+        an earlier boundary (row 0 or a history length) re-runs the prefix from its saved
+        inputs through prefill groups instead. Each plan is priced with the measured
+        seconds per layer-stack call of its groups; unmeasured groups mean resume.
+        """
+        resume = entry.snapshot.length
+        s = self.shapes
+        if self.prefix_replay == "never" or entry.embeds is None or not s.chunk:
+            return resume
+        starts = [h for h in (0, *s.history_groups) if h < resume]
+        if not starts:
+            return resume
+        if self.prefix_replay == "always":
+            return max(starts)
+        costs = {start: self._plan_seconds(start, end) for start in (resume, *starts)}
+        if any(cost is None for cost in costs.values()):
+            return resume
+        return min(costs, key=lambda start: (costs[start], -start))
+
+    def _plan_seconds(self, start: int, end: int) -> float | None:
+        """Predicted seconds to prefill rows start..end-1, or None if a group is unmeasured."""
+        s, total = self.shapes, 0.0
+        for group, _, _ in plan_prefill(start, end, s.chunk, s.history_groups):
+            if group not in self.stack_seconds:
+                return None
+            total += self.stack_seconds[group]
+        return total
 
     def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
                        should_stop: Callable[[], bool]) -> None:
@@ -368,6 +422,7 @@ class Engine:
     def _run_layers(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
                     should_stop: Callable[[], bool]) -> np.ndarray:
         """Every layer on the group's input buffer; write the new K/V rows, advance once."""
+        started = time.perf_counter()
         k_index, v_index, out_index = self.shapes.output_order[group]
         hidden = None
         for layer, (session, feed) in enumerate(zip(self._layers, feeds)):
@@ -379,6 +434,9 @@ class Engine:
             self.cache.write(layer, outputs[k_index], outputs[v_index], num_rows)
             hidden = outputs[out_index]
         self.cache.advance(num_rows)
+        elapsed = time.perf_counter() - started
+        previous = self.stack_seconds.get(group)
+        self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
         return hidden
 
     def _decode_step(self, should_stop: Callable[[], bool]) -> np.ndarray:
@@ -414,7 +472,15 @@ class Engine:
         logits = outputs[s.logits_index].reshape(-1)  # (vocab,)
         if options.is_plain_greedy:
             return argmax_logits(logits)  # in place: no copy of the logits
-        np.copyto(self._logits, logits)
+        if logits.dtype == np.float32:
+            return sampler.sample(logits, history)  # the sampler never writes into its input
+        if logits.dtype == BF16 and 0 < options.top_k < logits.size and options.repetition_penalty == 1.0:
+            # Top-k straight from the bf16 logits: only the k candidates are cast to float32.
+            ids = top_k_indices(bf16_order_keys(logits, out=self._order_keys), options.top_k)  # (k,) ascending
+            values = logits[ids].astype(np.float32)  # (k,)
+            self._host_copies += values.nbytes
+            return sampler.sample_candidates(values, ids, history)
+        np.copyto(self._logits, logits)  # bf16 -> float32: numpy computes slowly on bf16
         self._host_copies += self._logits.nbytes
         return sampler.sample(self._logits, history)
 
@@ -431,6 +497,20 @@ def argmax_logits(logits: np.ndarray) -> int:
     bits = logits.view(np.int16)
     best = int(np.argmax(bits))
     return best if bits[best] >= 0 else int(np.argmin(bits))
+
+
+def bf16_order_keys(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """int16 keys that order like the bf16 `logits` (NaN above +inf, -0 below +0).
+
+    A non-negative bf16's bits already order like its value; a negative one's lower 15
+    bits are flipped so that a larger magnitude gives a smaller key.
+    """
+    bits = logits.view(np.int16)
+    out = np.empty(bits.shape, np.int16) if out is None else out
+    np.right_shift(bits, 15, out=out)  # -1 where negative, else 0
+    np.bitwise_and(out, 0x7FFF, out=out)
+    np.bitwise_xor(out, bits, out=out)
+    return out
 
 
 def _never() -> bool:

@@ -10,7 +10,7 @@ is rebuilt per token.
 Protocol (only the engine calls these): write the rows of the token(s) at the current
 position for every layer with `write`, then `advance(n)` once. `fits(n)` answers
 whether n more rows fit. `snapshot(length)` copies the first `length` rows of every
-layer; `restore` puts them back and sets the position to their end.
+layer; `restore` puts them (or their first rows) back and sets the position to their end.
 
 `PrefixStore` keeps a few snapshots (least recently used evicted) keyed by whatever
 the engine decides (image, system prompt, template), each with the token ids it
@@ -131,24 +131,31 @@ class KVCache:
         values = self.values[:, 0, :length].copy()  # (n_layers, length, kv_dim)
         return KVSnapshot(length, keys, values)
 
-    def restore(self, snapshot: KVSnapshot) -> None:
-        """Put a snapshot's rows back at rows 0.. and set the position to its end."""
+    def restore(self, snapshot: KVSnapshot, length: int | None = None) -> None:
+        """Put a snapshot's first `length` rows (default: all) back at rows 0.. and set the
+        position to their end."""
         expected = (self.n_layers, snapshot.length, self.kv_dim)
         if snapshot.keys.shape != expected or snapshot.values.shape != expected:
             raise ValueError(f"snapshot of shape {snapshot.keys.shape} does not fit a cache of {expected}")
-        if snapshot.length > self.capacity:
-            raise CacheFullError(f"snapshot of {snapshot.length} rows exceeds capacity {self.capacity}")
+        length = snapshot.length if length is None else length
+        if not 0 <= length <= snapshot.length:
+            raise ValueError(f"cannot restore {length} rows of a {snapshot.length}-row snapshot")
+        if length > self.capacity:
+            raise CacheFullError(f"snapshot of {length} rows exceeds capacity {self.capacity}")
         self.reset()
-        self.keys[:, 0, : snapshot.length] = snapshot.keys
-        self.values[:, 0, : snapshot.length] = snapshot.values
-        self.bytes_written += snapshot.nbytes
-        self.advance(snapshot.length)
+        self.keys[:, 0, :length] = snapshot.keys[:, :length]
+        self.values[:, 0, :length] = snapshot.values[:, :length]
+        self.bytes_written += 2 * self.n_layers * length * self.kv_dim * self.keys.itemsize
+        self.advance(length)
 
 
 @dataclass(frozen=True)
 class PrefixEntry:
     token_ids: tuple[int, ...]
     snapshot: KVSnapshot
+    # The prefix's layer-input rows (embeddings with image features spliced in),
+    # (length, hidden): lets the engine re-run the prefix without the vision graph.
+    embeds: np.ndarray | None = None
 
 
 class PrefixStore:
@@ -178,12 +185,15 @@ class PrefixStore:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: Hashable, token_ids: Sequence[int], snapshot: KVSnapshot) -> None:
+    def put(self, key: Hashable, token_ids: Sequence[int], snapshot: KVSnapshot,
+            embeds: np.ndarray | None = None) -> None:
         if snapshot.length != len(token_ids):
             raise ValueError(f"snapshot covers {snapshot.length} rows but {len(token_ids)} token ids were given")
+        if embeds is not None and len(embeds) != snapshot.length:
+            raise ValueError(f"snapshot covers {snapshot.length} rows but {len(embeds)} embedding rows were given")
         if self.max_entries == 0:
             return
-        self._entries[key] = PrefixEntry(tuple(token_ids), snapshot)
+        self._entries[key] = PrefixEntry(tuple(token_ids), snapshot, embeds)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -134,11 +134,37 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     m, kv_heads, _ = k.shape
     group = heads // kv_heads
     qg = q.reshape(n, kv_heads, group, d).transpose(1, 2, 0, 3).reshape(kv_heads, group * n, d)
-    scores = np.matmul(qg, k.transpose(1, 2, 0))  # (kv_heads, group * n, m)
+    scores = serial_matmul(qg, k.transpose(1, 2, 0))  # (kv_heads, group * n, m)
     scores *= F32(d**-0.5)
     if mask is not None:
         scores.reshape(kv_heads, group, n, m)[...] += mask
     softmax_(scores)
-    context = np.matmul(scores, v.transpose(1, 0, 2))  # (kv_heads, group * n, d)
+    context = serial_matmul(scores, v.transpose(1, 0, 2))  # (kv_heads, group * n, d)
     context = context.reshape(kv_heads, group, n, d).transpose(2, 0, 1, 3)  # (n, kv_heads, group, d)
     return context.reshape(n, heads * d)
+
+
+# OpenBLAS runs a GEMM on one thread when m * n * k <= 65536 * GEMM_MULTITHREAD_THRESHOLD (4).
+_SERIAL_GEMM_MNK = 65536 * 4
+
+
+def serial_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched a @ b, (batch, r, k) @ (batch, k, c) -> (batch, r, c), in row blocks small
+    enough for the BLAS to run each GEMM on the calling thread.
+
+    Attention issues many small GEMMs (one per head); a threaded BLAS wakes its pool
+    for each, and on a busy machine waiting for a descheduled worker costs more than
+    the GEMM (profiled: 50 % of a 2-thread vision encode went to that wait). Results
+    are those of np.matmul: only the partition of the rows changes.
+    """
+    batch, rows, inner = a.shape
+    cols = b.shape[-1]
+    block = max(1, _SERIAL_GEMM_MNK // max(1, inner * cols))
+    if block >= rows:
+        return np.matmul(a, b)
+    # Strided operands (attention's transposed views) would be copied by every call.
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    out = np.empty((batch, rows, cols), np.result_type(a, b))  # (batch, rows, cols)
+    for start in range(0, rows, block):
+        np.matmul(a[:, start:start + block], b, out=out[:, start:start + block])
+    return out

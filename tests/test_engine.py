@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from npu.engine import (DoneEvent, Engine, GenerationOptions, ImageError, Prompt, PromptTooLong, TokenEvent,
-                        argmax_logits, plan_prefill)
+                        argmax_logits, bf16_order_keys, plan_prefill)
 from npu.model import ModelError, read_shapes
+from npu.sampling import Sampler, SamplingParams, top_k_indices
 from npu.session import BF16, TensorSpec, check_feed
 from npu.template import ChatTemplate
 from npu.tokenizer import Tokenizer
@@ -232,6 +233,22 @@ def test_argmax_logits_reads_bf16_in_place_like_float_argmax():
         assert argmax_logits(values.astype(np.float32)) == int(np.argmax(values.astype(np.float32)))
 
 
+@given(seed=st.integers(0, 2**32 - 1), top_k=st.integers(1, 80), top_p=st.floats(0.1, 1.0))
+@settings(max_examples=40, deadline=None)
+def test_bf16_top_k_keys_pick_what_float32_sampling_picks(seed, top_k, top_p):
+    rng = np.random.default_rng(seed)
+    # Distinct bf16 values (no ties at the k-th) of both signs, from their bit patterns, and -inf.
+    patterns = rng.choice(np.arange(1, 0x4000, dtype=np.int16), 4000, replace=False)  # (4000,) up to +-2.0
+    patterns[:2000] |= np.int16(-0x8000)  # the sign bit: negatives
+    values = np.concatenate([patterns.view(BF16), np.array([-np.inf], BF16)])
+    keys = bf16_order_keys(values)
+    assert np.array_equal(np.argsort(keys, kind="stable"), np.argsort(values.astype(np.float64), kind="stable"))
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, seed=seed)
+    ids = top_k_indices(keys, top_k)
+    via_keys = Sampler(params).sample_candidates(values[ids].astype(np.float32), ids)
+    assert via_keys == Sampler(params).sample(values.astype(np.float32))
+
+
 def test_read_shapes_takes_every_dimension_from_the_graphs(make_model):
     shapes = read_shapes(make_model(capacity=77, chunk=8, history=(8, 16)))
     assert (shapes.capacity, shapes.kv_dim, shapes.hidden, shapes.chunk) == (77, KV_DIM, HIDDEN, 8)
@@ -409,7 +426,7 @@ def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_templ
 
 def test_follow_up_reuses_the_prefix_and_matches_a_cold_run(make_model):
     model = make_model()
-    engine = Engine(model)
+    engine = Engine(model, prefix_replay="never")  # the resume path; replay is tested below
     first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1")
     run(engine, first, max_tokens=4)
     assert model.vision.calls == 1 and len(engine.prefixes) == 1
@@ -427,6 +444,43 @@ def test_follow_up_reuses_the_prefix_and_matches_a_cold_run(make_model):
     assert warm == cold and cold_done.timings["prefix_reused"] is False and cold_model.vision.calls == 1
     np.testing.assert_allclose(np.stack(model.post.seen[seen_before:]), np.stack(cold_model.post.seen),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("history", [(), (16, 32, 48)])
+def test_follow_up_replay_skips_vision_and_matches_a_cold_run(make_model, history):
+    model = make_model(history=history)
+    engine = Engine(model, prefix_replay="always")
+    run(engine, Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1"), max_tokens=4)
+    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1")
+    prompt_len = engine.count_prompt_tokens(follow_up)
+    snapshot_len = engine.prefixes.find(("cam1:1", 1, None, engine.model.template.name),
+                                        engine._encode(follow_up).ids).snapshot.length
+    warm, done = run(engine, follow_up, max_tokens=10, ignore_stop=True)
+    assert model.vision.calls == 1 and done.timings["prefix_reused"] is True
+    replay_from = max(h for h in (0, *history) if h < snapshot_len)
+    assert done.timings["prefill_rows"] == prompt_len - replay_from
+    cold, _ = run(Engine(make_model(history=history), max_prefixes=0), follow_up, max_tokens=10, ignore_stop=True)
+    assert warm == cold
+
+
+def test_follow_up_plan_is_priced_with_measured_graph_times(make_model):
+    model = make_model(chunk=64, history=())  # the prefix (48 rows) ends inside the first chunk
+    engine = Engine(model)  # "auto"
+    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1")
+    run(engine, first, max_tokens=2)
+    assert {0, 1} <= set(engine.stack_seconds)  # the first chunk and decode were timed
+    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1")
+    prompt_len = engine.count_prompt_tokens(follow_up)
+    resume_rows = prompt_len - engine._encode(first).num_prefix_ids
+    engine.stack_seconds.update({0: 1.0, 1: 1e-3})  # decode calls dear: replay from row 0
+    _, done = run(engine, follow_up, max_tokens=2)
+    assert done.timings["prefix_reused"] and done.timings["prefill_rows"] == prompt_len
+    engine.stack_seconds.update({0: 1e-6, 1: 1.0})  # decode calls nearly free: resume
+    _, done = run(engine, follow_up, max_tokens=2)
+    assert done.timings["prefix_reused"] and done.timings["prefill_rows"] == resume_rows
+    assert model.vision.calls == 1
+    with pytest.raises(ValueError, match="prefix_replay"):
+        Engine(model, prefix_replay="sometimes")
 
 
 def test_prefix_is_not_reused_across_keys_or_system_prompts(make_model):

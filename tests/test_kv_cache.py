@@ -96,6 +96,34 @@ def test_snapshot_restore_round_trip_after_other_writes():
     assert_mask_matches_position(cache)
 
 
+def test_restore_of_the_first_rows_only():
+    cache = make_cache()
+    fill(cache, 6, seed=1)
+    snap = cache.snapshot(5)
+    cache.reset()
+    fill(cache, 9, seed=7)
+    cache.restore(snap, 3)
+    assert cache.position == 3
+    np.testing.assert_array_equal(cache.keys[:, 0, :3], snap.keys[:, :3])
+    assert_mask_matches_position(cache)
+    cache.restore(snap, 0)
+    assert cache.position == 0
+    assert_mask_matches_position(cache)
+    with pytest.raises(ValueError, match="cannot restore 6 rows"):
+        cache.restore(snap, 6)
+
+
+def test_prefix_store_keeps_the_prefix_input_rows():
+    cache = make_cache()
+    fill(cache, 4, seed=2)
+    store = PrefixStore(2)
+    rows = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # (length, hidden)
+    store.put("k", [1, 2, 3, 4], cache.snapshot(4), rows)
+    assert store.find("k", [1, 2, 3, 4, 5]).embeds is rows
+    with pytest.raises(ValueError, match="embedding rows"):
+        store.put("k", [1, 2, 3, 4], cache.snapshot(4), rows[:3])
+
+
 def test_restore_rejects_a_snapshot_of_another_shape():
     cache = make_cache()
     bad = KVSnapshot(2, np.zeros((N_LAYERS, 2, KV_DIM + 1), np.float32), np.zeros((N_LAYERS, 2, KV_DIM + 1), np.float32))
