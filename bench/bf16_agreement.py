@@ -9,7 +9,7 @@ equal: how often the board's dtypes would pick fp32's greedy token on the same c
 
     python bench/bf16_agreement.py [--model HF_DIR] [--steps 300] [--no-image]
 
-Without --model it builds the parity test's tiny random InternVL checkpoint.
+Without --model it builds bench/common.py's tiny random checkpoint (`Dims.tiny()`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py: the tiny checkpoint)
+import numpy as np  # noqa: E402
 
-from npu.engine import Engine, GenerationOptions, Prompt, TokenEvent
-from npu.model import load_model
+from npu.engine import Engine, GenerationOptions, Prompt, TokenEvent  # noqa: E402
+from npu.model import load_model  # noqa: E402
 
 QUESTION = "Describe this picture in as much detail as you can."
 
@@ -63,25 +65,6 @@ def run_engine(model_dir: Path, precision: str, prompt: Prompt, steps: int, capa
     return tokens, recorder.argmax
 
 
-def tiny_checkpoint(directory: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
-    import copy
-
-    import torch
-
-    from tests import model_factory
-    from tests.test_parity import scaled_internvl
-    from tests.tokenizer_files import write_internvl2_tokenizer
-
-    model = scaled_internvl()
-    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(directory)
-    config = json.loads((directory / "config.json").read_text())
-    config["template"] = model_factory.TEMPLATE
-    (directory / "config.json").write_text(json.dumps(config))
-    write_internvl2_tokenizer(directory)
-    return directory
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="Hugging Face checkpoint (default: tiny random)")
@@ -89,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-image", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model or tiny_checkpoint(Path(scratch) / "tiny")
+        model_dir = args.model or common.build_tiny_checkpoint(Path(scratch) / "tiny")
         rng = np.random.default_rng(0)
         images = [] if args.no_image else [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)]
         prompt = Prompt(QUESTION, images=images)

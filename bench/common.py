@@ -139,6 +139,47 @@ def build_checkpoint(directory: Path, dims: Dims, seed: int = 0):
     return model
 
 
+def build_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """Write a `Dims.tiny()` checkpoint (real vocabulary and image grid) to `directory` and
+    return it: what scripts run without --model use.
+
+    Default initialisation leaves norms at 1, biases at 0 and tiny tied embeddings, so
+    the argmax merely echoes the input token; every tensor is therefore refilled with
+    seeded values of a useful scale, which makes precision effects visible. No torch model
+    is returned: `build_checkpoint`'s would no longer hold the refilled values.
+    """
+    directory = Path(directory)
+    build_checkpoint(directory, Dims.tiny(), seed)
+    _refill_weights(directory, seed)
+    return directory
+
+
+def _refill_weights(directory: Path, seed: int) -> None:
+    """Rewrite every safetensors file in `directory` with seeded bf16 values: norms near 1,
+    small biases, embeddings of std 0.25, matrices scaled by 1/sqrt(fan_in)."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(path)
+        for name in sorted(tensors):
+            shape = tuple(tensors[name].shape)
+            noise = torch.randn(shape, generator=generator)  # float32, the tensor's shape
+            if name.endswith("bias"):
+                value = 0.1 * noise
+            elif len(shape) == 1:  # layer scales and norm weights
+                value = 1.0 + 0.2 * noise
+            elif "embed" in name or name.endswith("cls_token"):
+                value = 0.25 * noise
+            else:
+                value = noise / math.sqrt(math.prod(shape[1:]))
+            tensors[name] = value.to(torch.bfloat16)
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
 def random_image(seed: int = 0, size: int = 224):
     """A deterministic uint8 RGB [size, size, 3] image with gradients and noise."""
     import numpy as np

@@ -28,13 +28,17 @@ next token's embedding row (greedy reads the logits in place).
    emitted) and one `DoneEvent` with the text, usage and timings.
 
 The engine does not know MQTT, config files, image decoding, threads or requests: it
-runs one prompt at a time and must not be shared between threads.
+runs one prompt at a time and must not be shared between threads. It executes; the
+decisions live beside it: `npu.prompt` (tokenising, the request errors), `npu.prefill`
+(the plan and its price), `npu.prefix` (which snapshot a follow-up reuses, and from
+which row it prefills) and `npu.logits` (bf16 logits read in place). Their public
+names used by callers are re-exported here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,38 +46,22 @@ import numpy as np
 
 from npu.image import to_vision_input
 from npu.kv_cache import KVCache, PrefixEntry, PrefixStore
+from npu.logits import argmax_logits, bf16_order_keys
 from npu.model import GraphShapes, read_shapes
+from npu.prefill import chunk_mask, plan_prefill
+from npu.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
+from npu.prompt import EncodedPrompt, EngineError, ImageError, Prompt, PromptTooLong, check_fits, encode_prompt
 from npu.sampling import Sampler, SamplingParams, top_k_indices
-from npu.session import BF16, MASK_BLOCKED, SessionError
+from npu.session import BF16, SessionError
 from npu.tokenizer import IncrementalDetokenizer
 
-
-# How a follow-up on a stored prefix is prefilled: "auto" picks the cheaper of resuming
-# at the snapshot's end and replaying from a chunk boundary (by measured graph times);
-# "never" always resumes; "always" replays whenever a boundary lies before the end.
-REPLAY_POLICIES = ("auto", "never", "always")
-
-
-class EngineError(Exception):
-    """A request the engine could not serve; `code` is the wire error code."""
-
-    code = "engine_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class PromptTooLong(EngineError):
-    code = "too_long"
-
-
-class ImageError(EngineError):
-    code = "bad_image"
+__all__ = ["REPLAY_POLICIES", "DoneEvent", "Engine", "EngineError", "Event", "GenerationOptions", "ImageError",
+           "Prompt", "PromptTooLong", "TokenEvent", "argmax_logits", "bf16_order_keys", "plan_prefill"]
 
 
 class _Cancelled(Exception):
     """should_stop() returned True between two graph calls."""
+
 
 
 @dataclass(frozen=True)
@@ -103,20 +91,6 @@ class GenerationOptions:
         return self.temperature == 0 and self.repetition_penalty == 1.0
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """A question with its images (RGB uint8 [H, W, 3] each, any size).
-
-    `image_key` names the images' content (e.g. "cam1:42"); prompts with the same key,
-    system prompt and template share a KV prefix snapshot, so the key must change when
-    the pixels do. None disables prefix reuse.
-    """
-
-    text: str
-    images: Sequence[np.ndarray] = ()
-    image_key: Hashable | None = None
-    system: str | None = None
-
 
 @dataclass(frozen=True)
 class TokenEvent:
@@ -137,35 +111,6 @@ class DoneEvent:
 
 
 Event = TokenEvent | DoneEvent
-
-
-def plan_prefill(start: int, end: int, chunk: int, history: dict[int, int]) -> list[tuple[int, int, int]]:
-    """Graph calls that fill cache rows start..end-1, as (group, first_row, num_rows).
-
-    Group 1 (when `chunk` > 0) takes the chunk at row 0; a history group takes the chunk
-    at row s when its history length (a key of `history`) is s; any other row goes
-    alone through the decode group 0.
-    """
-    steps: list[tuple[int, int, int]] = []
-    row = start
-    while row < end:
-        size = min(chunk, end - row)
-        if chunk and row == 0:
-            steps.append((1, 0, size))
-        elif chunk and row in history:
-            steps.append((history[row], row, size))
-        else:
-            size = 1
-            steps.append((0, row, 1))
-        row += size
-    return steps
-
-
-@dataclass
-class _Encoded:
-    ids: list[int]
-    num_prefix_ids: int
-    context_rows: np.ndarray  # (num_images * image_tokens,) rows of <IMG_CONTEXT>
 
 
 class Engine:
@@ -219,17 +164,9 @@ class Engine:
         self._logits = np.zeros(s.vocab, np.float32) if s.vocab else None  # (vocab,) for the sampler
         self._order_keys = np.zeros(s.vocab, np.int16) if s.vocab else None  # (vocab,) bf16 top-k keys
 
-    def _chunk_mask(self, history_len: int) -> np.ndarray:
-        """(1, chunk, history_len + chunk): every history column open, then a causal block."""
-        s = self.shapes
-        mask = np.zeros((1, s.chunk, history_len + s.chunk), s.mask_dtype)  # (1, chunk, history + chunk)
-        blocked = np.triu(np.ones((s.chunk, s.chunk), bool), k=1)  # (chunk, chunk) future columns
-        mask[0, :, history_len:][blocked] = MASK_BLOCKED
-        return mask
-
     def _chunk_feeds(self, history_len: int) -> list[dict[str, np.ndarray]]:
         """Per-layer feeds of the prefill group whose chunk starts after `history_len` rows."""
-        s, mask = self.shapes, self._chunk_mask(history_len)
+        s, mask = self.shapes, chunk_mask(self.shapes, history_len)
         # Group 1's K/V inputs are placeholders the graph ignores; their shape is the graph's.
         placeholder = np.zeros(s.first_chunk_kv_shape, s.kv_dtype)
         feeds = []
@@ -240,39 +177,14 @@ class Engine:
                           "input": self._chunk_input, "mask": mask})
         return feeds
 
-    # ------------------------------------------------------------------ prompts
+    # ------------------------------------------------------------------ generation
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt occupies in the cache, image tokens included."""
         return len(self._encode(prompt).ids)
 
-    def _encode(self, prompt: Prompt) -> _Encoded:
-        s, template = self.shapes, self.model.template
-        num_images = len(prompt.images)
-        if num_images and (self.model.vision is None or template.image_context_id is None):
-            raise ImageError("this model has no vision graph (or its tokenizer no <IMG_CONTEXT>): ask without an image")
-        encoded = template.encode_prompt(prompt.text, num_images, s.image_tokens, system=prompt.system)
-        ids = list(encoded.ids)
-        context_id = template.image_context_id
-        rows = np.flatnonzero(np.asarray(ids) == context_id) if context_id is not None else np.zeros(0, np.int64)
-        if len(rows) != num_images * s.image_tokens:
-            raise ImageError(f"the prompt holds {len(rows)} <IMG_CONTEXT> tokens but {num_images} image(s) of"
-                             f" {s.image_tokens} features each need {num_images * s.image_tokens}")
-        return _Encoded(ids, encoded.num_prefix_ids, rows)
-
-    def _check_fits(self, encoded: _Encoded) -> None:
-        capacity = self.shapes.capacity
-        if len(encoded.ids) + 1 > capacity:
-            raise PromptTooLong(
-                f"the prompt is {len(encoded.ids)} tokens ({len(encoded.context_rows)} of them image tokens) but the"
-                f" KV cache holds {capacity} and one must remain for the answer: shorten the question or send fewer images")
-
-    def _prefix_key(self, prompt: Prompt) -> Hashable | None:
-        if prompt.image_key is None or not prompt.images:
-            return None
-        return (prompt.image_key, len(prompt.images), prompt.system, self.model.template.name)
-
-    # ------------------------------------------------------------------ generation
+    def _encode(self, prompt: Prompt) -> EncodedPrompt:
+        return encode_prompt(self.model, self.shapes.image_tokens, prompt)
 
     def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
@@ -282,7 +194,7 @@ class Engine:
         should_stop = should_stop or _never
         started = time.perf_counter()
         encoded = self._encode(prompt)
-        self._check_fits(encoded)
+        check_fits(encoded, self.shapes.capacity)
         num_prompt = len(encoded.ids)
         budget = min(options.max_tokens, self.shapes.capacity - num_prompt)
         sampler = Sampler(options.sampling_params())
@@ -326,34 +238,35 @@ class Engine:
         text = "".join(pieces) + detok.flush()
         yield DoneEvent(text, finish, num_prompt, len(pieces), timings)
 
-    def _prefill(self, prompt: Prompt, encoded: _Encoded, should_stop: Callable[[], bool],
+    # ------------------------------------------------------------------ prefill
+
+    def _prefill(self, prompt: Prompt, encoded: EncodedPrompt, should_stop: Callable[[], bool],
                  timings: dict[str, Any]) -> np.ndarray:
         """Fill the cache with the prompt; return the last row's hidden state [1, 1, hidden]."""
         ids, end = encoded.ids, len(encoded.ids)
-        key = self._prefix_key(prompt)
-        entry = self.prefixes.find(key, ids) if key is not None else None
-        if entry is not None and entry.snapshot.length < encoded.context_rows.max(initial=-1) + 1:
-            entry = None  # image rows beyond the snapshot: not a follow-up on the same prefix
-        if entry is not None:
-            self.cache.restore(entry.snapshot, self._follow_up_start(entry, end))
-            timings["prefix_reused"] = True
-        else:
-            self.cache.reset()
-        start = lookup_from = self.cache.position
-        if entry is not None and start < entry.snapshot.length:
-            # Replay: the prefix rows from the snapshot's saved inputs, image features included.
-            lookup_from = entry.snapshot.length
-            self._embeds[start:lookup_from] = entry.embeds[start:lookup_from]
-        self.model.embeddings.lookup(np.asarray(ids[lookup_from:], np.int64), self._embeds[lookup_from:end])
-        self._host_copies += self._embeds[start:end].nbytes
+        key = prefix_key(prompt, self.model.template.name)
+        entry = find_follow_up(self.prefixes, key, encoded)
+        start = self._place_prefix(entry, end)
+        timings["prefix_reused"] = entry is not None
+        self._fill_embeds(ids, start, entry)
         if entry is None and prompt.images:
             image_started = time.perf_counter()
             self._encode_images(prompt.images, encoded.context_rows, should_stop)
             timings["image_ms"] = _ms(time.perf_counter() - image_started)
             timings["images_encoded"] = len(prompt.images)
         prefill_started = time.perf_counter()
-        s = self.shapes
-        hidden = None
+        hidden = self._run_plan(start, end, should_stop)
+        timings["prefill_ms"] = _ms(time.perf_counter() - prefill_started)
+        timings["prefill_rows"] = end - start
+        n_prefix = encoded.num_prefix_ids
+        if key is not None and entry is None and 0 < n_prefix < end:  # first ask on these images
+            self.prefixes.put(key, ids[:n_prefix], self.cache.snapshot(n_prefix), self._embeds[:n_prefix].copy())
+        return hidden
+
+    def _run_plan(self, start: int, end: int, should_stop: Callable[[], bool]) -> np.ndarray:
+        """Cache rows start..end-1 from `_embeds` through the planned groups -> the last
+        row's hidden state [1, 1, hidden]."""
+        s, hidden = self.shapes, None
         for group, row, size in plan_prefill(start, end, s.chunk, s.history_groups):
             if group == 0:
                 np.copyto(self._token_input[0, 0], self._embeds[row])
@@ -361,44 +274,27 @@ class Engine:
                 hidden = self._decode_step(should_stop)
             else:
                 hidden = self._chunk_step(group, row, size, should_stop)
-        timings["prefill_ms"] = _ms(time.perf_counter() - prefill_started)
-        timings["prefill_rows"] = end - start
-        n_prefix = encoded.num_prefix_ids
-        if key is not None and entry is None and 0 < n_prefix < end:
-            self.prefixes.put(key, ids[:n_prefix], self.cache.snapshot(n_prefix), self._embeds[:n_prefix].copy())
         return hidden
 
-    def _follow_up_start(self, entry: PrefixEntry, end: int) -> int:
-        """The cache row a follow-up's prefill starts from.
+    def _place_prefix(self, entry: PrefixEntry | None, end: int) -> int:
+        """Restore the follow-up's snapshot (up to where its prefill starts) or empty the
+        cache; return the first cache row the prefill fills."""
+        if entry is None:
+            self.cache.reset()
+        else:
+            start = follow_up_start(entry, end, self.shapes, self.prefix_replay, self.stack_seconds)
+            self.cache.restore(entry.snapshot, start)
+        return self.cache.position
 
-        Resuming at the snapshot's end runs the question rows one by one through the
-        decode group when the snapshot does not end on a chunk boundary; replaying from
-        an earlier boundary (row 0 or a history length) re-runs the prefix from its saved
-        inputs through prefill groups instead. Each plan is priced with the measured
-        seconds per layer-stack call of its groups; unmeasured groups mean resume.
-        """
-        resume = entry.snapshot.length
-        s = self.shapes
-        if self.prefix_replay == "never" or entry.embeds is None or not s.chunk:
-            return resume
-        starts = [h for h in (0, *s.history_groups) if h < resume]
-        if not starts:
-            return resume
-        if self.prefix_replay == "always":
-            return max(starts)
-        costs = {start: self._plan_seconds(start, end) for start in (resume, *starts)}
-        if any(cost is None for cost in costs.values()):
-            return resume
-        return min(costs, key=lambda start: (costs[start], -start))
-
-    def _plan_seconds(self, start: int, end: int) -> float | None:
-        """Predicted seconds to prefill rows start..end-1, or None if a group is unmeasured."""
-        s, total = self.shapes, 0.0
-        for group, _, _ in plan_prefill(start, end, s.chunk, s.history_groups):
-            if group not in self.stack_seconds:
-                return None
-            total += self.stack_seconds[group]
-        return total
+    def _fill_embeds(self, ids: list[int], start: int, entry: PrefixEntry | None) -> None:
+        """Input rows start..len(ids)-1: a replayed prefix's rows come from the snapshot's
+        saved inputs (image features included), every later row from the embedding table."""
+        end, lookup_from = len(ids), start
+        if entry is not None and start < entry.snapshot.length:
+            lookup_from = entry.snapshot.length
+            self._embeds[start:lookup_from] = entry.embeds[start:lookup_from]
+        self.model.embeddings.lookup(np.asarray(ids[lookup_from:], np.int64), self._embeds[lookup_from:end])
+        self._host_copies += self._embeds[start:end].nbytes
 
     def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
                        should_stop: Callable[[], bool]) -> None:
@@ -483,34 +379,6 @@ class Engine:
         np.copyto(self._logits, logits)  # bf16 -> float32: numpy computes slowly on bf16
         self._host_copies += self._logits.nbytes
         return sampler.sample(self._logits, history)
-
-
-def argmax_logits(logits: np.ndarray) -> int:
-    """Index of the largest logit (first on ties), reading bf16 logits in place.
-
-    numpy's argmax on bf16 is slow; the int16 bit patterns order non-negative bf16
-    values like the values, and negative ones in reverse, which a single argmax (or
-    argmin when every value is negative) exploits.
-    """
-    if logits.dtype != BF16:
-        return int(np.argmax(logits))
-    bits = logits.view(np.int16)
-    best = int(np.argmax(bits))
-    return best if bits[best] >= 0 else int(np.argmin(bits))
-
-
-def bf16_order_keys(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """int16 keys that order like the bf16 `logits` (NaN above +inf, -0 below +0).
-
-    A non-negative bf16's bits already order like its value; a negative one's lower 15
-    bits are flipped so that a larger magnitude gives a smaller key.
-    """
-    bits = logits.view(np.int16)
-    out = np.empty(bits.shape, np.int16) if out is None else out
-    np.right_shift(bits, 15, out=out)  # -1 where negative, else 0
-    np.bitwise_and(out, 0x7FFF, out=out)
-    np.bitwise_xor(out, bits, out=out)
-    return out
 
 
 def _never() -> bool:

@@ -11,6 +11,8 @@ files beside them (tests.tokenizer_files):
   and an original-style config.json (`llm_config`, `force_image_size`, ...);
 - `build_qwen2_text(dir)`: a text-only `Qwen2ForCausalLM`.
 
+`make_internvl(seed)` returns the unsaved float32 model the InternVL builders start from.
+
 Every returned `TinyModel.torch_model` is float32 in eval mode with eager attention,
 and its parameters are exactly the bf16 values stored on disk, so a float32 reference
 built from the checkpoint must match it to float32 rounding. Norm weights, biases,
@@ -157,8 +159,13 @@ def _internvl_config(**vision_overrides):
     )
 
 
-def _make_internvl(seed: int, **vision_overrides) -> torch.nn.Module:
-    """The float32 InternVL model; `vision_overrides` change VISION_DIMS (e.g. norm_type, use_qk_norm)."""
+def make_internvl(seed: int, **vision_overrides) -> torch.nn.Module:
+    """The float32 eager InternVL model the builders save, before any bf16 rounding.
+
+    The same seed gives the same weights (perturbed as the module docstring says);
+    `vision_overrides` change VISION_DIMS (e.g. norm_type, use_qk_norm). Tests that need
+    to alter the weights before saving (tests/test_parity.py) start from this.
+    """
     from transformers import InternVLForConditionalGeneration
 
     config = _internvl_config(**vision_overrides)
@@ -190,7 +197,7 @@ def _save_pretrained_bf16(model: torch.nn.Module, directory: Path) -> dict:
 def build_internvl_native(directory: Path, seed: int = 0, **vision_overrides) -> TinyModel:
     """Transformers-native InternVL checkpoint (as `save_pretrained` writes it) in `directory`."""
     directory = Path(directory)
-    model = _make_internvl(seed, **vision_overrides)
+    model = make_internvl(seed, **vision_overrides)
     config = _save_pretrained_bf16(model, directory)
     write_internvl2_tokenizer(directory)
     return TinyModel(directory, "native", model, config)
@@ -274,7 +281,7 @@ def build_internvl_original(directory: Path, seed: int = 0, model: torch.nn.Modu
     """The native model's weights (same seed -> same weights) under InternVLChatModel names, sharded."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = model if model is not None else _make_internvl(seed)
+    model = model if model is not None else make_internvl(seed)
     _write_sharded(original_state_dict(model), directory)
     config = _original_config(model.config.vision_config)
     (directory / "config.json").write_text(json.dumps(config, indent=2))

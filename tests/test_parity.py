@@ -40,7 +40,7 @@ LONG_QUESTION = ("Look at the picture carefully. Count every object you can see,
 
 def scaled_internvl(seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
-        model = model_factory._make_internvl(seed)  # the factory's weights, before saving
+        model = model_factory.make_internvl(seed)  # the factory's weights, before saving
         for name, param in model.named_parameters():
             if "embed_tokens" in name:
                 param.mul_(EMBEDDING_SCALE)

@@ -1,0 +1,83 @@
+"""What a request asks for, and how it becomes cache rows: the prompt, its token ids, the
+rows its images' features go to, and the errors a request can be refused with.
+
+`encode_prompt` is the only place a prompt is tokenised; it checks the `<IMG_CONTEXT>`
+count against the images (ImageError). `check_fits` refuses a prompt that leaves no
+cache row for the answer (PromptTooLong). Both run before any graph call. This module
+knows nothing of sessions, buffers or MQTT; `npu.engine` re-exports its public names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class EngineError(Exception):
+    """A request the engine could not serve; `code` is the wire error code."""
+
+    code = "engine_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PromptTooLong(EngineError):
+    code = "too_long"
+
+
+class ImageError(EngineError):
+    code = "bad_image"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A question with its images (RGB uint8 [H, W, 3] each, any size).
+
+    `image_key` names the images' content (e.g. "cam1:42"); prompts with the same key,
+    system prompt and template share a KV prefix snapshot, so the key must change when
+    the pixels do. None disables prefix reuse.
+    """
+
+    text: str
+    images: Sequence[np.ndarray] = ()
+    image_key: Hashable | None = None
+    system: str | None = None
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt's token ids; `ids[:num_prefix_ids]` never depend on the question."""
+
+    ids: list[int]
+    num_prefix_ids: int
+    context_rows: np.ndarray  # (num_images * image_tokens,) rows of <IMG_CONTEXT>
+
+
+def encode_prompt(model: Any, image_tokens: int, prompt: Prompt) -> EncodedPrompt:
+    """Tokenise `prompt` with the model's template; ImageError unless every image has
+    exactly `image_tokens` `<IMG_CONTEXT>` rows (or the model cannot see at all)."""
+    template = model.template
+    num_images = len(prompt.images)
+    if num_images and (model.vision is None or template.image_context_id is None):
+        raise ImageError("this model has no vision graph (or its tokenizer no <IMG_CONTEXT>): ask without an image")
+    encoded = template.encode_prompt(prompt.text, num_images, image_tokens, system=prompt.system)
+    ids = list(encoded.ids)
+    context_id = template.image_context_id
+    rows = np.flatnonzero(np.asarray(ids) == context_id) if context_id is not None else np.zeros(0, np.int64)
+    if len(rows) != num_images * image_tokens:
+        raise ImageError(f"the prompt holds {len(rows)} <IMG_CONTEXT> tokens but {num_images} image(s) of"
+                         f" {image_tokens} features each need {num_images * image_tokens}")
+    return EncodedPrompt(ids, encoded.num_prefix_ids, rows)
+
+
+def check_fits(encoded: EncodedPrompt, capacity: int) -> None:
+    """PromptTooLong unless the prompt and one answer token fit `capacity` cache rows."""
+    if len(encoded.ids) + 1 > capacity:
+        raise PromptTooLong(
+            f"the prompt is {len(encoded.ids)} tokens ({len(encoded.context_rows)} of them image tokens) but the"
+            f" KV cache holds {capacity} and one must remain for the answer: shorten the question or send fewer images")
