@@ -182,6 +182,7 @@ class FramesConfig(_Section):
     max_bytes: int = Field(8_000_000, gt=0, description="largest frame payload accepted")
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded frame (width x height)")
     history: int = Field(4, gt=0, description="raw frames kept per camera; the newest answers `camera` questions")
+    max_cameras: int = Field(32, gt=0, description="unconfigured cameras whose frames are kept; frames from more are dropped (memory stays bounded)")
 
 
 class CameraConfig(_Section):

@@ -94,6 +94,10 @@ class Inbox:
         with self._lock:
             return camera in self._cameras
 
+    def camera_names(self) -> list[str]:
+        with self._lock:
+            return list(self._cameras)
+
     def camera_views(self) -> dict[str, CameraView]:
         with self._lock:
             return {

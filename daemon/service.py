@@ -6,8 +6,9 @@ Runtime shape (DESIGN §5):
     main thread: signals, systemd notify + watchdog, stats
 
 `Service(config, engine_factory=..., clock=...)` is the testable unit: `start()`,
-`stop(drain_timeout)`, `wait(timeout)`. `main(config)` is what `vlmd serve` runs: it
-handles SIGTERM/SIGINT (the handlers only wake the loop) and returns the exit code.
+`stop(drain_timeout)`, `wait(timeout)`, `reload(config)`. `main(config)` is what
+`vlmd serve` runs: it handles SIGTERM/SIGINT (stop) and SIGHUP (reload cameras and
+captions); the handlers only wake the loop. It returns the exit code.
 Message handlers run on paho's thread: they decode, hand over and publish refusals,
 nothing slower.
 """
@@ -36,7 +37,6 @@ from protocol.topics import SPEC, TopicError, Topics, check_publish_topic
 log = get_logger("vlmd.service")
 
 EngineFactory = Callable[[Config], Any]
-MODEL_LOAD_TIMEOUT_S = 300.0
 
 
 def load_engine(config: Config) -> Any:
@@ -59,14 +59,10 @@ class Service:
         self.config = config
         self.engine_factory = engine_factory
         self.clock, self.wall_clock = clock, wall_clock
-        cameras = config.cameras
-        self.topics = Topics(
-            config.root,
-            frame_sources={c.topic: name for name, c in cameras.items() if c.topic},
-            fleet_ask_topic=config.fleet.ask_topic if config.fleet.enabled else None,
-        )
+        self.topics = _topics(config)
         self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock)
-        self.scheduler = Scheduler({name: _caption_policy(c) for name, c in cameras.items()})
+        self.scheduler = Scheduler({name: _caption_policy(c) for name, c in config.cameras.items()})
+        self._num_camera_refusals = 0
         self.stats = RuntimeStats()
         self.limits = payloads.AskLimits(
             max_text_chars=config.requests.max_text_chars, max_frames=min(config.requests.max_frames, config.frames.history),
@@ -151,6 +147,34 @@ class Service:
     @property
     def broker_url(self) -> str:
         return self.client.settings.url if self.client is not None else ""
+
+    def reload(self, config: Config) -> str:
+        """Apply `config`'s cameras (caption settings, source topics) without touching
+        the model or the connection; other changed sections are logged as needing a
+        restart and ignored. Returns a one-line summary. Raises TopicError (nothing
+        applied) when the new source topics cannot be used."""
+        topics = _topics(config)  # validates before anything changes
+        old_sources, new_sources = set(self.topics.frame_sources), set(topics.frame_sources)
+        ignored = [name for name in Config.model_fields if name != "cameras"
+                   and getattr(config, name) != getattr(self.config, name)]
+        if ignored:
+            log.warning("reload: these settings need a restart and were left as they are", sections=ignored)
+        # each a single reference swap: the paho and worker threads see old or new, never half
+        self.config = self.config.model_copy(update={"cameras": config.cameras})
+        self.topics = topics
+        if self.responder is not None:
+            self.responder.topics = topics
+        self.scheduler.captions = {name: _caption_policy(c) for name, c in config.cameras.items()}
+        if self.client is not None:
+            self.client.unsubscribe(sorted(old_sources - new_sources))
+            self.client.subscribe([(topic, SPEC["frame"].qos) for topic in sorted(new_sources - old_sources)])
+            if self.client.connected:
+                self._publish_discovery()
+        captioned = sum(c.caption for c in config.cameras.values())
+        summary = f"reloaded: {len(config.cameras)} camera(s), {captioned} captioned"
+        log.info("reload", cameras=sorted(config.cameras), captioned=captioned, restart_needed=ignored or None)
+        self.inbox.wake()  # a caption may be due now
+        return summary
 
     def tick(self) -> None:
         """Main-loop duties: publish stats when due."""
@@ -247,7 +271,24 @@ class Service:
         if len(data) > self.config.frames.max_bytes:
             log.warning("frame too large, dropped", camera=camera, size=len(data), limit=self.config.frames.max_bytes)
             return
+        if not self._camera_allowed(camera):
+            return
         self.inbox.put_frame(camera, data)
+
+    def _camera_allowed(self, camera: str) -> bool:
+        """Frames of configured cameras always; of others up to `frames.max_cameras`
+        of them, so a publisher inventing camera names cannot grow memory without bound."""
+        cameras = self.config.cameras
+        if camera in cameras or self.inbox.has_camera(camera):
+            return True
+        unconfigured = sum(name not in cameras for name in self.inbox.camera_names())  # only for a new name
+        if unconfigured < self.config.frames.max_cameras:
+            return True
+        self._num_camera_refusals += 1
+        if self._num_camera_refusals & (self._num_camera_refusals - 1) == 0:  # 1, 2, 4, 8...: no log flood
+            log.warning("frame from one camera too many, dropped", camera=camera, limit=self.config.frames.max_cameras,
+                        refused_so_far=self._num_camera_refusals)
+        return False
 
     def _on_ask(self, message: Incoming) -> None:
         now = self.clock()
@@ -338,6 +379,14 @@ def _usable(response_topic: str | None) -> str | None:
         return None
 
 
+def _topics(config: Config) -> Topics:
+    return Topics(
+        config.root,
+        frame_sources={c.topic: name for name, c in config.cameras.items() if c.topic},
+        fleet_ask_topic=config.fleet.ask_topic if config.fleet.enabled else None,
+    )
+
+
 def _caption_policy(camera) -> CaptionPolicy:
     return CaptionPolicy(camera.caption, camera.interval_s, camera.prompt, camera.max_tokens, camera.min_change)
 
@@ -352,37 +401,8 @@ def _worker_limits(config: Config) -> WorkerLimits:
 # -- the process main loop --------------------------------------------------------------
 
 
-def main(config: Config, engine_factory: EngineFactory = load_engine, tick_s: float = 0.5) -> int:
-    """Run until SIGTERM/SIGINT (exit 0 after `stopped`) or repeated engine failures (exit 1)."""
-    from daemon import systemd
+def main(config: Config, engine_factory: EngineFactory = load_engine, **options: Any) -> int:
+    """What `vlmd serve` runs; see daemon/lifecycle.py (signals, sd_notify, watchdog, reload)."""
+    from daemon.lifecycle import run
 
-    wake = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: wake.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    notifier = systemd.Notifier()
-    watchdog = systemd.Watchdog(notifier)
-    service = Service(config, engine_factory)
-    try:
-        notifier.extend_timeout(MODEL_LOAD_TIMEOUT_S)  # a cold model load can outlast TimeoutStartSec
-        notifier.status("loading the model")
-        service.start()
-        notifier.ready(status=f"serving on {service.broker_url} as {service.topics.root}")
-        while not wake.is_set() and service.worker_alive:
-            service.tick()
-            watchdog.tick(service.worker_alive and _progressing(service))
-            due = watchdog.seconds_until_due()
-            wake.wait(tick_s if due is None else max(0.05, min(tick_s, due)))
-        notifier.stopping()
-    finally:
-        service.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if not service.healthy:
-        log.error("stopping after repeated engine failures", limit=config.shutdown.max_consecutive_failures)
-        return 1
-    return 0
-
-
-def _progressing(service: Service, stall_s: float = 120.0) -> bool:
-    """The worker made progress recently (a step or a token): a hung NPU call is not."""
-    worker = service.worker
-    return worker is not None and service.clock() - worker.last_progress < stall_s
+    return run(config, engine_factory, **options)

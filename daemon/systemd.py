@@ -7,7 +7,8 @@ Contract:
 - `ready()`, `stopping()`, `status(text)`, `extend_timeout(seconds)` (while the model
   loads: keeps TimeoutStartSec from killing a slow load), `watchdog()`; each returns
   True when the datagram was sent. Send errors are logged once and never raised: the
-  daemon must not die because systemd went away.
+  daemon must not die because systemd went away, nor hang because it stopped reading
+  (a send gives up after SEND_TIMEOUT_S).
 - `Notifier.watchdog_interval_s`: how often to ping (half of WatchdogSec), or None.
 - `Watchdog(notifier).tick(healthy)`: call it from the main loop every iteration with
   "the worker is alive and progressing (or idle and healthy)"; it pings at most once per
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 
 LOG = logging.getLogger(__name__)
+SEND_TIMEOUT_S = 0.2  # per datagram; the loop sends one per watchdog interval at most
 
 
 class Notifier:
@@ -70,6 +72,9 @@ class Notifier:
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # a reader that stopped reading fills its queue and would block the main
+                # loop (and its shutdown) forever: give up after a moment instead
+                sock.settimeout(SEND_TIMEOUT_S)
                 sock.connect(self.address)
                 sock.sendall(message)
         except OSError as exc:

@@ -82,8 +82,8 @@ class Responder:
         self.wall_clock = wall_clock
 
     def chunk(self, job: Job, seq: int, delta: str) -> None:
-        message = payloads.AnswerChunk(id=job.job_id, seq=seq, delta=delta)
-        self._send(job, message, "answer_chunk")
+        """Publish one chunk (QoS 0, may be lost anyway); failures are logged, never raised."""
+        self._send(job, payloads.AnswerChunk(id=job.job_id, seq=seq, delta=_utf8_safe(delta)), "answer_chunk")
 
     def final(
         self,
@@ -99,32 +99,46 @@ class Responder:
         """Publish the job's one final; False (and nothing sent) if it already had one."""
         if not job.claim_final():
             return False
-        fields = dict(
-            id=job.job_id, seq=seq, text=text, finish_reason=finish_reason,
-            error=None if error is None else {"code": error[0], "message": error[1]},
+        fields = dict(  # text from a runtime may hold what JSON cannot (lone surrogates)
+            id=job.job_id, seq=seq, text=_utf8_safe(text), finish_reason=finish_reason,
+            error=None if error is None else {"code": error[0], "message": _utf8_safe(error[1])},
             usage={"prompt_tokens": usage[0], "completion_tokens": usage[1]},
         )
         try:
             message = payloads.AnswerFinal(**fields, timings=timings or {})
         except ValidationError:  # odd timings from an engine must not cost the client its final
-            log.exception("timings refused by the final's schema", timings=timings)
+            log.exception("timings refused by the final's schema", timings=repr(timings))
             message = payloads.AnswerFinal(**fields)
-        self._send(job, message, "answer")
-        self.stats.count(finish_reason)
-        log.info("final", request_id=job.job_id, finish_reason=finish_reason, error=error and error[0])
+        sent = self._send(job, message, "answer")
+        self.stats.count(finish_reason if sent else "unpublished")
+        log.info("final", request_id=job.job_id, finish_reason=finish_reason, error=error and error[0], sent=sent)
         return True
 
     def error(self, code: str, message: str, topic: str, request_id: str | None = None) -> None:
         """A problem with a message that has no reply path: to <root>/error."""
-        body = payloads.ErrorMessage(code=code, message=message, topic=topic, request_id=request_id, ts=self.wall_clock())
+        body = payloads.ErrorMessage(code=code, message=_utf8_safe(message), topic=_utf8_safe(topic),
+                                     request_id=request_id, ts=self.wall_clock())
         spec = SPEC["error"]
-        self.publisher.publish(self.topics.error(), codec.encode(body), spec.qos, spec.retain)
+        try:
+            self.publisher.publish(self.topics.error(), codec.encode(body), spec.qos, spec.retain)
+        except Exception:  # the caller is paho's thread or the worker: neither may die of it
+            log.exception("error message not published", code=code)
 
-    def _send(self, job: Job, message: Any, kind: str) -> None:
+    def _send(self, job: Job, message: Any, kind: str) -> bool:
+        """Publish on the job's reply path; False (logged) when it could not be sent.
+
+        Never raises: a broken connection or an unencodable payload must neither kill
+        the worker nor count as an engine failure (which could make vlmd exit).
+        """
         spec = SPEC[kind]
         reply = job.reply
-        assert reply is not None, "asks always carry a reply path"
-        self.publisher.publish(reply.topic, codec.encode(message), spec.qos, spec.retain, reply.correlation_data)
+        try:
+            assert reply is not None, "asks always carry a reply path"
+            self.publisher.publish(reply.topic, codec.encode(message), spec.qos, spec.retain, reply.correlation_data)
+            return True
+        except Exception:
+            log.exception("reply not published", request_id=job.job_id, kind=kind)
+            return False
 
 
 class Worker:
@@ -272,7 +286,9 @@ class Worker:
     # -- captions --------------------------------------------------------------------
 
     def _run_caption(self, camera: str, now: float) -> None:
-        policy = self.scheduler.captions[camera]
+        policy = self.scheduler.captions.get(camera)
+        if policy is None:  # removed by a reload since the scheduler chose it
+            return
         frames = self.inbox.frames(camera, 1)
         if not frames:
             return
@@ -347,6 +363,15 @@ _STOP_MESSAGES = {
     "expired": "expires_ms passed while the answer was being generated",
     "shutdown": "the daemon is shutting down",
 }
+
+
+def _utf8_safe(text: str) -> str:
+    """`text` with lone surrogates (which no UTF-8 encoder accepts) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _thumbnail(rgb: np.ndarray) -> np.ndarray:

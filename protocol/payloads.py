@@ -66,6 +66,8 @@ FinishReason = Literal["stop", "length", "cancelled", "expired", "rejected", "fa
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 
 DEFAULT_MAX_TEXT_CHARS = 4000
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100.0  # or exactly 0 (greedy)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,14 @@ class AskRequest(_Inbound):
     )
     frames: int | None = Field(None, ge=1, description="With camera: use its last N frames, oldest first.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate; None: daemon default.")
-    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="0 = greedy.")
+    # Bounded so the sampler's float32 arithmetic stays finite: a penalty of 1e-300 would
+    # overflow the logits and fail the request as if the NPU had (counting towards exit 1).
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 = all.")
-    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="1 = none.")
+    repetition_penalty: float = Field(
+        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False, description="1 = none."
+    )
     seed: int | None = Field(None, ge=0, lt=2**64, description="Sampling seed, for reproducible answers.")
     stream: bool = Field(True, description="Publish chunks before the final message.")
     reply_to: str | None = Field(
@@ -182,6 +188,14 @@ class AskRequest(_Inbound):
         limit = _limits(info).max_frames
         if value is not None and limit is not None and value > limit:
             raise ValueError(f"at most {limit} frames per question (asked for {value})")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, value: float) -> float:
+        # 1e-300 is not "almost greedy" to float arithmetic: the logits overflow
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         return value
 
     @field_validator("max_tokens")

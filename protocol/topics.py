@@ -26,9 +26,17 @@ CAMERA_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _CAMERA_RE = re.compile(CAMERA_PATTERN)
 
 REQUEST_ID_MAX_CHARS = 128
-# Forbidden in a request id: the MQTT level separator and wildcards, and control
-# characters (MQTT says topics SHOULD NOT contain them; NUL is outright illegal).
-_ID_FORBIDDEN_RE = re.compile(r"[/+#\x00-\x1f\x7f-\x9f]")
+# Characters a broker may refuse in a topic: MQTT says topics SHOULD NOT hold control
+# characters or Unicode non-characters, and mosquitto enforces it by disconnecting the
+# publisher ("malformed packet"), so a reply topic holding one would cost the daemon
+# its connection on every retry of the QoS 1 final. Lone surrogates cannot be encoded.
+_MQTT_UNSAFE_CHARS = (
+    "\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(1, 17))
+)
+_MQTT_UNSAFE_RE = re.compile(f"[{_MQTT_UNSAFE_CHARS}]")
+# Forbidden in a request id: the MQTT level separator and wildcards, and the above.
+_ID_FORBIDDEN_RE = re.compile(f"[/+#{_MQTT_UNSAFE_CHARS}]")
 # The same rules as JSON Schema patterns, for the published schemas.
 REQUEST_ID_PATTERN = r"^[^/+#\x00-\x1f\x7f-\x9f]{1,128}$"
 PUBLISH_TOPIC_PATTERN = r"^[^$+#\x00][^+#\x00]*$"
@@ -134,6 +142,9 @@ def _publish_topic_problem(topic: object) -> str | None:
         return "wildcards '+' and '#' are not allowed in a publish topic"
     if "\x00" in topic:
         return "contains NUL"
+    unsafe = _MQTT_UNSAFE_RE.search(topic)
+    if unsafe is not None:
+        return f"contains {unsafe.group()!r} (control characters and Unicode non-characters are refused by brokers)"
     if topic.startswith("$"):
         return "topics starting with '$' are reserved for the broker"
     return None

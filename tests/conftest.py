@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures_board",
     "tests.fixtures_tokenizer",
     "tests.fixtures_daemon",
+    "tests.fixtures_tls",
 ]
 
 _cache_dir: str | None = None

@@ -157,7 +157,7 @@ asks = st.builds(
     id=st.none() | st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True),
     text=st.text(min_size=1, max_size=50).filter(str.strip),
     max_tokens=st.none() | st.integers(1, 4096),
-    temperature=st.floats(0, 5, allow_nan=False),
+    temperature=st.just(0.0) | st.floats(0.001, 5),  # 0 or at least MIN_TEMPERATURE
     top_p=st.floats(0.01, 1.0),
     top_k=st.integers(0, 100),
     seed=st.none() | st.integers(0, 2**64 - 1),

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         return EX_CONFIG
     configure_logging(config.logging.level, config.logging.format)
     try:
-        return main(config)
+        # SIGHUP re-reads the same file, environment and flags
+        return main(config, reload_config=lambda: load_config(args.config, overrides=overrides_from(args)))
     except TopicError as exc:  # a camera source topic or root the topic table cannot use
         print(f"vlmd serve: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
