@@ -23,6 +23,7 @@ from protocol.codec import ProtocolError, decode_ask, decode_cancel, decode_mess
 from protocol.frames import decode_b64_image
 from protocol.payloads import AnswerChunk, AnswerFinal, AskLimits, AskRequest, ErrorInfo, Usage
 from protocol.topics import CAMERA_PATTERN, Topics, check_topic_filter
+from tests.fixtures_broker import start_mosquitto
 
 MAX = 100_000
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -291,12 +292,23 @@ def test_doc_lists_every_error_code_and_finish_reason():
 
 
 @pytest.mark.broker
-def test_doc_publish_examples_run_verbatim(mosquitto, tmp_path):
+def test_doc_publish_examples_run_verbatim(tmp_path):
     """Every mosquitto_pub line, exactly as written, delivers a payload the codec accepts.
 
     The documented commands assume port 1883; the clients' own options file
-    ($XDG_CONFIG_HOME/mosquitto_pub) points them at the test broker instead.
+    ($XDG_CONFIG_HOME/mosquitto_pub) points them at the test broker instead. The broker is
+    private: retained messages other tests leave under vlmd/# must not reach the listener.
     """
+    mosquitto = start_mosquitto(tmp_path)
+    try:
+        _run_doc_publish_examples(mosquitto, tmp_path)
+    finally:
+        mosquitto.process.terminate()
+        mosquitto.process.wait(timeout=5)
+        mosquitto.process.stderr.close()
+
+
+def _run_doc_publish_examples(mosquitto, tmp_path):
     config = tmp_path / "config"
     config.mkdir()
     (config / "mosquitto_pub").write_text(f"-p {mosquitto.port}\n")
