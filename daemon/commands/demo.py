@@ -96,8 +96,10 @@ def _converse(url: str, root: str, seed: int, timeout: float, service=None) -> i
             timings = final.get("timings", {})
             verdict = "matches" if final["text"].strip().lower() == want.lower() else "differs"
             print(f"\n  expected: {want} ({verdict})")
+            rate = timings.get("decode_tokens_per_s")  # absent or 0 when the answer was one token
+            speed = f"{rate:.1f} tok/s" if rate else "one token, no decode rate"
             print(f"  finish: {final['finish_reason']}, ttft {timings.get('ttft_ms', 0):.0f} ms, "
-                  f"{timings.get('decode_tokens_per_s', 0):.1f} tok/s, prefix reused: {timings.get('prefix_reused')}")
+                  f"{speed}, prefix reused: {timings.get('prefix_reused')}")
             if final["finish_reason"] not in ("stop", "length"):
                 print(f"  error: {final.get('error')}", file=sys.stderr)
                 ok = False
