@@ -123,7 +123,7 @@ def build_board_dir(checkpoint: Path, out: Path, kind: str, precision: str = "bf
         "filename_tokens_embed": names["embed"], "filename_post_axmodel": names["post"],
         "template_filename_axmodel": names["layers"], "filename_vpm_resampler_axmodedl": names["vision"],
         "b_use_topk": bool(post_topk), "b_bos": False, "b_eos": False, "axmodel_num": _n_layers(config),
-        "tokens_embed_num": text["vocab_size"], "img_token_id": 151648, "tokens_embed_size": text["hidden_size"],
+        "tokens_embed_num": text["vocab_size"], "img_token_id": config.get("image_token_id") or config.get("img_context_token_id") or 151648, "tokens_embed_size": text["hidden_size"],
         "b_use_mmap_load_embed": True, "ext_scripts": [f"tokenizer_{M5STACK_MODEL}.py"]}}
     if not (model_dir / names["vision"]).is_file():
         del mode["mode_param"]["filename_vpm_resampler_axmodedl"]
