@@ -156,7 +156,7 @@ def test_bench_on_the_reference_backend(tiny_internvl_native, capsys):
                         *SMALL)
     assert code == 0, out
     for label in ("image encode ms", "TTFT ms", "prefill tok/s", "decode tok/s", "host overhead ms/token",
-                  "bytes copied/token", "peak RSS MB"):
+                  "bytes moved/token", "peak RSS MB"):
         assert label in out
     result = json.loads(out.strip().splitlines()[-1])
     bench = result["bench"]
