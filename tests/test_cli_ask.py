@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from daemon.cli import main
-from npu.model import DEMO_MODEL_DIR
 from tests import model_factory
 
 
@@ -77,8 +76,8 @@ def test_bad_inputs_give_clear_errors(capsys, tmp_path, tiny_qwen2, image_file):
     assert code == 2 and "temperature" in err
 
 
-@pytest.mark.skipif(DEMO_MODEL_DIR.joinpath("config.json").exists(), reason="the demo model is installed")
-def test_missing_demo_model_is_a_clear_error(capsys):
+def test_missing_demo_model_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("npu.model.DEMO_MODEL_DIR", tmp_path / "not-installed")
     code, _, err = ask(capsys, "hi")
     assert code == 2 and "demo model" in err and "--model" in err
 
