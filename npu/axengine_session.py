@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from npu.session import BF16, SessionError, TensorSpec, check_feed
+from npu.session import BF16, SessionError, ShapeGroups, TensorSpec, check_feed
 
 PROVIDER_BOARD = "AxEngineExecutionProvider"
 PROVIDER_PCIE = "AXCLRTExecutionProvider"
@@ -113,7 +113,7 @@ def read_shape_groups(session: Any) -> tuple[list[list[TensorSpec]], list[list[T
     return inputs, outputs
 
 
-class AxEngineSession:
+class AxEngineSession(ShapeGroups):
     """The `Session` interface over one `axengine.InferenceSession`.
 
     Contract (npu/session.py): `run` takes every input of the group with its exact
@@ -137,18 +137,6 @@ class AxEngineSession:
         except Exception as exc:  # axengine raises RuntimeError/ValueError/AssertionError alike
             raise SessionError(f"{self.name}: axengine could not load {self.path} with {self.provider}: {exc}") from exc
         self._inputs, self._outputs = read_shape_groups(self._session)
-        self.num_groups = len(self._inputs)
-
-    def inputs(self, group: int = 0) -> list[TensorSpec]:
-        return list(self._inputs[self._group(group)])
-
-    def outputs(self, group: int = 0) -> list[TensorSpec]:
-        return list(self._outputs[self._group(group)])
-
-    def _group(self, group: int) -> int:
-        if not 0 <= group < self.num_groups:
-            raise SessionError(f"{self.name}: shape group {group} out of range 0..{self.num_groups - 1}")
-        return group
 
     def run(self, feed: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]:
         check_feed(self, feed, group)

@@ -32,7 +32,7 @@ from npu import reference_ops as ops
 from npu.blueprint import Blueprint
 from npu.checkpoint import Weights, load_checkpoint
 from npu.reference_vision import VisionEncoder
-from npu.session import BF16, Session, SessionError, TensorSpec, check_feed
+from npu.session import BF16, Session, SessionError, ShapeGroups, TensorSpec, check_feed
 
 F32 = np.float32
 U32 = np.dtype(np.uint32)
@@ -40,25 +40,13 @@ PRECISIONS = {"bf16": BF16, "fp32": np.dtype(F32)}
 _SKIP_BELOW = -1.0e4  # a mask value at or below this contributes exactly 0 after softmax
 
 
-class ReferenceSession:
+class ReferenceSession(ShapeGroups):
     """A numpy graph behind the Session interface; `run` validates every feed strictly."""
 
     def __init__(self, name: str, inputs: list[list[TensorSpec]], outputs: list[list[TensorSpec]]):
         self.name = name
-        self.num_groups = len(inputs)
         self._inputs, self._outputs = inputs, outputs
         self._buffers = [[np.empty(s.shape, s.dtype) for s in group] for group in outputs]
-
-    def inputs(self, group: int = 0) -> list[TensorSpec]:
-        return list(self._inputs[self._group(group)])
-
-    def outputs(self, group: int = 0) -> list[TensorSpec]:
-        return list(self._outputs[self._group(group)])
-
-    def _group(self, group: int) -> int:
-        if not 0 <= group < self.num_groups:
-            raise SessionError(f"{self.name}: shape group {group} out of range 0..{self.num_groups - 1}")
-        return group
 
     def run(self, feed: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]:
         check_feed(self, feed, group)

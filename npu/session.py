@@ -58,6 +58,32 @@ class SessionError(RuntimeError):
     """A feed that does not match the graph, or a graph that failed to run."""
 
 
+class ShapeGroups:
+    """The spec half of a Session, shared by every backend: per-group input and output specs.
+
+    Subclasses set `name`, `_inputs` and `_outputs` (one list of TensorSpec per group).
+    """
+
+    name: str
+    _inputs: list[list[TensorSpec]]
+    _outputs: list[list[TensorSpec]]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._inputs)
+
+    def inputs(self, group: int = 0) -> list[TensorSpec]:
+        return list(self._inputs[self._group(group)])
+
+    def outputs(self, group: int = 0) -> list[TensorSpec]:
+        return list(self._outputs[self._group(group)])
+
+    def _group(self, group: int) -> int:
+        if not 0 <= group < self.num_groups:
+            raise SessionError(f"{self.name}: shape group {group} out of range 0..{self.num_groups - 1}")
+        return group
+
+
 def check_feed(session: Session, feed: dict[str, np.ndarray], group: int) -> None:
     """Raise SessionError unless `feed` holds exactly the group's inputs, exact shape and dtype."""
     if not 0 <= group < session.num_groups:
