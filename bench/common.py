@@ -235,6 +235,25 @@ def median(values):
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def run_on_checkpoint(args, name: str, measure, table) -> int:
+    """The shared main of the model benchmarks: threads, a scratch checkpoint, table, JSON.
+
+    `measure(args, checkpoint, dims)` returns the result dict; exported embeddings go to the
+    scratch directory, never the user's cache.
+    """
+    import tempfile
+
+    pin_threads(args.threads)
+    dims = Dims.tiny() if args.tiny else REAL_DIMS
+    with tempfile.TemporaryDirectory(prefix="vlmd-bench-") as scratch:
+        os.environ["VLMD_CACHE_DIR"] = str(Path(scratch) / "cache")
+        checkpoint = args.checkpoint or args.keep or Path(scratch) / "checkpoint"
+        result = measure(args, checkpoint, dims)
+    print(table(result))
+    print(f"wrote {write_result(name + ('_tiny' if args.tiny else ''), result, args.out)}")
+    return 0
+
+
 def write_result(name: str, result: dict, out: Path | None) -> Path:
     """Write `result` as JSON to `out` (default bench/results/<name>.json) and return the path."""
     path = Path(out) if out is not None else RESULTS_DIR / f"{name}.json"

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,17 +136,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    common.pin_threads(args.threads)
-    dims = common.Dims.tiny() if args.tiny else common.REAL_DIMS
-    with tempfile.TemporaryDirectory(prefix="vlmd-bench-") as scratch:
-        os.environ["VLMD_CACHE_DIR"] = str(Path(scratch) / "cache")
-        checkpoint = args.checkpoint or args.keep or Path(scratch) / "checkpoint"
-        result = measure(args, checkpoint, dims)
-    print(table(result))
-    name = "followup_tiny" if args.tiny else "followup"
-    print(f"wrote {common.write_result(name, result, args.out)}")
-    return 0
+    return common.run_on_checkpoint(parse_args(argv), "followup", measure, table)
 
 
 if __name__ == "__main__":
