@@ -159,3 +159,19 @@ def test_swapping_colour_channels_swaps_red_and_blue(ask):
     assert colours_in(ask(rgb, CAPTION_PROMPT)) == ["red", "blue"]
     swapped = ask(np.ascontiguousarray(rgb[:, :, ::-1]), CAPTION_PROMPT)
     assert colours_in(swapped) == ["blue", "red"], swapped
+
+
+def test_accuracy_script_measures_through_vlmd_ask():
+    """tools/eval_demo_model.py's default backend runs the `vlmd ask` command (PNG file in,
+    JSON final out); on a few scenes it must report what the engine answers directly."""
+    _require_checkpoint()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import eval_demo_model as script
+
+    via_ask = script.evaluate(script.ask_asker(DEMO_DIR, "bf16"), 3, HELD_OUT_SEED, verbose=False)
+    direct = script.evaluate(script.engine_asker(DEMO_DIR, "bf16"), 3, HELD_OUT_SEED, verbose=False)
+    for key in ("caption_accuracy", "caption_colour_place_accuracy", "answer_accuracy", "answers", "per_kind"):
+        assert via_ask[key] == direct[key], key
+    assert via_ask["caption_colour_place_accuracy"] >= 2 / 3  # the model means something on these scenes
