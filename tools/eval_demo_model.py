@@ -1,7 +1,7 @@
 """Held-out accuracy of the demo model on freshly drawn scenes.
 
     python tools/eval_demo_model.py [--model DIR] [--scenes 200] [--seed 9000000]
-                                    [--backend engine|cli|transformers] [--swap-rb]
+                                    [--backend ask|cli|engine|transformers] [--swap-rb]
 
 For every scene (drawn with daemon/scenes.py from seeds the training never uses) it asks
 for a caption with the demo's prompt and up to four questions, one of each kind (count,
@@ -10,10 +10,11 @@ caption is right apart from the shape kinds (every colour, place and the count):
 part of the caption that colour-order, resize and splice bugs break.
 
 Backends:
-- `engine` (default): npu's public Python API (`load_model` + `Engine`, greedy), the same
-  code `vlmd ask` runs, in-process so 200 scenes take minutes rather than process starts;
-- `cli`: `vlmd ask --model DIR --image F --json Q` per question (slow; use a small
-  `--scenes`);
+- `ask` (default): `vlmd ask --model DIR --image F.png --json Q` for every question, run
+  in this process (`daemon.cli.main`, stdout captured): the public command's whole path,
+  PNG file decoding included, without 1000 interpreter starts;
+- `cli`: the same command as a subprocess per question (slow; use a small `--scenes`);
+- `engine`: npu's Python API (`load_model` + `Engine`, greedy) on the decoded array;
 - `transformers`: InternVLForConditionalGeneration.generate on the checkpoint (dev extra;
   a cross-check of the checkpoint itself, not of vlmd's pipeline).
 
@@ -62,18 +63,47 @@ def engine_asker(model_dir: Path, precision: str):
     return ask
 
 
-def cli_asker(model_dir: Path, precision: str):
-    """ask(...) through `vlmd ask --json`: the final JSON line's "text"."""
+def _ask_command(model_dir: Path, precision: str, png: Path, question: str) -> list[str]:
+    return ["ask", "--model", str(model_dir), "--image", str(png), "--precision", precision,
+            "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json", question]
+
+
+def _png_for(folder: Path, rgb: np.ndarray, image_key: str) -> Path:
     from PIL import Image
+
+    path = folder / f"{image_key.replace(':', '_')}.png"
+    if not path.exists():
+        Image.fromarray(rgb).save(path)
+    return path
+
+
+def ask_asker(model_dir: Path, precision: str):
+    """ask(...) through `vlmd ask --json` in this process: the final JSON line's "text"."""
+    import contextlib
+    import io
+
+    from daemon.cli import main as vlmd
 
     folder = Path(tempfile.mkdtemp(prefix="vlmd-eval-"))
 
     def ask(rgb: np.ndarray, question: str, image_key: str) -> str:
-        path = folder / f"{image_key.replace(':', '_')}.png"
-        if not path.exists():
-            Image.fromarray(rgb).save(path)
-        command = ["vlmd", "ask", "--model", str(model_dir), "--image", str(path), "--precision", precision,
-                   "--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json", question]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = vlmd(_ask_command(model_dir, precision, _png_for(folder, rgb, image_key), question))
+        final = json.loads(out.getvalue().strip().splitlines()[-1])
+        if code != 0:
+            raise RuntimeError(f"vlmd ask exited {code}: {final}")
+        return final["text"]
+
+    return ask
+
+
+def cli_asker(model_dir: Path, precision: str):
+    """ask(...) through a `vlmd ask --json` process: the final JSON line's "text"."""
+    folder = Path(tempfile.mkdtemp(prefix="vlmd-eval-"))
+
+    def ask(rgb: np.ndarray, question: str, image_key: str) -> str:
+        command = ["vlmd", *_ask_command(model_dir, precision, _png_for(folder, rgb, image_key), question)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         return json.loads(result.stdout.strip().splitlines()[-1])["text"]
 
@@ -107,7 +137,7 @@ def transformers_asker(model_dir: Path, precision: str):
     return ask
 
 
-BACKENDS = {"engine": engine_asker, "cli": cli_asker, "transformers": transformers_asker}
+BACKENDS = {"ask": ask_asker, "cli": cli_asker, "engine": engine_asker, "transformers": transformers_asker}
 
 
 def pick_questions(scene: scenes.Scene, rng: random.Random) -> list[tuple[str, str]]:
@@ -166,7 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="engine")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="ask")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--swap-rb", action="store_true", help="feed BGR frames (expect failures)")
     parser.add_argument("--min-accuracy", type=float, default=0.9)
