@@ -14,15 +14,17 @@ reads it through the same code paths as a real checkpoint. Prompts are rendered 
 npu.template.ChatTemplate (Hermes-2, InternVL2-1B's Chinese system message) when that
 module is importable, else with the identical rendering below.
 
-How it learns fast enough for two CPU cores (RECIPE):
-- every step draws fresh scenes; each image is encoded once and its 64 image tokens are
-  spliced into a caption and several questions about it, so the vision tower's cost is
-  shared by four sequences;
-- an auxiliary linear head reads the shape kind and colour under each image token
-  (labels from the scene's shape map), which gives the vision tower a direct, dense
-  signal instead of only the one a caption word sends back through the decoder;
-- each sequence weighs the same in the loss, so one-word answers count as much as
-  captions.
+How it learns fast enough for two CPU cores (RECIPE, one run):
+- the first steps train only the vision side, on an auxiliary task: a linear head reads
+  the shape kind and colour under each of the 64 image tokens (labels from the scene's
+  shape map), a dense signal that teaches the tiny InternViT shapes far sooner than
+  caption words sent back through the decoder would; the head keeps training with
+  everything else afterwards and is not part of the exported checkpoint;
+- then every step draws fresh scenes, encodes each image once and asks a caption and
+  up to four questions about it; the decoder runs the prompt part those sequences share
+  (system message, image) once per image and reuses its KV cache for the rest, which
+  gives exactly the loss and gradients of running each sequence whole in about half
+  the time.
 
 Seeded: the tokenizer, the weights' init and every batch follow from RECIPE.seed; CPU
 kernels with a fixed thread count are deterministic in practice. Held-out scenes
@@ -66,11 +68,12 @@ BPE_VOCAB = 640
 # Source frame sizes the training draws (the engine resizes any frame to 224x224).
 FRAME_SIZES = ((224, 224), (320, 240), (256, 192), (288, 288), (240, 320))
 # What the auxiliary head reads off each image token, and the Shape attribute it comes from.
-AUX_FIELDS = {"kind": scenes.KINDS, "colour": tuple(scenes.COLOURS), "place": scenes.POSITIONS}
-AUX_ATTRS = ("kind", "colour", "position")
+AUX_FIELDS = {"kind": scenes.KINDS, "colour": tuple(scenes.COLOURS)}
+AUX_ATTRS = ("kind", "colour")
 AUX_MIN_COVER = 0.2  # a shape labels an image token when it covers this much of its cell
 AUX_SIZES = tuple(1 + len(values) for values in AUX_FIELDS.values())
 VALIDATION_SEED = 8_000_000
+SHARED_PREFIX = True  # compute the common prompt prefix once per image (same result, less work)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class Phase:
     vision_images: int = 32  # scenes per vision-only step
 
 
-RECIPE = Phase(steps=2100, lr=2e-3, warmup=100, seed=1234, images=12, questions=3, aux_weight=0.5,
+RECIPE = Phase(steps=2400, lr=2e-3, warmup=100, seed=1234, images=12, questions=4, aux_weight=0.5,
                vision_steps=600, vision_images=32)
 
 
@@ -229,7 +232,7 @@ def cell_labels(scene: scenes.Scene, mask: np.ndarray) -> np.ndarray:
     small = np.asarray(Image.fromarray(mask).resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST))
     grid, cell = int(NUM_IMAGE_TOKENS ** 0.5), IMAGE_SIZE // int(NUM_IMAGE_TOKENS ** 0.5)
     cells = small.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(NUM_IMAGE_TOKENS, cell * cell)
-    labels = np.zeros((len(AUX_FIELDS), NUM_IMAGE_TOKENS), np.int64)  # (3, 64)
+    labels = np.zeros((len(AUX_FIELDS), NUM_IMAGE_TOKENS), np.int64)  # (fields, 64)
     for index, shape in enumerate(scene.shapes):
         cover = (cells == index + 1).mean(axis=1)  # (64,)
         labels[:, cover > 0] = -100
@@ -246,13 +249,14 @@ class Batch:
     input_ids: object  # long [N, T]
     attention: object  # long [N, T]
     labels: object  # long [N, T]: -100 except the answer and its <|im_end|>
+    is_caption: object  # bool [N]
 
 
 def make_batch(np_rng, py_rng, tok, encode_prompt, phase: "Phase", images: int, text: bool = True) -> Batch:
     import torch
 
     im_end, pad = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
-    frames, cells, rows, label_rows, image_index = [], [], [], [], []
+    frames, cells, rows, label_rows, image_index, is_caption = [], [], [], [], [], []
     for i in range(images):
         size = FRAME_SIZES[py_rng.randrange(len(FRAME_SIZES))]
         image, scene, mask = scenes.draw_scene_with_mask(np_rng, size=size)
@@ -264,6 +268,7 @@ def make_batch(np_rng, py_rng, tok, encode_prompt, phase: "Phase", images: int, 
             rows.append(prompt_ids + answer_ids)
             label_rows.append([-100] * len(prompt_ids) + answer_ids)
             image_index.append(i)
+            is_caption.append(question in scenes.CAPTION_PROMPTS)
     count, length = len(rows), max((len(r) for r in rows), default=0)
     input_ids = torch.full((count, length), pad, dtype=torch.long)  # (N, T)
     labels = torch.full((count, length), -100, dtype=torch.long)  # (N, T)
@@ -273,41 +278,37 @@ def make_batch(np_rng, py_rng, tok, encode_prompt, phase: "Phase", images: int, 
         labels[i, : len(lab)] = torch.tensor(lab)
         attention[i, : len(row)] = 1
     return Batch(pixel_values(frames), torch.from_numpy(np.stack(cells)), torch.tensor(image_index, dtype=torch.long),
-                 input_ids, attention, labels)
+                 input_ids, attention, labels, torch.tensor(is_caption, dtype=torch.bool))
 
 
 def word_probe(model, tok):
-    """The auxiliary head: scores each image token against the (tied) embeddings of the
-    words that name its kind, colour and place, plus a learned "background" vector per
-    field. Training it pulls an image token towards the embedding of " triangle" when a
-    triangle covers it, so the decoder can find shapes by matching the words of a question
-    and copy a word from the image into its answer. Only training uses it; the exported
-    checkpoint does not contain it."""
+    """A second auxiliary head, from the first step with text on: scores each image token
+    against the (tied) embeddings of the four kind words, plus a learned "background"
+    vector. It pulls an image token towards the embedding of " triangle" when a
+    triangle covers it, so a question's kind word can find its shape by matching (what
+    "is there a triangle?", "what colour is the triangle?" and "where is the triangle?"
+    need). Only training uses it; the exported checkpoint does not contain it."""
     import torch
 
-    words = [[tok.token_to_id("\u0120" + word) for word in values] for values in AUX_FIELDS.values()]
+    ids = [tok.token_to_id("\u0120" + kind) for kind in scenes.KINDS]
     hidden = model.config.text_config.hidden_size
 
     class WordProbe(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.background = torch.nn.Parameter(torch.randn(len(words), hidden) * 0.02)  # (fields, hidden)
-            self.scale = torch.nn.Parameter(torch.tensor(1.0))
+            self.background = torch.nn.Parameter(torch.randn(1, hidden) * 0.02)  # (1, hidden)
+            self.scale = torch.nn.Parameter(torch.tensor(4.0))
 
-        def forward(self, features):  # (B, 64, hidden) -> (B, 64, sum(AUX_SIZES))
-            table = model.get_input_embeddings().weight
-            logits = []
-            for field, ids in enumerate(words):
-                vectors = torch.cat([self.background[field : field + 1], table[ids]])  # (1 + classes, hidden)
-                logits.append(features @ vectors.T)
-            return torch.cat(logits, dim=-1) * self.scale
+        def forward(self, features, kinds):  # (B, 64, hidden), (B, 64) -> loss
+            vectors = torch.cat([self.background, model.get_input_embeddings().weight[ids]])  # (5, hidden)
+            return _cell_loss(features @ vectors.T * self.scale, kinds)
 
     return WordProbe()
 
 
 # ---- forward -----------------------------------------------------------------------------
 
-def forward(model, aux_head, batch: Batch):
+def forward(model, aux_head, batch: Batch, probe=None):
     """(answer loss, aux loss, answer logits): the vision tower runs once per image and
     its 64 tokens are spliced into every sequence about that image, as the runtime
     splices them at the <IMG_CONTEXT> positions."""
@@ -321,20 +322,54 @@ def forward(model, aux_head, batch: Batch):
     aux_loss = sum(_cell_loss(logits, batch.cells[:, field]) for field, logits in enumerate(aux))
     if batch.input_ids.shape[0] == 0:  # a vision-only step
         return aux_loss.new_zeros(()), aux_loss, None, None, None
-    embeds = model.get_input_embeddings()(batch.input_ids)  # (N, T, hidden)
-    spots = (batch.input_ids == model.config.image_token_id).unsqueeze(-1)  # (N, T, 1)
-    embeds = embeds.masked_scatter(spots, features[batch.image_index].to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention).last_hidden_state
-    targets = batch.labels[:, 1:]  # (N, T-1): position t predicts token t+1
+    if probe is not None:
+        aux_loss = aux_loss + probe(features, batch.cells[:, 0])
+    hidden, start = decode(model, features, batch)  # (N, T - start, hidden): rows from `start` on
+    targets = batch.labels[:, start + 1 :]  # (N, T-1-start): position t predicts token t+1
     where = targets != -100
     logits = model.lm_head(hidden[:, :-1][where])  # (answer tokens, vocab)
-    # Every sequence weighs the same, whatever its answer's length: a one-word answer
-    # teaches as much binding as a caption.
     per_token = F.cross_entropy(logits, targets[where], reduction="none")
     row = where.nonzero()[:, 0]
-    tokens = where.sum(dim=1).clamp(min=1).to(per_token.dtype)
-    loss = (per_token / tokens[row]).sum() / where.shape[0]
+    # Captions and questions weigh the same: the mean over caption tokens plus the mean
+    # over question answers (a one-word answer teaches as much binding as a caption).
+    tokens = where.sum(dim=1).clamp(min=1).to(per_token.dtype)  # (N,)
+    caption = batch.is_caption[row]
+    questions = int((~batch.is_caption).sum().clamp(min=1))
+    loss = per_token[caption].mean() + (per_token[~caption] / tokens[row][~caption]).sum() / questions
     return loss, aux_loss, logits, targets[where], row
+
+
+def decode(model, features, batch: Batch):
+    """The decoder over every sequence, computing the part all sequences share (system
+    message, image, up to where the questions differ) once per image: the prefix runs
+    per image with a KV cache, which is then gathered per sequence for the suffixes.
+    Returns (hidden states of positions start.., start)."""
+    import torch
+
+    ids = batch.input_ids  # (N, T)
+    same = (ids == ids[:1]).all(dim=0)  # (T,)
+    first_label = int((batch.labels != -100).float().argmax(dim=1).min())
+    start = min(int(same.float().argmin()) if not same.all() else ids.shape[1], first_label - 1)
+    if not SHARED_PREFIX or start < 1:
+        start = 0
+    embed = model.get_input_embeddings()
+    lm = model.model.language_model
+    image_id = model.config.image_token_id
+    cache = None
+    if start:
+        prefix = ids[:1, :start].expand(features.shape[0], start)  # (B, P)
+        embeds = embed(prefix).masked_scatter((prefix == image_id).unsqueeze(-1), features)
+        cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+        cache.reorder_cache(batch.image_index)  # (N, heads, P, dim) per layer
+    suffix = ids[:, start:]  # (N, S)
+    embeds = embed(suffix)
+    spots = (suffix == image_id).unsqueeze(-1)
+    if spots.any():
+        embeds = embeds.masked_scatter(spots, features[batch.image_index].to(embeds.dtype))
+    positions = torch.arange(start, ids.shape[1])
+    out = lm(inputs_embeds=embeds, attention_mask=batch.attention, past_key_values=cache, use_cache=cache is not None,
+             position_ids=positions.expand(ids.shape[0], -1), cache_position=positions)
+    return out.last_hidden_state, start
 
 
 def _cell_loss(logits, labels):
@@ -423,7 +458,10 @@ def train(args) -> None:
     from transformers import InternVLForConditionalGeneration
 
     torch.set_num_threads(args.threads)
-    phase = RECIPE if args.steps is None else Phase(**{**RECIPE.__dict__, "steps": args.steps})
+    phase = RECIPE
+    if args.steps is not None:  # a shorter run keeps the recipe's share of vision-only steps
+        share = RECIPE.vision_steps / RECIPE.steps
+        phase = Phase(**{**RECIPE.__dict__, "steps": args.steps, "vision_steps": int(args.steps * share)})
     torch.manual_seed(phase.seed)
     tok = build_tokenizer()
     out = Path(args.out)
@@ -434,8 +472,11 @@ def train(args) -> None:
         model = InternVLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     else:
         model = InternVLForConditionalGeneration(model_config(tok)).float()
-    aux_head = word_probe(model, tok)
-    params = list(model.parameters()) + list(aux_head.parameters())
+    # Reads each image token's shape kind and colour; only training uses it, and it is
+    # not part of the exported checkpoint.
+    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_SIZES))
+    probe = word_probe(model, tok)
+    params = list(model.parameters()) + list(aux_head.parameters()) + list(probe.parameters())
     print(f"params {sum(p.numel() for p in model.parameters()):,}; vocab {tok.get_vocab_size()}", flush=True)
     optimizer = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.01)
     np_rng, py_rng = np.random.default_rng(phase.seed), random.Random(phase.seed)
@@ -450,7 +491,7 @@ def train(args) -> None:
         vision_only = step < phase.vision_steps
         batch = make_batch(np_rng, py_rng, tok, encode_prompt, phase,
                            phase.vision_images if vision_only else phase.images, text=not vision_only)
-        loss, aux_loss, *_ = forward(model, aux_head, batch)
+        loss, aux_loss, *_ = forward(model, aux_head, batch, probe)
         optimizer.zero_grad(set_to_none=True)
         (loss + phase.aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
