@@ -68,8 +68,8 @@ BPE_VOCAB = 640
 # Source frame sizes the training draws (the engine resizes any frame to 224x224).
 FRAME_SIZES = ((224, 224), (320, 240), (256, 192), (288, 288), (240, 320))
 # What the auxiliary head reads off each image token, and the Shape attribute it comes from.
-AUX_FIELDS = {"kind": scenes.KINDS, "colour": tuple(scenes.COLOURS)}
-AUX_ATTRS = ("kind", "colour")
+AUX_FIELDS = {"kind": scenes.KINDS, "colour": tuple(scenes.COLOURS), "place": scenes.POSITIONS}
+AUX_ATTRS = ("kind", "colour", "position")
 AUX_MIN_COVER = 0.2  # a shape labels an image token when it covers this much of its cell
 AUX_SIZES = tuple(1 + len(values) for values in AUX_FIELDS.values())
 VALIDATION_SEED = 8_000_000
