@@ -241,6 +241,25 @@ def cell_labels(scene: scenes.Scene, mask: np.ndarray) -> np.ndarray:
     return labels
 
 
+def question_facts(scene: scenes.Scene, question: str, prompt_ids: list[int], tok) -> tuple[int, list[int]]:
+    """For a question that names a shape kind ("is there a star?", "what colour is the
+    star?", "where is the star?"): the prompt position of the kind word and what the
+    image says about that kind: present (0/1), its colour and place (1-based; 0 when
+    absent; -100 when several shapes share the kind). (-1, [-100] * 3) otherwise."""
+    kind = question.rstrip("?").split()[-1]
+    if kind not in scenes.KINDS:
+        return -1, [-100, -100, -100]
+    token = tok.token_to_id("\u0120" + kind)
+    at = max(i for i, t in enumerate(prompt_ids) if t == token)
+    same = [shape for shape in scene.shapes if shape.kind == kind]
+    if len(same) == 1:
+        return at, [1, 1 + list(scenes.COLOURS).index(same[0].colour), 1 + scenes.POSITIONS.index(same[0].position)]
+    return at, [int(bool(same)), -100 if same else 0, -100 if same else 0]
+
+
+QUESTION_FACT_SIZES = (2, 1 + len(scenes.COLOURS), 1 + len(scenes.POSITIONS))
+
+
 @dataclass
 class Batch:
     pixels: object  # float [B, 3, 224, 224]
@@ -250,13 +269,15 @@ class Batch:
     attention: object  # long [N, T]
     labels: object  # long [N, T]: -100 except the answer and its <|im_end|>
     is_caption: object  # bool [N]
+    kind_at: object  # long [N]: where the question's shape kind word sits, -1 for none
+    kind_facts: object  # long [N, 3]: about that kind: present?, colour, place (0 none, -100 unknown)
 
 
 def make_batch(np_rng, py_rng, tok, encode_prompt, phase: "Phase", images: int, text: bool = True) -> Batch:
     import torch
 
     im_end, pad = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
-    frames, cells, rows, label_rows, image_index, is_caption = [], [], [], [], [], []
+    frames, cells, rows, label_rows, image_index, is_caption, kind_at, kind_facts = [], [], [], [], [], [], [], []
     for i in range(images):
         size = FRAME_SIZES[py_rng.randrange(len(FRAME_SIZES))]
         image, scene, mask = scenes.draw_scene_with_mask(np_rng, size=size)
@@ -269,6 +290,9 @@ def make_batch(np_rng, py_rng, tok, encode_prompt, phase: "Phase", images: int, 
             label_rows.append([-100] * len(prompt_ids) + answer_ids)
             image_index.append(i)
             is_caption.append(question in scenes.CAPTION_PROMPTS)
+            at, facts = question_facts(scene, question, prompt_ids, tok)
+            kind_at.append(at)
+            kind_facts.append(facts)
     count, length = len(rows), max((len(r) for r in rows), default=0)
     input_ids = torch.full((count, length), pad, dtype=torch.long)  # (N, T)
     labels = torch.full((count, length), -100, dtype=torch.long)  # (N, T)
@@ -278,7 +302,8 @@ def make_batch(np_rng, py_rng, tok, encode_prompt, phase: "Phase", images: int, 
         labels[i, : len(lab)] = torch.tensor(lab)
         attention[i, : len(row)] = 1
     return Batch(pixel_values(frames), torch.from_numpy(np.stack(cells)), torch.tensor(image_index, dtype=torch.long),
-                 input_ids, attention, labels, torch.tensor(is_caption, dtype=torch.bool))
+                 input_ids, attention, labels, torch.tensor(is_caption, dtype=torch.bool),
+                 torch.tensor(kind_at, dtype=torch.long), torch.tensor(kind_facts, dtype=torch.long).reshape(-1, 3))
 
 
 def word_probe(model, tok):
@@ -308,7 +333,7 @@ def word_probe(model, tok):
 
 # ---- forward -----------------------------------------------------------------------------
 
-def forward(model, aux_head, batch: Batch, probe=None):
+def forward(model, aux_head, batch: Batch, probe=None, fact_head=None):
     """(answer loss, aux loss, answer logits): the vision tower runs once per image and
     its 64 tokens are spliced into every sequence about that image, as the runtime
     splices them at the <IMG_CONTEXT> positions."""
@@ -325,6 +350,8 @@ def forward(model, aux_head, batch: Batch, probe=None):
     if probe is not None:
         aux_loss = aux_loss + probe(features, batch.cells[:, 0])
     hidden, start = decode(model, features, batch)  # (N, T - start, hidden): rows from `start` on
+    if fact_head is not None:
+        aux_loss = aux_loss + kind_fact_loss(fact_head, hidden, start, batch)
     targets = batch.labels[:, start + 1 :]  # (N, T-1-start): position t predicts token t+1
     where = targets != -100
     logits = model.lm_head(hidden[:, :-1][where])  # (answer tokens, vocab)
@@ -337,6 +364,26 @@ def forward(model, aux_head, batch: Batch, probe=None):
     questions = int((~batch.is_caption).sum().clamp(min=1))
     loss = per_token[caption].mean() + (per_token[~caption] / tokens[row][~caption]).sum() / questions
     return loss, aux_loss, logits, targets[where], row
+
+
+def kind_fact_loss(fact_head, hidden, start: int, batch: Batch):
+    """At a question's kind word, read off what the image says about that kind: trains the
+    first hop of "is there a star?" (the word finds its shape) directly, instead of only
+    through the answer two tokens later, which a model otherwise learns to guess from
+    the number of shapes."""
+    import torch.nn.functional as F
+
+    rows = (batch.kind_at >= 0).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return hidden.sum() * 0
+    states = hidden[rows, batch.kind_at[rows] - start]  # (questions, hidden)
+    logits = fact_head(states).split(QUESTION_FACT_SIZES, dim=-1)
+    facts = batch.kind_facts[rows]  # (questions, 3)
+    total = 0
+    for field, scores in enumerate(logits):
+        if (facts[:, field] != -100).any():
+            total = total + F.cross_entropy(scores, facts[:, field], ignore_index=-100)
+    return total
 
 
 def decode(model, features, batch: Batch):
@@ -476,7 +523,8 @@ def train(args) -> None:
     # not part of the exported checkpoint.
     aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_SIZES))
     probe = word_probe(model, tok)
-    params = list(model.parameters()) + list(aux_head.parameters()) + list(probe.parameters())
+    fact_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(QUESTION_FACT_SIZES))
+    params = [*model.parameters(), *aux_head.parameters(), *probe.parameters(), *fact_head.parameters()]
     print(f"params {sum(p.numel() for p in model.parameters()):,}; vocab {tok.get_vocab_size()}", flush=True)
     optimizer = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.95), weight_decay=0.01)
     np_rng, py_rng = np.random.default_rng(phase.seed), random.Random(phase.seed)
@@ -491,7 +539,7 @@ def train(args) -> None:
         vision_only = step < phase.vision_steps
         batch = make_batch(np_rng, py_rng, tok, encode_prompt, phase,
                            phase.vision_images if vision_only else phase.images, text=not vision_only)
-        loss, aux_loss, *_ = forward(model, aux_head, batch, probe)
+        loss, aux_loss, *_ = forward(model, aux_head, batch, probe, fact_head)
         optimizer.zero_grad(set_to_none=True)
         (loss + phase.aux_weight * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
