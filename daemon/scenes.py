@@ -12,6 +12,8 @@ Contract:
   (left, top, centre, bottom, right), joined by "and", lower case, no punctuation, e.g.
   "a red circle on the left and a blue square on the right".
 - `Scene.questions()` lists every question this module knows with its one right answer.
+- `draw_scene_with_mask(seed, size)` also returns which shape covers each pixel (the
+  demo model's training uses it for a per-region auxiliary loss).
 
 Each shape sits in its own position slot, so a caption never has to tell two shapes at
 the same place apart. Colours are chosen so that swapping R and B (a BGR bug) turns red
@@ -125,21 +127,36 @@ def draw_scene(seed: Seed, size: tuple[int, int] = DEFAULT_SIZE) -> tuple[Image.
     return render(scene, rng, size), scene
 
 
+def draw_scene_with_mask(seed: Seed, size: tuple[int, int] = DEFAULT_SIZE):
+    """`draw_scene` plus a shape map: uint8 (H, W), 0 where the background shows and
+    i + 1 where `scene.shapes[i]` was drawn. Same seed, same image as `draw_scene`."""
+    rng = _rng(seed)
+    scene = random_scene(rng)
+    image, mask = _render(scene, rng, size, with_mask=True)
+    return image, scene, mask
+
+
 def render(scene: Scene, seed: Seed, size: tuple[int, int] = DEFAULT_SIZE) -> Image.Image:
     """Draw `scene`; `seed` drives background, jitter of place and colour."""
-    rng = _rng(seed)
+    return _render(scene, _rng(seed), size, with_mask=False)[0]
+
+
+def _render(scene: Scene, rng: np.random.Generator, size: tuple[int, int], with_mask: bool):
     width, height = size
     image = Image.fromarray(_background(scene.background, rng, width, height))
     draw = ImageDraw.Draw(image)
+    mask = Image.new("L", size, 0) if with_mask else None
     unit = min(width, height)
-    for shape in scene.shapes:
+    for index, shape in enumerate(scene.shapes):
         cx, cy = _CENTRES[shape.position]
         # Jitter stays small enough that neighbouring slots never overlap.
         x = (cx + rng.uniform(-0.04, 0.04)) * width
         y = (cy + rng.uniform(-0.04, 0.04)) * height
         colour = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[shape.colour])
         _draw_shape(draw, shape.kind, x, y, shape.radius * unit, colour)
-    return image
+        if mask is not None:  # the same geometry, no extra draws from rng
+            _draw_shape(ImageDraw.Draw(mask), shape.kind, x, y, shape.radius * unit, index + 1)
+    return image, (np.asarray(mask) if mask is not None else None)
 
 
 def _background(kind: str, rng: np.random.Generator, width: int, height: int) -> np.ndarray:
