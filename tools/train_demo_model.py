@@ -14,17 +14,22 @@ reads it through the same code paths as a real checkpoint. Prompts are rendered 
 npu.template.ChatTemplate (Hermes-2, InternVL2-1B's Chinese system message) when that
 module is importable, else with the identical rendering below.
 
-How it learns fast enough for two CPU cores (RECIPE, one run):
-- the first steps train only the vision side, on an auxiliary task: a linear head reads
-  the shape kind and colour under each of the 64 image tokens (labels from the scene's
-  shape map), a dense signal that teaches the tiny InternViT shapes far sooner than
-  caption words sent back through the decoder would; the head keeps training with
-  everything else afterwards and is not part of the exported checkpoint;
-- then every step draws fresh scenes, encodes each image once and asks a caption and
+How it learns in under 15 minutes on two CPU cores (RECIPE, one run of 2400 steps):
+- the first 600 steps train only the vision side, on an auxiliary task: a linear head
+  reads the shape kind, colour and place under each of the 64 image tokens (labels from
+  the scene's shape map), a dense signal that teaches the tiny InternViT shapes far
+  sooner than caption words sent back through the decoder would;
+- then every step draws 12 fresh scenes, encodes each image once and asks a caption and
   up to four questions about it; the decoder runs the prompt part those sequences share
   (system message, image) once per image and reuses its KV cache for the rest, which
   gives exactly the loss and gradients of running each sequence whole in about half
-  the time.
+  the time; captions and questions weigh the same in the loss;
+- two more auxiliary heads train the binding a question needs: a probe scores image
+  tokens against the embeddings of the kind words, and a head at the question's kind
+  word ("is there a *star*?") predicts what the image says about that kind (present,
+  colour, place). Without the latter the decoder answered "is there a ...?" from the
+  number of shapes (about 66 % right); with it, over 99 %.
+None of the auxiliary heads is part of the exported checkpoint.
 
 Seeded: the tokenizer, the weights' init and every batch follow from RECIPE.seed; CPU
 kernels with a fixed thread count are deterministic in practice. Held-out scenes
@@ -519,7 +524,7 @@ def train(args) -> None:
         model = InternVLForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
     else:
         model = InternVLForConditionalGeneration(model_config(tok)).float()
-    # Reads each image token's shape kind and colour; only training uses it, and it is
+    # Reads each image token's shape kind, colour and place; only training uses it, and it is
     # not part of the exported checkpoint.
     aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_SIZES))
     probe = word_probe(model, tok)
