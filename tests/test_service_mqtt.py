@@ -572,7 +572,7 @@ def test_demo_model_captions_scenes_over_mqtt(mosquitto):
     """The shipped demo model through the whole daemon: drawn frames in over MQTT, captions
     and answers out. Each reply must equal the engine's own answer for the drawn image
     (so decoding, colour order, prompt and prefix reuse are all the engine's), and the
-    accuracy is printed (the model's own accuracy bar lives in tests/test_demo_model.py)."""
+    captions and answers must be right (at most one miss in ten)."""
     import io
 
     import numpy as np
@@ -592,14 +592,14 @@ def test_demo_model_captions_scenes_over_mqtt(mosquitto):
     try:
         topics = service.topics
         right = total = 0
-        seeds = range(1000, 1004)
+        seeds = range(1000, 1005)
         for seed in seeds:
             image, scene = draw_scene(seed)
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             client.publish(topics.frame("demo"), buffer.getvalue(), qos=1)
             wait_frames(service, "demo", seed - seeds[0] + 1)
-            question, answer = scene.questions()[0]
+            question, answer = scene.questions()[-1]  # names a shape kind: colour, place or presence
             for kind, text, want in (("c", CAPTION_PROMPTS[0], scene.caption()), ("q", question, answer)):
                 request_id = f"{kind}{seed}"
                 client.publish(topics.ask(), {"id": request_id, "text": text, "camera": "demo", "max_tokens": 48})
@@ -610,6 +610,7 @@ def test_demo_model_captions_scenes_over_mqtt(mosquitto):
                 right += final["text"].strip() == want
                 total += 1
         print(f"\ndemo model over MQTT: {right} of {total} captions and answers exactly right")
+        assert right >= total - 1, (right, total)
     finally:
         service.stop(2.0)
         client.close()
