@@ -82,10 +82,10 @@ def stop_broker(broker, sig=signal.SIGTERM) -> None:
         broker.process.stderr.close()
 
 
-def config_for(url: str, **sections) -> Config:
+def config_for(url: str, reconnect_s: tuple[float, float] = (1.0, 2.0), **sections) -> Config:
     data = {"device_id": "fault" + uuid.uuid4().hex[:8], "stats": {"interval_s": 3600},
-            "mqtt": {"broker": url, "protocol": "3.1.1", "persistent_session": True, "reconnect_min_s": 1.0,
-                     "reconnect_max_s": 2.0},
+            "mqtt": {"broker": url, "protocol": "3.1.1", "persistent_session": True, "reconnect_min_s": reconnect_s[0],
+                     "reconnect_max_s": reconnect_s[1]},
             "shutdown": {"drain_timeout_s": 2.0}}
     data.update(sections)
     return Config.model_validate(data)
@@ -94,7 +94,9 @@ def config_for(url: str, **sections) -> Config:
 def test_broker_killed_and_restarted_mid_answer_loses_nothing(tmp_path):
     broker = persistent_mosquitto(tmp_path)
     engine = FakeEngine(token_delay_s=0.04, extra_words=80)  # about 3 s per answer
-    config = config_for(broker.url)
+    # The daemon retries every 10 s, the asker every second: after the restart the asker
+    # is back (and publishes) long before the daemon, even on a loaded machine.
+    config = config_for(broker.url, reconnect_s=(10.0, 10.0))
     root = config.root
     service = Service(config, engine_factory=lambda c: engine)
     asker = SessionClient(broker.port, [f"{root}/answer/#"])
