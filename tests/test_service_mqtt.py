@@ -436,6 +436,12 @@ def test_reconnect_keeps_the_session_and_republishes_online(tmp_path):
     client = None
     try:
         assert service.client.wait_connected(10)
+        # One answered question first: the broker has then processed vlmd's SUBSCRIBE, so
+        # the session it saves holds the subscriptions (CONNACK alone does not show that).
+        first = Collector(broker.host, broker.port, [config.root + "/answer/#"])
+        first.publish(service.topics.ask(), {"id": "before", "text": "hi", "stream": False})
+        assert first.answer(service.topics.answer("before"), timeout=15)[1]["finish_reason"] == "stop"
+        first.close()
         broker.process.terminate()  # mosquitto saves its sessions on SIGTERM
         broker.process.wait(5)
         broker.process.stderr.close()
@@ -443,7 +449,7 @@ def test_reconnect_keeps_the_session_and_republishes_online(tmp_path):
         client = Collector(broker.host, broker.port, [config.root + "/#"])
         assert not service.client.connected  # still waiting out its reconnect delay
         client.publish(service.topics.ask(), {"id": "while-away", "text": "hi", "stream": False})
-        _, final = client.answer(service.topics.answer("while-away"), timeout=15)
+        _, final = client.answer(service.topics.answer("while-away"), timeout=30)
         assert final["finish_reason"] == "stop"
         assert service.client.num_connects == 2 and service.client.session_present
         statuses = [client.next(5, service.topics.status()).payload for _ in range(2)]
