@@ -11,7 +11,8 @@ Contract:
 - `Scene.caption()` is deterministic: shapes in reading order of their positions
   (left, top, centre, bottom, right), joined by "and", lower case, no punctuation, e.g.
   "a red circle on the left and a blue square on the right".
-- `Scene.questions()` lists every question this module knows with its one right answer.
+- `Scene.questions()` lists every question this module knows with its one right answer;
+  `Scene.questions_by_type()` groups them by QUESTION_TYPES.
 - `draw_scene_with_mask(seed, size)` also returns which shape covers each pixel (the
   demo model's training uses it for a per-region auxiliary loss).
 
@@ -55,6 +56,8 @@ _CENTRES = {
     "right": (0.8, 0.5),
 }
 NUMBERS = ("zero", "one", "two", "three")
+# The kinds of question Scene.questions() asks, named by their first two words.
+QUESTION_TYPES = ("how many", "is there", "what colour", "where is")
 CAPTION_PROMPTS = (
     "Describe the image shortly.",
     "Please describe the image shortly.",
@@ -96,6 +99,24 @@ class Scene:
                 pairs.append((f"what colour is the {shape.kind}?", shape.colour))
                 pairs.append((f"where is the {shape.kind}?", PHRASES[shape.position]))
         return pairs
+
+    def questions_by_type(self) -> dict[str, list[tuple[str, str]]]:
+        """`questions()` grouped by QUESTION_TYPES (types the scene has no question of are left out)."""
+        grouped: dict[str, list[tuple[str, str]]] = {}
+        for question, answer in self.questions():
+            grouped.setdefault(question_type(question), []).append((question, answer))
+        return grouped
+
+
+def question_type(question: str) -> str:
+    """Which of QUESTION_TYPES a question of `Scene.questions()` is: its first two words."""
+    return " ".join(question.split()[:2])
+
+
+def without_kinds(caption: str) -> str:
+    """The caption with every shape kind replaced by "shape": the colours, places and count
+    that colour-order, resize and splice bugs break, whatever the shapes are."""
+    return " ".join("shape" if word in KINDS else word for word in caption.split(" "))
 
 
 def _rng(seed: Seed) -> np.random.Generator:

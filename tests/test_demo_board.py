@@ -24,11 +24,6 @@ SEEDS = range(9_000_500, 9_000_504)
 CAPTION_PROMPT = "Describe the image shortly."
 
 
-def without_kinds(caption: str) -> str:
-    """Kinds replaced by "shape": colours, places and count kept (as tools/eval_demo_model.py)."""
-    return " ".join("shape" if word in scenes.KINDS else word for word in caption.split(" "))
-
-
 @pytest.fixture(scope="module")
 def demo_board_dir(tmp_path_factory) -> Path:
     if not (DEMO_DIR / "model.safetensors").is_file():
@@ -75,7 +70,7 @@ def test_board_captions_equal_reference_and_are_right(axengine_standin, demo_boa
     assert [text for _, text in board_out] == [text for _, text in reference_out]
     wanted = [scene.caption() for _, scene in drawn]
     got = [text for _, text in board_out]
-    assert [without_kinds(t) for t in got] == [without_kinds(w) for w in wanted], list(zip(got, wanted))
+    assert [scenes.without_kinds(t) for t in got] == [scenes.without_kinds(w) for w in wanted], list(zip(got, wanted))
 
 
 def test_inspect_reports_no_problems(axengine_standin, demo_board_dir, capsys):

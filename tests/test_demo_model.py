@@ -47,6 +47,10 @@ def test_caption_lists_shapes_in_reading_order():
     assert answers["is there a triangle?"] == "no"
     assert answers["what colour is the square?"] == "blue"
     assert answers["where is the star?"] == "in the centre"
+    grouped = scene.questions_by_type()
+    assert list(grouped) == list(scenes.QUESTION_TYPES)
+    assert grouped["is there"][2] == ("is there a triangle?", "no") and len(grouped["where is"]) == 3
+    assert scenes.without_kinds(scene.caption()).startswith("a red shape on the left and a yellow shape")
 
 
 def test_colour_question_only_for_a_unique_kind():
@@ -121,10 +125,6 @@ def ask():
     return run
 
 
-def without_kinds(caption: str) -> str:
-    """As tools/eval_demo_model.py: kinds replaced by "shape", colours, places and count kept."""
-    return " ".join("shape" if word in scenes.KINDS else word for word in caption.split(" "))
-
 
 def colours_in(caption: str) -> list[str]:
     return [word for word in caption.split(" ") if word in scenes.COLOURS]
@@ -138,7 +138,7 @@ def test_fresh_scenes_get_exact_captions(ask):
         image, scene = scenes.draw_scene(seed)
         results.append((ask(np.asarray(image), CAPTION_PROMPT), scene.caption()))
     assert sum(got == want for got, want in results) >= 7, results
-    assert all(without_kinds(got) == without_kinds(want) for got, want in results), results
+    assert all(scenes.without_kinds(got) == scenes.without_kinds(want) for got, want in results), results
 
 
 def test_fresh_scenes_get_questions_that_name_a_kind_right(ask):

@@ -141,17 +141,8 @@ BACKENDS = {"ask": ask_asker, "cli": cli_asker, "engine": engine_asker, "transfo
 
 
 def pick_questions(scene: scenes.Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """One question of each kind the scene has: count, presence, colour, place."""
-    by_kind: dict[str, list[tuple[str, str]]] = {}
-    for question, answer in scene.questions():
-        by_kind.setdefault(" ".join(question.split()[:2]), []).append((question, answer))
-    return [rng.choice(pairs) for pairs in by_kind.values()]
-
-
-def without_kinds(caption: str) -> str:
-    """The caption with every shape kind replaced by "shape": what colour order, resize
-    and splice bugs break, independent of how well the model tells shapes apart."""
-    return " ".join("shape" if word in scenes.KINDS else word for word in caption.split(" "))
+    """One question of each type the scene has: count, presence, colour, place."""
+    return [rng.choice(pairs) for pairs in scene.questions_by_type().values()]
 
 
 def evaluate(ask, num_scenes: int, seed: int, swap_rb: bool = False, verbose: bool = True) -> dict:
@@ -168,12 +159,12 @@ def evaluate(ask, num_scenes: int, seed: int, swap_rb: bool = False, verbose: bo
         key = f"eval:{seed + i}"
         caption = ask(rgb, CAPTION_PROMPT, key)
         captions_ok += caption == scene.caption()
-        layouts_ok += without_kinds(caption) == without_kinds(scene.caption())
+        layouts_ok += scenes.without_kinds(caption) == scenes.without_kinds(scene.caption())
         if verbose and caption != scene.caption():
             print(f"scene {seed + i} caption: got {caption!r}, want {scene.caption()!r}", flush=True)
         for question, answer in pick_questions(scene, rng):
             got = ask(rgb, question, key)
-            kind = " ".join(question.split()[:2])
+            kind = scenes.question_type(question)
             per_kind.setdefault(kind, [0, 0])[0] += got == answer
             per_kind[kind][1] += 1
             answers_ok += got == answer

@@ -208,21 +208,11 @@ def pixel_values(images: list[Image.Image]):
 
 # ---- data ------------------------------------------------------------------------------
 
-QUESTION_TYPES = ("how many", "is there", "what colour", "where is")
-
-
-def questions_by_type(scene: scenes.Scene) -> dict[str, list[tuple[str, str]]]:
-    by_type: dict[str, list[tuple[str, str]]] = {}
-    for question, answer in scene.questions():
-        by_type.setdefault(" ".join(question.split()[:2]), []).append((question, answer))
-    return by_type
-
-
 def scene_pairs(scene: scenes.Scene, rng: random.Random, questions: int) -> list[tuple[str, str]]:
     """A caption and `questions` questions of distinct types (as the accuracy script asks
     one of each type), each a paraphrase a user may type."""
     pairs = [(rng.choice(scenes.CAPTION_PROMPTS), scene.caption())]
-    by_type = questions_by_type(scene)
+    by_type = scene.questions_by_type()
     for kind in rng.sample(sorted(by_type), min(questions, len(by_type))):
         question, answer = rng.choice(by_type[kind])
         pairs.append((question_variants(question, rng), answer))
@@ -476,7 +466,7 @@ def validation_batch(tok, encode_prompt, phase: Phase, images: int) -> Batch:
     """Fixed scenes from their own seed range (not the training stream, not the held-out
     scenes tools/eval_demo_model.py draws)."""
     return make_batch(np.random.default_rng(VALIDATION_SEED), random.Random(VALIDATION_SEED), tok, encode_prompt,
-                      Phase(0, 0.0, 0, 0, images, len(QUESTION_TYPES), 0.0), images)
+                      Phase(0, 0.0, 0, 0, images, len(scenes.QUESTION_TYPES), 0.0), images)
 
 
 def validate(model, aux_head, batch: Batch, kind_ids: list[int]) -> dict[str, float]:
