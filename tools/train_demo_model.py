@@ -329,9 +329,9 @@ def word_probe(model, tok):
 # ---- forward -----------------------------------------------------------------------------
 
 def forward(model, aux_head, batch: Batch, probe=None, fact_head=None):
-    """(answer loss, aux loss, answer logits): the vision tower runs once per image and
-    its 64 tokens are spliced into every sequence about that image, as the runtime
-    splices them at the <IMG_CONTEXT> positions."""
+    """(answer loss, aux loss, answer logits, their targets, their rows, image features):
+    the vision tower runs once per image and its 64 tokens are spliced into every
+    sequence about that image, as the runtime splices them at the <IMG_CONTEXT> positions."""
     import torch
     import torch.nn.functional as F
 
@@ -341,7 +341,7 @@ def forward(model, aux_head, batch: Batch, probe=None, fact_head=None):
     aux = aux_head(features).split(AUX_SIZES, dim=-1)  # (B, 64, 1 + classes) per field
     aux_loss = sum(_cell_loss(logits, batch.cells[:, field]) for field, logits in enumerate(aux))
     if batch.input_ids.shape[0] == 0:  # a vision-only step
-        return aux_loss.new_zeros(()), aux_loss, None, None, None
+        return aux_loss.new_zeros(()), aux_loss, None, None, None, features
     if probe is not None:
         aux_loss = aux_loss + probe(features, batch.cells[:, 0])
     hidden, start = decode(model, features, batch)  # (N, T - start, hidden): rows from `start` on
@@ -358,7 +358,7 @@ def forward(model, aux_head, batch: Batch, probe=None, fact_head=None):
     caption = batch.is_caption[row]
     questions = int((~batch.is_caption).sum().clamp(min=1))
     loss = per_token[caption].mean() + (per_token[~caption] / tokens[row][~caption]).sum() / questions
-    return loss, aux_loss, logits, targets[where], row
+    return loss, aux_loss, logits, targets[where], row, features
 
 
 def kind_fact_loss(fact_head, hidden, start: int, batch: Batch):
@@ -476,15 +476,11 @@ def validate(model, aux_head, batch: Batch, kind_ids: list[int]) -> dict[str, fl
 
     model.eval()
     with torch.no_grad():
-        _, _, logits, targets, row = forward(model, aux_head, batch)
+        _, _, logits, targets, row, features = forward(model, aux_head, batch)
         ok = exact_rows(logits, targets, row, batch.input_ids.shape[0])
-        features = model.model.get_image_features(
-            pixel_values=batch.pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"
-        ).pooler_output
         aux_kinds = aux_head(features)[..., : AUX_SIZES[0]].argmax(-1)  # (B, 64)
     model.train()
-    first = torch.ones_like(ok)
-    first[1:] = batch.image_index[1:] != batch.image_index[:-1]  # each image's first row is its caption
+    first = batch.is_caption
     is_kind = torch.isin(targets, torch.tensor(kind_ids))
     shape_cells = batch.cells[:, 0] > 0
     return {
