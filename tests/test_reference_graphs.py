@@ -66,7 +66,7 @@ def transformers_forward(tm: mf.TinyModel, embeds: np.ndarray):
             hook.remove()
     length = embeds.shape[0]
     layers = np.stack([c[0].numpy() for c in captured])
-    cache = out.past_key_values.layers
+    cache = out.cache.layers
     keys = np.stack([layer.keys[0].transpose(0, 1).reshape(length, -1).numpy() for layer in cache])
     values = np.stack([layer.values[0].transpose(0, 1).reshape(length, -1).numpy() for layer in cache])
     return layers, keys, values, logits

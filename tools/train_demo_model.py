@@ -401,7 +401,7 @@ def decode(model, features, batch: Batch):
     if start:
         prefix = ids[:1, :start].expand(features.shape[0], start)  # (B, P)
         embeds = embed(prefix).masked_scatter((prefix == image_id).unsqueeze(-1), features)
-        cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+        cache = lm(inputs_embeds=embeds, use_cache=True).cache
         cache.reorder_cache(batch.image_index)  # (N, heads, P, dim) per layer
     suffix = ids[:, start:]  # (N, S)
     embeds = embed(suffix)
@@ -409,7 +409,7 @@ def decode(model, features, batch: Batch):
     if spots.any():
         embeds = embeds.masked_scatter(spots, features[batch.image_index].to(embeds.dtype))
     positions = torch.arange(start, ids.shape[1])
-    out = lm(inputs_embeds=embeds, attention_mask=batch.attention, past_key_values=cache, use_cache=cache is not None,
+    out = lm(inputs_embeds=embeds, attention_mask=batch.attention, cache=cache, use_cache=cache is not None,
              position_ids=positions.expand(ids.shape[0], -1), cache_position=positions)
     return out.last_hidden_state, start
 
