@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
+import demo_data  # noqa: E402
 import train_demo_model as training  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def test_cell_labels_mark_the_cells_under_each_shape():
     )
     size = (224, 224)
     _, mask = scenes._render(scene, np.random.default_rng(0), size, with_mask=True)
-    labels = dict(zip(training.AUX_FIELDS, training.cell_labels(scene, mask).reshape(-1, 8, 8)))  # row-major
+    labels = dict(zip(demo_data.AUX_FIELDS, demo_data.cell_labels(scene, mask).reshape(-1, 8, 8)))  # row-major
     kinds, colours = labels["kind"], labels["colour"]
     # Left slot: centre at x = 0.2 * 224 ~ 45 px -> column 1; y = 112 px -> rows 3..4.
     assert kinds[3:5, 1].tolist() == [1 + scenes.KINDS.index("star")] * 2
@@ -69,7 +70,8 @@ def test_draw_scene_with_mask_draws_the_same_scene():
 
 def test_shared_prefix_gives_the_same_loss_and_gradients(monkeypatch, tmp_path):
     """The decoder computes the prompt part every sequence of an image shares once and
-    reuses its KV cache; loss and gradients must equal running every sequence whole."""
+    reuses its KV cache, in buckets of similar length; loss and gradients must equal
+    running every sequence whole in one padded batch."""
     import random
 
     from transformers import InternVLForConditionalGeneration
@@ -78,13 +80,14 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(monkeypatch, tmp_path):
     tok = training.build_tokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))
     model = InternVLForConditionalGeneration(training.model_config(tok)).float()
-    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(training.AUX_SIZES))
-    phase = training.Phase(1, 1e-3, 1, 1, images=3, questions=4, aux_weight=0.5)
-    batch = training.make_batch(np.random.default_rng(5), random.Random(5), tok,
-                                training.prompt_encoder(tok, tmp_path), phase, 3)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(demo_data.AUX_SIZES))
+    batch = demo_data.make_batch(np.random.default_rng(5), random.Random(5), training.chat_template(tmp_path),
+                                 demo_data.Mix(), 3)
+    assert (batch.image_index < 0).any() and len(set(batch.segment_types)) > 3  # text-only rows, several kinds
     results = []
-    for shared in (False, True):
+    for shared, buckets in ((False, 1), (True, 3)):
         monkeypatch.setattr(training, "SHARED_PREFIX", shared)
+        monkeypatch.setattr(training, "BUCKETS", buckets)
         model.zero_grad()
         loss, aux_loss, *_ = training.forward(model, head, batch)
         (loss + aux_loss).backward()
