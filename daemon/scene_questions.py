@@ -12,7 +12,8 @@ Contract:
   npu.engine.formats.format_hint). With NUMBER_HINT the count is digits ("2", not "two");
   with an enum hint the answer is the option that is right.
 - Anything else (another subject, another task, a thing that is not a shape) gets
-  OUT_OF_WORLD_REPLY, hint or not.
+  OUT_OF_WORLD_REPLY, hint or not; so does every prompt asked without an image or about
+  several images (the demo knows one scene at a time).
 - `answer(scene, prompt)` is the right answer to any prompt, or None where the scene has
   no single right one (the colour of a kind it shows twice or not at all, an enum without
   the right option, a hint the question type does not take).
@@ -37,6 +38,17 @@ _ENUM_LEAD = "Answer with one of: "
 
 def enum_hint(options) -> str:
     return _ENUM_LEAD + ", ".join(options) + "."
+
+
+def format_hint(schema: dict) -> str:
+    """The hint vlmd appends to a question asked with `format` = `schema`."""
+    if schema.get("type") == "boolean":
+        return BOOLEAN_HINT
+    if schema.get("type") in ("integer", "number"):
+        return NUMBER_HINT
+    if "enum" in schema:
+        return enum_hint(schema["enum"])
+    raise ValueError(f"no hint for format {schema!r}")
 
 
 FORMS: dict[str, tuple[str, ...]] = {
@@ -152,10 +164,11 @@ def parse(prompt: str):
     return "out of world", "", hint, options, None, None
 
 
-def answer(scene: scenes.Scene, prompt: str) -> str | None:
-    """The one right answer to `prompt` about `scene`, None when there is none."""
+def answer(scene: scenes.Scene | None, prompt: str) -> str | None:
+    """The one right answer to `prompt` about `scene` (None: asked without an image or
+    about several, when every prompt gets OUT_OF_WORLD_REPLY), None when there is none."""
     kind, _, hint, options, colour, shape = parse(prompt)
-    if kind == "out of world":
+    if kind == "out of world" or scene is None:
         return OUT_OF_WORLD_REPLY
     if hint not in ("plain", *HINTS.get(kind, ())):
         return None

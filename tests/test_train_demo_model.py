@@ -99,6 +99,31 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(monkeypatch, tmp_path):
         assert torch.allclose(full, shared, atol=1e-7, rtol=1e-4)
 
 
+def test_conversations_are_tokenised_as_the_engine_renders_them(tmp_path):
+    """A one-turn prompt gives ChatTemplate.encode_prompt's ids; a conversation gives the
+    ids of its whole rendered text (system, then per turn user role, images, question,
+    separator, assistant role, answer, separator), and the answer spans hold the answers."""
+    tok = training.build_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = training.chat_template(tmp_path)
+    question = "What colour is the star? Answer with one of: red, blue."
+    one = demo_data.encode_conversation(template, [(question, 1, None)])
+    assert one.ids == template.encode_prompt(question, 1, demo_data.NUM_IMAGE_TOKENS).ids
+    turns = [("Describe the image.", 1, "a red star on the left"), ("Is there a star?", 0, "yes"),
+             ("Where is the star?", 0, "on the left")]
+    spec, sep = template.spec, template.spec.sep
+    text = spec.system_template.format(system=template.system_message) + sep
+    for question, images, answer in turns:
+        text += spec.user_role + template.image_blocks(images, demo_data.NUM_IMAGE_TOKENS) + question + sep
+        text += spec.assistant_role + answer + sep
+    encoded = demo_data.encode_conversation(template, turns, types=["caption", "is there", "where is"])
+    assert encoded.ids == template.tokenizer.encode(text)
+    assert [template.tokenizer.decode(encoded.ids[a:b]) for a, b, _ in encoded.answers] == [
+        answer + sep for _, _, answer in turns]
+    assert [(kind, turn) for _, kind, turn in encoded.kind_words] == [("star", 1), ("star", 2)]
+    assert template.tokenizer.decode(encoded.ids[: encoded.num_prefix_ids]).endswith("</img>\n")
+
+
 @pytest.mark.slow
 def test_same_recipe_writes_the_same_weights(tmp_path):
     digests = []

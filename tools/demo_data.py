@@ -51,7 +51,8 @@ class Mix:
     later_caption: float = 0.1  # a later turn asks for the caption ...
     out_of_world: float = 0.12  # ... or something out of world (also a first question's share)
     typed: float = 0.3  # share of questions with a format hint
-    text_only: int = 2  # conversations without an image, per step (out of world)
+    text_only: int = 2  # conversations without an image, per step (every prompt gets the reply)
+    several_images: int = 1  # conversations about 2-3 of the step's images at once (the same)
 
 
 # ---- what is asked ---------------------------------------------------------------------
@@ -59,12 +60,26 @@ class Mix:
 def _turn(scene: scenes.Scene | None, rng: random.Random, wanted: str, mix: Mix) -> scene_questions.Asked:
     if wanted == "caption" and scene is not None:
         return scene_questions.draw_caption(scene, rng)
-    if wanted == "out of world" or scene is None:
+    if scene is None:  # without an image every prompt gets the reply, the demo's own questions too
+        return _reply(out_of_world_prompt(rng, "train") if rng.random() < 0.5 else _any_question(rng))
+    if wanted == "out of world":
         text = out_of_world_prompt(rng, "train")
         if rng.random() < 0.1:  # a format hint does not make it a question about shapes
             text = scene_questions.with_hint(text, rng.choice(("boolean", "number")))
-        return scene_questions.Asked(text, scene_questions.OUT_OF_WORLD_REPLY, "out of world", "", "plain")
+        return _reply(text)
     return scene_questions.draw_question(scene, rng, typed=mix.typed)
+
+
+def _reply(text: str) -> scene_questions.Asked:
+    return scene_questions.Asked(text, scene_questions.OUT_OF_WORLD_REPLY, "out of world", "", "plain")
+
+
+def _any_question(rng: random.Random) -> str:
+    """A caption prompt or a question about some scene (its text only)."""
+    scene = scenes.random_scene(rng.randrange(2**31))
+    if rng.random() < 0.3:
+        return scene_questions.draw_caption(scene, rng).text
+    return scene_questions.draw_question(scene, rng).text
 
 
 def conversations(scene: scenes.Scene | None, rng: random.Random, mix: Mix) -> list[list[scene_questions.Asked]]:
@@ -95,11 +110,12 @@ class Encoded:
     num_prefix_ids: int  # ids before the first question (system, user role, image)
 
 
-def encode_conversation(template, turns: list[tuple[str, int, str]], image_tokens: int = NUM_IMAGE_TOKENS,
+def encode_conversation(template, turns: list[tuple[str, int, str | None]], image_tokens: int = NUM_IMAGE_TOKENS,
                         types: list[str] | None = None) -> Encoded:
     """Ids of turns [(question, num_images, answer)] as `ChatTemplate.render_conversation`
-    renders them with every answer given, plus the last answer's separator (the stop token
-    the model must learn). User text is encoded as plain text, as the engine does."""
+    renders them; a last answer that is given is followed by its separator (the stop token
+    the model must learn), a last answer None leaves the prompt open after the assistant
+    role, as the engine asks it. User text is encoded as plain text, as the engine does."""
     spec, tok = template.spec, template.tokenizer
     sep_id = tok.encode(spec.sep.strip())
     kind_ids = {tok.token_id("\u0120" + kind): kind for kind in scenes.KINDS}
@@ -113,6 +129,8 @@ def encode_conversation(template, turns: list[tuple[str, int, str]], image_token
         if kinds:
             kind_words.append((len(ids) + kinds[-1][0], kinds[-1][1], turn))
         ids += question_ids + tok.encode(spec.sep + spec.assistant_role)
+        if answer is None:
+            break
         answer_ids = tok.encode(answer, parse_special=False) + sep_id
         answers.append((len(ids), len(ids) + len(answer_ids), (types or ["?"] * len(turns))[turn]))
         ids += answer_ids
@@ -161,7 +179,8 @@ def pixel_values(images: list[Image.Image]):
 class Batch:
     pixels: object  # float [B, 3, 224, 224]
     cells: object  # long [B, 3, 64]: aux labels (kind, colour, place) per image token
-    image_index: object  # long [N]: which image each sequence shows, -1 for none
+    image_index: object  # long [N]: the one image a sequence shows, -1 for none or several
+    row_images: list  # per sequence: the images it shows, in prompt order
     num_prefix: int  # ids every sequence with an image shares (system, user role, image)
     input_ids: object  # long [N, T]
     attention: object  # long [N, T]
@@ -183,14 +202,17 @@ def make_batch(np_rng, py_rng, template, mix: Mix, images: int, text: bool = Tru
         frames.append(image)
         cells.append(cell_labels(scene, mask))
         drawn.append(scene)
-    talks = []  # (image index or -1, scene, turns)
+    talks = []  # (images shown, scene or None, turns)
     if text:
-        talks = [(i, scene, turns) for i, scene in enumerate(drawn) for turns in conversations(scene, py_rng, mix)]
-        talks += [(-1, None, turns) for _ in range(mix.text_only) for turns in conversations(None, py_rng, mix)]
+        talks = [([i], scene, turns) for i, scene in enumerate(drawn) for turns in conversations(scene, py_rng, mix)]
+        talks += [([], None, turns) for _ in range(mix.text_only) for turns in conversations(None, py_rng, mix)]
+        for _ in range(mix.several_images if images > 1 else 0):
+            shown = py_rng.sample(range(images), py_rng.randint(2, min(3, images)))
+            talks += [(shown, None, turns) for turns in conversations(None, py_rng, mix)]
     encoded = []
-    for index, scene, turns in talks:
+    for shown, scene, turns in talks:
         types = [t.type if k == 0 else t.type + ":later" for k, t in enumerate(turns)]
-        ask = [(t.text, int(k == 0 and index >= 0), t.answer) for k, t in enumerate(turns)]
+        ask = [(t.text, len(shown) if k == 0 else 0, t.answer) for k, t in enumerate(turns)]
         encoded.append(encode_conversation(template, ask, types=types))
     return _tensors(pixel_values(frames), np.stack(cells), talks, encoded)
 
@@ -221,9 +243,12 @@ def _tensors(pixels, cells, talks, encoded: list[Encoded]) -> Batch:
                 fact_rows.append(row)
                 fact_at.append(at)
                 facts.append(question_facts(scene, kind))
-    with_image = [e.num_prefix_ids for (index, _, _), e in zip(talks, encoded) if index >= 0]
-    return Batch(pixels, torch.from_numpy(cells), torch.tensor([t[0] for t in talks], dtype=torch.long),
-                 min(with_image, default=0), input_ids, attention, labels, weights, segments, segment_types,
+    one_image = [len(shown) == 1 for shown, _, _ in talks]
+    with_image = [e.num_prefix_ids for one, e in zip(one_image, encoded) if one]
+    return Batch(pixels, torch.from_numpy(cells),
+                 torch.tensor([shown[0] if one else -1 for (shown, _, _), one in zip(talks, one_image)],
+                              dtype=torch.long),
+                 [shown for shown, _, _ in talks], min(with_image, default=0), input_ids, attention, labels, weights, segments, segment_types,
                  torch.tensor(fact_rows, dtype=torch.long), torch.tensor(fact_at, dtype=torch.long),
                  torch.tensor(facts, dtype=torch.long).reshape(-1, 3))
 

@@ -61,8 +61,8 @@ FIXED = (
     "Can you draw a circle?", "Why is the sky blue?", "What is a triangle?", "Hello there!",
 )
 TEMPLATES = (
-    "Who is at the {place}?", "What is the {topic} like?", "Say {greeting}.", "{Greeting}!",
-    "Tell me about the {noun}.", "Tell me a {tale}.", "Is there a {noun}?", "Is there a {colour} {noun}?",
+    "Who is at the {place}?", "What is the {topic} like?", "Tell me a {tale}.", "Say {greeting}.",
+    "{Greeting}!", "Tell me about the {noun}.", "Is there a {noun}?", "Is there a {colour} {noun}?",
     "Do you see a {noun}?", "How many {nouns} are there?", "How many {nouns} do you see?", "Count the {nouns}.",
     "What colour is the {noun}?", "Where is the {noun}?", "Where is my {noun}?", "Where is {name}?",
     "Is the {kind} {adjective}?", "Why is the {kind} {colour}?", "Can the {kind} {verb}?",

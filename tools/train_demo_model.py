@@ -236,7 +236,7 @@ def decode(model, features, batch: Batch):
     and shared-prefix positions, which nothing reads). The prefix every sequence with an
     image shares (system message, user role, image) runs once per image with a KV cache,
     which each sequence's rest then continues from; the rests run in BUCKETS groups of
-    similar length, sequences without an image in one more."""
+    similar length; sequences without an image or with several in one more."""
     from transformers import DynamicCache
 
     ids, lengths = batch.input_ids, batch.attention.sum(dim=1)  # (N, T), (N,)
@@ -259,8 +259,9 @@ def decode(model, features, batch: Batch):
         suffix = ids[rows, offset:end]  # (R, S)
         embeds = embed(suffix)
         spots = (suffix == image_id).unsqueeze(-1)
-        if spots.any():
-            embeds = embeds.masked_scatter(spots, features[batch.image_index[rows]].to(embeds.dtype))
+        if spots.any():  # each row's images' tokens, in prompt order
+            shown = torch.cat([features[batch.row_images[row]] for row in rows.tolist()])  # (images, 64, hidden)
+            embeds = embeds.masked_scatter(spots, shown.to(embeds.dtype))
         cache = None
         if offset:
             pick = batch.image_index[rows]
