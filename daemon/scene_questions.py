@@ -7,10 +7,10 @@ Contract:
   each of `scenes.QUESTION_TYPES` ("{kind}" is a shape kind; "{thing}" a kind, a colour and
   a kind, or a colour and "shape"). A prompt may start lower case, spell "color", and drop
   its final "?" or "." (`variant` draws such spellings).
-- Typed answers: for a `format`, vlmd appends one space and a hint to the question:
-  BOOLEAN_HINT, NUMBER_HINT or `enum_hint(options)` (the strings of
-  npu.engine.formats.format_hint). With NUMBER_HINT the count is digits ("2", not "two");
-  with an enum hint the answer is the option that is right.
+- Typed answers: for a `format`, vlmd appends one space and a hint to the question
+  (npu.engine.formats.format_hint): BOOLEAN_HINT, NUMBER_HINT or "Answer with one of: ...".
+  With NUMBER_HINT the count is digits ("2", not "two"); with an enum hint the answer is
+  the option that is right.
 - Anything else (another subject, another task, a thing that is not a shape) gets
   OUT_OF_WORLD_REPLY, hint or not; so does every prompt asked without an image or about
   several images (the demo knows one scene at a time).
@@ -28,27 +28,14 @@ import re
 from dataclasses import dataclass
 
 from daemon import scenes
+from npu.engine.formats import BOOLEAN_HINT, NUMBER_HINT, format_hint
+
+__all__ = ["BOOLEAN_HINT", "FORMS", "HINTS", "NUMBER_HINT", "OUT_OF_WORLD_REPLY", "THINGS", "Asked", "answer",
+           "draw_caption", "draw_question", "format_hint", "parse", "question_types", "variant", "with_hint"]
 
 OUT_OF_WORLD_REPLY = "I only know shapes and colours."
-# Until npu.engine.formats.format_hint is on main: its strings, literally.
-BOOLEAN_HINT = "Answer yes or no."
-NUMBER_HINT = "Answer with a number."
-_ENUM_LEAD = "Answer with one of: "
-
-
-def enum_hint(options) -> str:
-    return _ENUM_LEAD + ", ".join(options) + "."
-
-
-def format_hint(schema: dict) -> str:
-    """The hint vlmd appends to a question asked with `format` = `schema`."""
-    if schema.get("type") == "boolean":
-        return BOOLEAN_HINT
-    if schema.get("type") in ("integer", "number"):
-        return NUMBER_HINT
-    if "enum" in schema:
-        return enum_hint(schema["enum"])
-    raise ValueError(f"no hint for format {schema!r}")
+# The formats each hint kind stands for (what a client sends as `format`).
+HINT_FORMATS = {"boolean": {"type": "boolean"}, "number": {"type": "integer", "minimum": 0, "maximum": 3}}
 
 
 FORMS: dict[str, tuple[str, ...]] = {
@@ -112,11 +99,10 @@ def variant(text: str, rng: random.Random, lower: float = 0.3, color: float = 0.
 
 
 def with_hint(question: str, hint: str, options=()) -> str:
-    """The question as vlmd sends it for a format of this kind."""
+    """The question as vlmd sends it for a format of this kind ("enum": of `options`)."""
     if hint == "plain":
         return question
-    suffix = {"boolean": BOOLEAN_HINT, "number": NUMBER_HINT}.get(hint) or enum_hint(options)
-    return question + " " + suffix
+    return question + " " + format_hint(HINT_FORMATS.get(hint) or {"enum": list(options)})
 
 
 def _normal(text: str) -> str:

@@ -77,11 +77,14 @@ def test_without_an_image_every_prompt_gets_the_reply():
     assert sq.answer(None, "Describe the image.") == sq.answer(None, "Say hello.") == sq.OUT_OF_WORLD_REPLY
 
 
-def test_format_hints_are_vlmds_strings():
-    assert sq.format_hint({"type": "boolean"}) == "Answer yes or no."
-    assert sq.format_hint({"type": "integer", "minimum": 0}) == sq.format_hint({"type": "number"})
-    assert sq.format_hint({"type": "number"}) == "Answer with a number."
-    assert sq.format_hint({"enum": ["red", "blue"]}) == "Answer with one of: red, blue."
+def test_hinted_questions_are_what_vlmd_asks_for_a_format():
+    from npu.engine.formats import with_hint
+
+    question = "Is there a star?"
+    assert sq.with_hint(question, "boolean") == with_hint(question, {"type": "boolean"})
+    assert sq.with_hint(question, "number") == with_hint(question, {"type": "number"})
+    assert sq.with_hint(question, "enum", ["no", "yes"]) == with_hint(question, {"enum": ["no", "yes"]})
+    assert sq.with_hint(question, "plain") == question
 
 
 def test_drawn_questions_have_one_right_answer_and_cover_every_phrasing():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from daemon import scenes
+from npu.text.template import Turn
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -101,25 +102,25 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(monkeypatch, tmp_path):
 
 def test_conversations_are_tokenised_as_the_engine_renders_them(tmp_path):
     """A one-turn prompt gives ChatTemplate.encode_prompt's ids; a conversation gives the
-    ids of its whole rendered text (system, then per turn user role, images, question,
-    separator, assistant role, answer, separator), and the answer spans hold the answers."""
+    ids of ChatTemplate.render_conversation's text, answered (training) or with the last
+    turn open (asking), and the answer spans hold the answers."""
     tok = training.build_tokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))
     template = training.chat_template(tmp_path)
     question = "What colour is the star? Answer with one of: red, blue."
-    one = demo_data.encode_conversation(template, [(question, 1, None)])
+    one = demo_data.encode_conversation(template, [Turn(question, 1)])
     assert one.ids == template.encode_prompt(question, 1, demo_data.NUM_IMAGE_TOKENS).ids
-    turns = [("Describe the image.", 1, "a red star on the left"), ("Is there a star?", 0, "yes"),
-             ("Where is the star?", 0, "on the left")]
-    spec, sep = template.spec, template.spec.sep
-    text = spec.system_template.format(system=template.system_message) + sep
-    for question, images, answer in turns:
-        text += spec.user_role + template.image_blocks(images, demo_data.NUM_IMAGE_TOKENS) + question + sep
-        text += spec.assistant_role + answer + sep
+    turns = [Turn("Describe the image.", 1, "a red star on the left"), Turn("Is there a star?", 0, "yes"),
+             Turn("Where is the star?", 0, "on the left")]
+    text = template.render_conversation(turns, demo_data.NUM_IMAGE_TOKENS)
     encoded = demo_data.encode_conversation(template, turns, types=["caption", "is there", "where is"])
+    sep = template.spec.sep
     assert encoded.ids == template.tokenizer.encode(text)
     assert [template.tokenizer.decode(encoded.ids[a:b]) for a, b, _ in encoded.answers] == [
-        answer + sep for _, _, answer in turns]
+        turn.answer + sep for turn in turns]
+    asked = demo_data.encode_conversation(template, [*turns[:2], Turn("Where is the star?", 0)])
+    assert asked.ids == template.tokenizer.encode(
+        template.render_conversation([*turns[:2], Turn("Where is the star?", 0)], demo_data.NUM_IMAGE_TOKENS))
     assert [(kind, turn) for _, kind, turn in encoded.kind_words] == [("star", 1), ("star", 2)]
     assert template.tokenizer.decode(encoded.ids[: encoded.num_prefix_ids]).endswith("</img>\n")
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from daemon import scene_questions, scenes
+from npu.text.template import Turn
 from out_of_world import out_of_world_prompt
 
 IMAGE_SIZE = 224
@@ -110,12 +111,12 @@ class Encoded:
     num_prefix_ids: int  # ids before the first question (system, user role, image)
 
 
-def encode_conversation(template, turns: list[tuple[str, int, str | None]], image_tokens: int = NUM_IMAGE_TOKENS,
+def encode_conversation(template, turns: list[Turn], image_tokens: int = NUM_IMAGE_TOKENS,
                         types: list[str] | None = None) -> Encoded:
-    """Ids of turns [(question, num_images, answer)] as `ChatTemplate.render_conversation`
-    renders them; a last answer that is given is followed by its separator (the stop token
-    the model must learn), a last answer None leaves the prompt open after the assistant
-    role, as the engine asks it. User text is encoded as plain text, as the engine does."""
+    """Ids of `ChatTemplate.render_conversation(turns)`; with every answer given (training)
+    the last one is followed by its separator, the stop token the model must learn. Encoded
+    in pieces (user text as plain text, as the engine encodes questions) so that answers
+    and kind words are known by position."""
     spec, tok = template.spec, template.tokenizer
     sep_id = tok.encode(spec.sep.strip())
     kind_ids = {tok.token_id("\u0120" + kind): kind for kind in scenes.KINDS}
@@ -212,7 +213,7 @@ def make_batch(np_rng, py_rng, template, mix: Mix, images: int, text: bool = Tru
     encoded = []
     for shown, scene, turns in talks:
         types = [t.type if k == 0 else t.type + ":later" for k, t in enumerate(turns)]
-        ask = [(t.text, len(shown) if k == 0 else 0, t.answer) for k, t in enumerate(turns)]
+        ask = [Turn(t.text, len(shown) if k == 0 else 0, t.answer) for k, t in enumerate(turns)]
         encoded.append(encode_conversation(template, ask, types=types))
     return _tensors(pixel_values(frames), np.stack(cells), talks, encoded)
 

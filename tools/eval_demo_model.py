@@ -139,8 +139,8 @@ def transformers_asker(model_dir: Path, precision: str):
     from transformers import InternVLForConditionalGeneration
 
     import demo_data
-    from npu.template import ChatTemplate
-    from npu.tokenizer import Tokenizer
+    from npu.text.template import ChatTemplate
+    from npu.text.tokenizer import Tokenizer
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = InternVLForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype).eval()
@@ -169,12 +169,13 @@ BACKENDS = {"ask": ask_asker, "cli": cli_asker, "engine": engine_asker, "transfo
 def conversation_asker(model_dir: Path, precision: str):
     """converse(rgb, questions, image_key) -> answers: each turn asked through npu's Engine
     with the earlier turns and the model's own answers before it, the image in turn one.
-    The prompt ids come from the checkpoint's chat template pieces (demo_data's
-    `encode_conversation`), until the engine takes turns itself."""
+    The prompt ids are those of the checkpoint's `ChatTemplate.render_conversation`
+    (demo_data's `encode_conversation`), until the engine takes turns itself."""
     import demo_data
     from npu.engine import DoneEvent, Engine, GenerationOptions, Prompt
     from npu.model import load_model
-    from npu.prompt import EncodedPrompt
+    from npu.engine.prompt import EncodedPrompt
+    from npu.text.template import Turn
 
     class ConversationEngine(Engine):
         turns: list | None = None
@@ -193,7 +194,7 @@ def conversation_asker(model_dir: Path, precision: str):
     def converse(rgb, questions: list[str], image_key: str) -> list[str]:
         answers: list[str] = []
         for question in questions:
-            engine.turns = [(q, int(i == 0), a) for i, (q, a) in enumerate(zip(questions, [*answers, None]))]
+            engine.turns = [Turn(q, int(i == 0), a) for i, (q, a) in enumerate(zip(questions, [*answers, None]))]
             events = list(engine.generate(Prompt(text=question, images=[rgb], image_key=image_key), options))
             assert isinstance(events[-1], DoneEvent)
             answers.append(events[-1].text)

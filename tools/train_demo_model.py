@@ -65,8 +65,8 @@ import demo_data  # noqa: E402
 import out_of_world  # noqa: E402
 from daemon import scene_questions, scenes  # noqa: E402
 from demo_data import AUX_SIZES, NUM_IMAGE_TOKENS, QUESTION_FACT_SIZES, Batch, Mix  # noqa: E402
-from npu.template import INTERNVL2_SYSTEM, ChatTemplate  # noqa: E402
-from npu.tokenizer import Tokenizer  # noqa: E402
+from npu.text.template import INTERNVL2_SYSTEM, ChatTemplate  # noqa: E402
+from npu.text.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_OUT = REPO / "npu" / "assets" / "demo_model"
 # InternVL2-1B's added tokens, in its id order (appended after the BPE vocabulary).
