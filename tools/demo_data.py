@@ -54,6 +54,7 @@ class Mix:
     typed: float = 0.3  # share of questions with a format hint
     text_only: int = 2  # conversations without an image, per step (every prompt gets the reply)
     several_images: int = 1  # conversations about 2-3 of the step's images at once (the same)
+    caption_weight: float = 1.0  # the caption tokens' share of the answer loss, the other answers' being 1
 
 
 # ---- what is asked ---------------------------------------------------------------------
@@ -215,10 +216,10 @@ def make_batch(np_rng, py_rng, template, mix: Mix, images: int, text: bool = Tru
         types = [t.type if k == 0 else t.type + ":later" for k, t in enumerate(turns)]
         ask = [Turn(t.text, len(shown) if k == 0 else 0, t.answer) for k, t in enumerate(turns)]
         encoded.append(encode_conversation(template, ask, types=types))
-    return _tensors(pixel_values(frames), np.stack(cells), talks, encoded)
+    return _tensors(pixel_values(frames), np.stack(cells), talks, encoded, mix.caption_weight)
 
 
-def _tensors(pixels, cells, talks, encoded: list[Encoded]) -> Batch:
+def _tensors(pixels, cells, talks, encoded: list[Encoded], caption_weight: float) -> Batch:
     count, length = len(encoded), max((len(e.ids) for e in encoded), default=0)
     input_ids = torch.zeros((count, length), dtype=torch.long)  # (N, T) pad 0, never attended
     labels = torch.full((count, length), -100, dtype=torch.long)  # (N, T)
@@ -233,9 +234,10 @@ def _tensors(pixels, cells, talks, encoded: list[Encoded]) -> Batch:
         attention[row, : len(e.ids)] = 1
         for first, end, kind in e.answers:
             labels[row, first:end] = torch.tensor(e.ids[first:end])
-            # Captions and questions weigh the same: the mean over caption tokens plus the mean
-            # over other answers (a one-word answer teaches as much binding as a caption).
-            weights[row, first:end] = 1 / sum(captions) if kind.startswith("caption") else 1 / (others * (end - first))
+            # The mean over caption tokens plus the mean over other answers: a one-word answer
+            # teaches as much binding as a caption.
+            weights[row, first:end] = (caption_weight / sum(captions) if kind.startswith("caption")
+                                       else 1 / (others * (end - first)))
             segments[row, first:end] = len(segment_types)
             segment_types.append(kind)
         _, scene, turns = talks[row]

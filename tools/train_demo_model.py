@@ -77,7 +77,7 @@ ADDED_TOKENS = (
 BPE_VOCAB = 1024
 VALIDATION_SEED = 8_000_000
 SHARED_PREFIX = True  # compute the common prompt prefix once per image (same result, less work)
-BUCKETS = 3  # sequences with an image run in this many groups of similar length (less padding)
+BUCKETS = 6  # sequences with one image run in this many groups of similar length (less padding)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Phase:
 
 
 RECIPE = Phase(steps=2400, lr=2e-3, warmup=100, seed=1234, images=12, aux_weight=0.5,
-               vision_steps=600, vision_images=32, mix=Mix())
+               vision_steps=600, vision_images=32, mix=Mix(caption_weight=1.5))
 
 
 # ---- tokenizer and template ----------------------------------------------------------
@@ -236,7 +236,7 @@ def decode(model, features, batch: Batch):
     and shared-prefix positions, which nothing reads). The prefix every sequence with an
     image shares (system message, user role, image) runs once per image with a KV cache,
     which each sequence's rest then continues from; the rests run in BUCKETS groups of
-    similar length; sequences without an image or with several in one more."""
+    similar length; sequences without an image or with several in two more."""
     from transformers import DynamicCache
 
     ids, lengths = batch.input_ids, batch.attention.sum(dim=1)  # (N, T), (N,)
@@ -250,8 +250,8 @@ def decode(model, features, batch: Batch):
         head = ids[image_rows[:1], :start].expand(features.shape[0], start)  # (B, P)
         embeds = embed(head).masked_scatter((head == image_id).unsqueeze(-1), features)
         prefix = lm(inputs_embeds=embeds, use_cache=True).cache  # (B, kv heads, P, dim) per layer
-    groups = [(rows, start if prefix is not None else 0) for rows in _buckets(image_rows, lengths)]
-    groups.append(((batch.image_index < 0).nonzero()[:, 0], 0))
+    groups = [(rows, start if prefix is not None else 0) for rows in _buckets(image_rows, lengths, BUCKETS)]
+    groups += [(rows, 0) for rows in _buckets((batch.image_index < 0).nonzero()[:, 0], lengths, 2)]
     for rows, offset in groups:
         if rows.numel() == 0:
             continue
@@ -273,12 +273,12 @@ def decode(model, features, batch: Batch):
     return hidden
 
 
-def _buckets(rows, lengths):
-    """`rows` by length, cut into BUCKETS groups of about the same count."""
+def _buckets(rows, lengths, count: int):
+    """`rows` by length, cut into `count` groups of about the same size."""
     if rows.numel() == 0:
         return []
     order = rows[torch.sort(lengths[rows], stable=True).indices]
-    return [group for group in torch.tensor_split(order, min(BUCKETS, len(order))) if group.numel()]
+    return [group for group in torch.tensor_split(order, min(count, len(order))) if group.numel()]
 
 
 def _cell_loss(logits, labels):
