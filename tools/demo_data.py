@@ -190,6 +190,7 @@ class Batch:
     weights: object  # float [N, T]: each label's share of the answer loss
     segments: object  # long [N, T]: which answer a label belongs to, -1 elsewhere
     segment_types: list  # per answer: "caption", a question type or "out of world"; ":later" after turn 1
+    segment_forms: list  # per answer: its phrasing and hint ("Is there a {colour} {kind}? / boolean")
     fact_rows: object  # long [F]: sequence of each question that names a shape kind
     fact_at: object  # long [F]: where its kind word sits
     facts: object  # long [F, 3]: about that kind: present?, colour, place (0 none, -100 unknown)
@@ -211,12 +212,15 @@ def make_batch(np_rng, py_rng, template, mix: Mix, images: int, text: bool = Tru
         for _ in range(mix.several_images if images > 1 else 0):
             shown = py_rng.sample(range(images), py_rng.randint(2, min(3, images)))
             talks += [(shown, None, turns) for turns in conversations(None, py_rng, mix)]
-    encoded = []
+    encoded, forms = [], []
     for shown, scene, turns in talks:
         types = [t.type if k == 0 else t.type + ":later" for k, t in enumerate(turns)]
         ask = [Turn(t.text, len(shown) if k == 0 else 0, t.answer) for k, t in enumerate(turns)]
         encoded.append(encode_conversation(template, ask, types=types))
-    return _tensors(pixel_values(frames), np.stack(cells), talks, encoded, mix.caption_weight)
+        forms += [f"{t.form or t.type} / {t.hint}" for t in turns]
+    batch = _tensors(pixel_values(frames), np.stack(cells), talks, encoded, mix.caption_weight)
+    batch.segment_forms = forms
+    return batch
 
 
 def _tensors(pixels, cells, talks, encoded: list[Encoded], caption_weight: float) -> Batch:
@@ -248,12 +252,13 @@ def _tensors(pixels, cells, talks, encoded: list[Encoded], caption_weight: float
                 facts.append(question_facts(scene, kind))
     one_image = [len(shown) == 1 for shown, _, _ in talks]
     with_image = [e.num_prefix_ids for one, e in zip(one_image, encoded) if one]
-    return Batch(pixels, torch.from_numpy(cells),
-                 torch.tensor([shown[0] if one else -1 for (shown, _, _), one in zip(talks, one_image)],
-                              dtype=torch.long),
-                 [shown for shown, _, _ in talks], min(with_image, default=0), input_ids, attention, labels, weights, segments, segment_types,
-                 torch.tensor(fact_rows, dtype=torch.long), torch.tensor(fact_at, dtype=torch.long),
-                 torch.tensor(facts, dtype=torch.long).reshape(-1, 3))
+    image_index = [shown[0] if one else -1 for (shown, _, _), one in zip(talks, one_image)]
+    return Batch(pixels=pixels, cells=torch.from_numpy(cells), image_index=torch.tensor(image_index, dtype=torch.long),
+                 row_images=[shown for shown, _, _ in talks], num_prefix=min(with_image, default=0),
+                 input_ids=input_ids, attention=attention, labels=labels, weights=weights, segments=segments,
+                 segment_types=segment_types, segment_forms=[], fact_rows=torch.tensor(fact_rows, dtype=torch.long),
+                 fact_at=torch.tensor(fact_at, dtype=torch.long),
+                 facts=torch.tensor(facts, dtype=torch.long).reshape(-1, 3))
 
 
 class BatchStream:
