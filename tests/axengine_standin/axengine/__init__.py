@@ -22,7 +22,11 @@ from its documented behaviour, not copied:
 A stand-in ".axmodel" is a small JSON file:
 `{"format": "vlmd-axengine-standin/1", "checkpoint": DIR, "graph": "vision" | "layer<i>" | "post",
   "precision": "bf16" | "fp32", "kv_capacity": N, "prefill_chunk": N, "history_groups": N,
-  "post_topk": K (optional)}`; the graph is the reference graph H1 builds from DIR.
+  "post_topk": K (optional)}`; the graph is the reference graph H1 builds from DIR. Optional
+build keys, as published builds differ: "history_lengths" [128, 256, ...] (Pulsar2's
+`--last_kv_cache_len` list, instead of history_groups), "placeholder" "hidden" | "kv_dim"
+(group 1's K/V placeholder width), "vision_input" "uint8_nhwc" | "float32_nchw",
+"vision_output" "bf16" | "fp32" (npu.reference.build_reference_sessions).
 """
 
 from __future__ import annotations

@@ -50,17 +50,24 @@ _GRAPHS: dict[tuple, Any] = {}
 _GRAPHS_LOCK = threading.Lock()
 
 
+# Build options a spec may carry, passed to the reference builder as they are (see __init__.py).
+_BUILD_OPTIONS = ("history_lengths", "placeholder", "vision_input", "vision_output")
+
+
 def _reference_sessions(spec: dict) -> Any:
     """H1's reference graphs for the checkpoint, built once per (checkpoint, build options)."""
     from npu.reference import build_reference_sessions
 
+    options = {name: spec[name] for name in _BUILD_OPTIONS if spec.get(name) is not None}
+    if "history_lengths" in options:
+        options["history_lengths"] = tuple(options["history_lengths"])
     key = (spec["checkpoint"], spec.get("precision", "bf16"), spec["kv_capacity"], spec["prefill_chunk"],
-           spec.get("history_groups", 0))
+           spec.get("history_groups", 0), tuple(sorted(options.items())))
     with _GRAPHS_LOCK:
         if key not in _GRAPHS:
             _GRAPHS[key] = build_reference_sessions(
-                spec["checkpoint"], precision=key[1], kv_capacity=key[2], prefill_chunk=key[3], history_groups=key[4]
-            )
+                spec["checkpoint"], precision=key[1], kv_capacity=key[2], prefill_chunk=key[3], history_groups=key[4],
+                **options)
         return _GRAPHS[key]
 
 
