@@ -7,10 +7,11 @@ Resize methods (`ImagePreprocess.resize`):
   shrinking (antialiased). InternVL was trained on this: its `load_image` resizes a PIL
   image with `T.Resize(..., BICUBIC)`, and transformers' InternVL image processor
   (resample 3) does the same. The default.
-- "bilinear": plain bilinear interpolation without antialiasing, half-pixel centres,
-  edges clamped: what the board runtimes do (`cv::resize` with its default
-  INTER_LINEAR in m5stack/StackFlow main_vlm and AXERA's ax-llm). Select it to
-  reproduce their answers; it aliases on large downscales.
+- "bilinear": plain bilinear interpolation of the 2x2 nearest pixels, no antialiasing,
+  half-pixel centres, edges clamped, in OpenCV's fixed-point arithmetic: what the board
+  runtimes do (`cv::resize` with its default INTER_LINEAR in m5stack/StackFlow
+  main_vlm src/runner/LLM.hpp and AXERA's ax-llm). Select it to reproduce their
+  answers; it aliases on large downscales.
 - "pil-bilinear": PIL's bilinear filter (antialiased), what a checkpoint whose image
   processor says resample 2 was trained on (vlmd's demo model is one).
 
@@ -55,24 +56,31 @@ def resize_rgb(rgb: np.ndarray, height: int, width: int, method: str = "bicubic"
     return np.asarray(image.resize((width, height), _PIL_FILTERS[method]))
 
 
-def _source_positions(n_source: int, n_target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each target pixel: the lower source pixel, the upper one and the upper's weight
+_WEIGHT_ONE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: 11-bit fixed-point interpolation weights
+
+
+def _source_positions(n_source: int, n_target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each target pixel: the lower and upper source pixel and their fixed-point weights
     (half-pixel centres; positions before the first or past the last pixel take that pixel)."""
     position = (np.arange(n_target, dtype=np.float64) + 0.5) * (n_source / n_target) - 0.5
-    position = np.clip(position, 0.0, n_source - 1)
+    position = np.clip(position, 0.0, n_source - 1).astype(np.float32)
     lower = np.floor(position).astype(np.intp)
     upper = np.minimum(lower + 1, n_source - 1)
-    return lower, upper, (position - lower).astype(np.float32)
+    lower_weight = np.rint((1 - (position - lower)) * _WEIGHT_ONE).astype(np.int64)
+    return lower, upper, lower_weight, _WEIGHT_ONE - lower_weight
 
 
 def _plain_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Separable bilinear interpolation of 2x2 neighbours, rounded to the nearest integer."""
-    x0, x1, wx = _source_positions(rgb.shape[1], width)
-    y0, y1, wy = _source_positions(rgb.shape[0], height)
-    pixels = rgb.astype(np.float32)  # (h, w, 3)
-    rows = pixels[:, x0] * (1 - wx)[None, :, None] + pixels[:, x1] * wx[None, :, None]  # (h, width, 3)
-    out = rows[y0] * (1 - wy)[:, None, None] + rows[y1] * wy[:, None, None]  # (height, width, 3)
-    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    """2x2 bilinear interpolation in OpenCV's INTER_LINEAR fixed-point arithmetic (11-bit
+    weights, a horizontal then a vertical pass, rounded as its vectorised kernel rounds),
+    so the result is the board runtimes' `cv::resize` output to within 1 on a few pixels."""
+    x0, x1, wx0, wx1 = _source_positions(rgb.shape[1], width)
+    y0, y1, wy0, wy1 = _source_positions(rgb.shape[0], height)
+    pixels = rgb.astype(np.int64)  # (h, w, 3)
+    rows = pixels[:, x0] * wx0[None, :, None] + pixels[:, x1] * wx1[None, :, None]  # (h, width, 3), scale 2^11
+    top = (wy0[:, None, None] * (rows[y0] >> 4)) >> 16
+    bottom = (wy1[:, None, None] * (rows[y1] >> 4)) >> 16
+    return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)  # (height, width, 3)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def m5stack_tree(root: Path, params: dict | None = None, model: str = "internvl2
     for i in range(2):
         touch(data / f"qwen2_p320_l{i}_together.axmodel")
     for key in ("filename_post_axmodel", "filename_tokens_embed", "filename_vpm_resampler_axmodedl",
-                "filename_image_encoder_axmodedl"):
+                "filename_image_encoder_axmodel"):
         if mode_param.get(key):
             touch(data / mode_param[key])
     tokenizer_folder(data / "internvl2_tokenizer")
@@ -111,13 +111,16 @@ def test_m5stack_mode_json_can_be_passed_directly(tmp_path):
     assert layout.kind == "m5stack" and layout.root == data
 
 
-def test_m5stack_newer_vision_key_and_brace_template(tmp_path):
+def test_m5stack_internvl3_image_encoder_key_and_brace_template(tmp_path):
+    """InternVL3 packages name their vision graph `filename_image_encoder_axmodel` (StackFlow's
+    main.cpp key; mode_internvl3-1B-448-ax630c.json), not the vpm key InternVL2/2.5 use."""
     data = m5stack_tree(tmp_path, {"template_filename_axmodel": "qwen2_p320_l{}_together.axmodel",
                                    "filename_vpm_resampler_axmodedl": None,
-                                   "filename_image_encoder_axmodedl": "vit_intern_sim_space2depth.axmodel"})
+                                   "filename_image_encoder_axmodel": "internvl3_1b_vit.axmodel"})
     layout = detect_layout(data)
-    assert layout.vision.name == "vit_intern_sim_space2depth.axmodel"
+    assert layout.vision is not None and layout.vision.name == "internvl3_1b_vit.axmodel"
     assert all(p.is_file() for p in layout.layers)
+    assert not any("text-only" in note for note in layout.notes)
 
 
 def test_m5stack_missing_files_are_named(tmp_path):
