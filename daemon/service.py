@@ -48,6 +48,7 @@ def load_engine(config: Config) -> Any:
     model = load_model(
         m.path, backend=m.backend, precision=m.precision, kv_capacity=m.kv_capacity,
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
+        resize=None if m.resize == "auto" else m.resize, sampling=m.sampling.overrides(),
     )
     return Engine(model)
 

@@ -228,6 +228,8 @@ class Worker:
         return self._prompt_type(text=request.text, images=images, image_key=image_key, system=request.system)
 
     def _ask_options(self, request: Any) -> Any:
+        # The model's sampling defaults (its package's, then config's) fill what the request leaves out.
+        defaults = getattr(getattr(self.engine, "model", None), "sampling_defaults", None) or {}
         values = {
             "max_tokens": request.max_tokens or self.limits.default_max_tokens,
             "temperature": request.temperature,
@@ -236,6 +238,7 @@ class Worker:
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
         }
+        values = {k: defaults.get(k) if v is None else v for k, v in values.items()}
         return self._options_type(**{k: v for k, v in values.items() if v is not None})
 
     def _generate(self, job: Job, prompt: Any, options: Any) -> None:

@@ -117,7 +117,7 @@ class ImagePreprocess:
             resized = resize_rgb(rgb, out.shape[2], out.shape[3], self.resize)  # (H, W, 3) uint8
             channels = out[0]  # (3, H, W)
             np.copyto(channels, resized.transpose(2, 0, 1))
-            channels *= np.float32(1.0 / 255.0)
+            channels /= np.float32(255.0)  # divided, as InternVL's ToTensor and the reference graph do
             channels -= np.asarray(self.mean, np.float32)[:, None, None]
             channels /= np.asarray(self.std, np.float32)[:, None, None]
         else:
