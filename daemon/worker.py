@@ -228,8 +228,6 @@ class Worker:
         return self._prompt_type(text=request.text, images=images, image_key=image_key, system=request.system)
 
     def _ask_options(self, request: Any) -> Any:
-        # The model's sampling defaults (its package's, then config's) fill what the request leaves out.
-        defaults = getattr(getattr(self.engine, "model", None), "sampling_defaults", None) or {}
         values = {
             "max_tokens": request.max_tokens or self.limits.default_max_tokens,
             "temperature": request.temperature,
@@ -238,7 +236,11 @@ class Worker:
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
         }
-        values = {k: defaults.get(k) if v is None else v for k, v in values.items()}
+        # The model's sampling defaults (its package's, then config's) stand in for the fields
+        # the request did not send.
+        defaults = getattr(getattr(self.engine, "model", None), "sampling_defaults", None) or {}
+        sent = getattr(request, "model_fields_set", values.keys())
+        values.update({k: v for k, v in defaults.items() if k in values and k not in sent})
         return self._options_type(**{k: v for k, v in values.items() if v is not None})
 
     def _generate(self, job: Job, prompt: Any, options: Any) -> None:

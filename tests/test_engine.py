@@ -19,6 +19,7 @@ from npu.engine import (DoneEvent, Engine, GenerationOptions, ImageError, Prompt
                         argmax_logits, bf16_order_keys, plan_prefill)
 from npu.model import ModelError, read_shapes
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
+from npu.image import IMAGENET_MEAN, IMAGENET_STD
 from npu.session import BF16, TensorSpec, check_feed
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
@@ -149,11 +150,28 @@ class FakeVision:
 
     def run(self, feed, group=0):
         check_feed(self, feed, 0)
+        return self.features(feed["pixels"][0])
+
+    def features(self, pixels):
         self.calls += 1
-        quads = feed["pixels"][0].astype(np.float32).reshape(2, 14, 2, 14, 3).mean(axis=(1, 3)) / 64  # (2, 2, 3)
+        quads = pixels.astype(np.float32).reshape(2, 14, 2, 14, 3).mean(axis=(1, 3)) / 64  # (2, 2, 3)
         base = quads.reshape(IMAGE_TOKENS, 3)
         features = np.concatenate([base, base[:, :1] * np.arange(1, HIDDEN - 2)], axis=1) - 1  # (tokens, hidden)
         return [features[None].astype(self.dtype)]
+
+
+class FakeNormalisedVision(FakeVision):
+    """AXERA's InternVL3 convention: float32 NCHW pixels normalised on the host (ImageNet
+    mean/std); undoes the normalisation and computes what FakeVision computes."""
+
+    def inputs(self, group=0):
+        return [spec("image", (1, 3, VISION_SIDE, VISION_SIDE), np.float32)]
+
+    def run(self, feed, group=0):
+        check_feed(self, feed, 0)
+        mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+        pixels = (feed["image"][0].transpose(1, 2, 0) * std + mean) * 255  # (H, W, 3) back to 0..255
+        return self.features(np.rint(pixels).astype(np.uint8))
 
 
 class FakeEmbeddings:
@@ -362,6 +380,19 @@ def test_image_features_replace_the_context_rows(make_model):
     a2, done = run(engine, Prompt("What is it?", images=[image(1)]), max_tokens=8, ignore_stop=True)
     assert a == a2 and a != b
     assert done.timings["images_encoded"] == 1 and done.prompt_tokens > IMAGE_TOKENS
+
+
+def test_float32_nchw_vision_graphs_get_host_normalised_pixels(make_model):
+    """A vision graph taking float32 [1,3,H,W] (normalised by the host) answers as the uint8
+    NHWC graph computing the same function does."""
+    nhwc = make_model()
+    nchw = make_model()
+    nchw.vision = FakeNormalisedVision(F32)
+    assert read_shapes(nchw).vision_layout == "nchw" and read_shapes(nhwc).vision_layout == "nhwc"
+    prompt = Prompt("What is it?", images=[image(1, size=(60, 90))])
+    a, _ = run(Engine(nhwc), prompt, max_tokens=8, ignore_stop=True)
+    b, done = run(Engine(nchw), prompt, max_tokens=8, ignore_stop=True)
+    assert a == b and done.timings["images_encoded"] == 1 and nchw.vision.calls == 1
 
 
 def test_several_images_each_run_the_vision_graph(make_model):

@@ -140,3 +140,26 @@ def test_greedy_answers_equal_the_reference_token_for_token(target, reference_mo
         sides.append((first, [e.token_id for e in events if isinstance(e, TokenEvent)]))
     assert sides[0] == sides[1]
     assert np.all([len(first) == 8 for first, _ in sides])
+
+
+def test_package_sampling_defaults_apply_unless_a_request_or_config_says_otherwise(
+        published_package, axengine_standin, capsys, monkeypatch):
+    _, path, _ = published_package("internvl3-1B-448-ax630c")
+    model = load_model(path, backend="axengine")
+    assert model.sampling_defaults == {"temperature": 0.7, "top_k": 40, "top_p": 1.0}
+    assert load_model(path, backend="axengine", sampling={"temperature": 0.0}).sampling_defaults == {
+        "temperature": 0.0, "top_k": 40, "top_p": 1.0}
+    assert model.preprocess.resize == "bicubic"  # as InternVL was trained
+    assert load_model(path, backend="axengine", resize="bilinear").preprocess.resize == "bilinear"
+    seen = []
+    original = Engine.generate
+
+    def recording(self, prompt, options=None, should_stop=None):
+        seen.append(options)
+        return original(self, prompt, options, should_stop)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    assert cli(capsys, "ask", "--model", path, "--max-tokens", "2", "--seed", "1", "Hi")[0] == 0
+    assert cli(capsys, "ask", "--model", path, "--max-tokens", "2", "--temperature", "0", "--top-k", "3", "Hi")[0] == 0
+    assert (seen[0].temperature, seen[0].top_k, seen[0].top_p, seen[0].seed) == (0.7, 40, 1.0, 1)
+    assert (seen[1].temperature, seen[1].top_k) == (0.0, 3)

@@ -249,3 +249,17 @@ def test_streamed_deltas_concatenate_to_the_final_text(deltas):
     assert final["done"] and "".join(c["delta"] for c in chunks) == final["text"] == "".join(deltas)
     assert [c["seq"] for c in chunks] == list(range(len(chunks))) and final["seq"] == len(chunks)
     assert all(c["delta"] for c in chunks)  # empty deltas are not sent
+
+
+def test_the_models_sampling_defaults_fill_what_a_request_leaves_out(rig):
+    """A package's sampling defaults (its mode file, post_config.json, or config) apply to a
+    question that sets none; whatever the question sets wins."""
+    from types import SimpleNamespace
+
+    rig.engine.model = SimpleNamespace(sampling_defaults={"temperature": 0.7, "top_k": 40, "top_p": 1.0})
+    rig.inbox.submit(make_job(rig, "q1"))
+    rig.inbox.submit(make_job(rig, "q2", temperature=0.0, top_k=5))
+    assert rig.worker.step() == "ask" and rig.worker.step() == "ask"
+    plain, overridden = rig.engine.options
+    assert (plain.temperature, plain.top_k, plain.top_p) == (0.7, 40, 1.0)
+    assert (overridden.temperature, overridden.top_k, overridden.top_p) == (0.0, 5, 1.0)
