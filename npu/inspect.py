@@ -140,7 +140,8 @@ def format_report(report: dict[str, Any]) -> str:
     if facts:
         lines.append(f"layers    {facts['n_layers']} (layer1.. same groups as layer0)")
         lines.append(f"hidden {facts['hidden']}  kv_dim {facts['kv_dim']}  KV capacity {facts['kv_capacity']}"
-                     f"  prefill chunk {facts['prefill_chunk']}  history groups {facts['history_groups']}")
+                     f"  prefill chunk {facts['prefill_chunk']}  history groups {facts['history_groups']}"
+                     + (f" {facts['history_lengths']}" if facts.get("history_lengths") else ""))
         lines.append(f"dtype {facts['float_dtype']}  vocab {facts['vocab']}  post top-k {facts['post_topk']}"
                      f"  image tokens {facts['image_tokens']}  image size {_size(facts['image_size'])}"
                      f"  vision dtype {facts['vision_dtype']}  vision input {facts.get('vision_input')}")
