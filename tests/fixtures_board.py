@@ -31,15 +31,22 @@ BOARD_BUILD = dict(kv_capacity=159, prefill_chunk=32, history_groups=1)
 M5STACK_MODEL = "internvl2-tiny-ax630c"
 
 
+STANDIN_ENV = ("VLMD_STANDIN_PROVIDERS", "VLMD_STANDIN_LIBS", "VLMD_STANDIN_AXCL_HOST", "VLMD_STANDIN_PYAXENGINE",
+               "VLMD_STANDIN_NO_BF16", "VLMD_STANDIN_ENGINE_VERSION")
+
+
 def _import_standin():
+    """Import the stand-in afresh (as the environment says), leaving sys.modules and sys.meta_path as they were."""
     saved = {name: mod for name, mod in sys.modules.items() if name == "axengine" or name.startswith("axengine.")}
     for name in saved:
         del sys.modules[name]
+    finders = list(sys.meta_path)
     sys.path.insert(0, str(STANDIN_ROOT))
     try:
         module = importlib.import_module("axengine")
     finally:
         sys.path.remove(str(STANDIN_ROOT))
+        sys.meta_path[:] = finders  # the stand-in's metadata finder is installed per test (use_standin)
     loaded = {name: mod for name, mod in sys.modules.items() if name == "axengine" or name.startswith("axengine.")}
     for name in loaded:
         del sys.modules[name]
@@ -47,20 +54,71 @@ def _import_standin():
     return module, loaded
 
 
+def use_standin(monkeypatch, imported) -> object:
+    """Make `import axengine` (and its wheel metadata) resolve to an imported stand-in for this test."""
+    module, modules = imported
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, modules["axengine._metadata"].FINDER])
+    module.STATS.reset()
+    return module
+
+
 @pytest.fixture(scope="session")
 def _standin_modules():
     """The stand-in imported once (its reference-graph cache lives for the session), kept out of sys.modules."""
-    return _import_standin()
+    saved = {name: os.environ.pop(name) for name in STANDIN_ENV if name in os.environ}
+    try:
+        return _import_standin()
+    finally:
+        os.environ.update(saved)
+
+
+# The totals line of /proc/ax_proc/mem_cmm_info as the AXERA kernel writes it (format read by
+# StackFlow's parsers); the lines above it list partitions and blocks and are not parsed.
+# The totals line of /proc/ax_proc/mem_cmm_info in the format StackFlow's parsers read (a real
+# file lists partitions and blocks above it; vlmd, like StackFlow, reads only this line).
+CMM_INFO_TEMPLATE = (" total size={total}KB({total_mb}MB),used={used}KB({used_mb}MB + 0KB),"
+                     "remain={remain}KB({remain_mb}MB + 0KB),partition_number=1,block_number=13\n")
+
+
+def write_cmm_info(directory: Path, total_kb: int, used_kb: int) -> Path:
+    """A fake /proc/ax_proc (point $VLMD_AX_PROC at it) whose mem_cmm_info reports these totals."""
+    directory.mkdir(parents=True, exist_ok=True)
+    remain = total_kb - used_kb
+    (directory / "mem_cmm_info").write_text(CMM_INFO_TEMPLATE.format(
+        total=total_kb, total_mb=total_kb // 1024, used=used_kb, used_mb=used_kb // 1024, remain=remain,
+        remain_mb=remain // 1024))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def board_proc_dir(tmp_path_factory) -> Path:
+    """A board's /proc/ax_proc with 3 GiB of CMM, 18 MiB used."""
+    return write_cmm_info(tmp_path_factory.mktemp("ax_proc"), 3 * 1024 * 1024, 18876)
 
 
 @pytest.fixture
-def axengine_standin(_standin_modules, monkeypatch):
-    module, modules = _standin_modules
-    for name, mod in modules.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delenv("VLMD_STANDIN_PROVIDERS", raising=False)
-    module.STATS.reset()
-    return module
+def axengine_standin(_standin_modules, board_proc_dir, monkeypatch):
+    """The stand-in as the current pyaxengine (0.1.3.rc3) on a board: NPU present, CMM plentiful."""
+    for name in STANDIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLMD_AX_PROC", str(board_proc_dir))
+    return use_standin(monkeypatch, _standin_modules)
+
+
+@pytest.fixture
+def standin_release(monkeypatch, board_proc_dir):
+    """A factory: `standin_release(VLMD_STANDIN_PYAXENGINE="0.1.1rc0", ...)` imports a stand-in emulating that wheel."""
+    def make(**env: str):
+        for name in STANDIN_ENV:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("VLMD_AX_PROC", str(board_proc_dir))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return use_standin(monkeypatch, _import_standin())
+
+    return make
 
 
 def _n_layers(config: dict) -> int:

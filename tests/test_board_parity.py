@@ -77,10 +77,10 @@ def test_manifest_directory_runs_like_reference(axengine_standin, axera_board_di
     assert generate(board, prompt, options)[0] == generate(reference_model, prompt, options)[0]
 
 
-def test_engine_feeds_axengine_its_kv_cache_itself(axengine_standin, axera_board_dir, monkeypatch):
+def test_public_path_feeds_axengine_its_kv_cache_itself(axengine_standin, axera_board_dir, monkeypatch):
     import numpy as np
 
-    board = load_model(axera_board_dir, backend="axengine")
+    board = load_model(axera_board_dir, backend="axengine", data_path="public")
     engine = Engine(board)
     raw = board.layers[1]._session
     original, fed = raw.run, []
