@@ -57,9 +57,12 @@ def _import_standin():
 def use_standin(monkeypatch, imported) -> object:
     """Make `import axengine` (and its wheel metadata) resolve to an imported stand-in for this test."""
     module, modules = imported
+    for name in [n for n in sys.modules if (n == "axengine" or n.startswith("axengine.")) and n not in modules]:
+        monkeypatch.delitem(sys.modules, name)  # a submodule another stand-in imported lazily (its _axe)
     for name, mod in modules.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, modules["axengine._metadata"].FINDER])
+    others = [finder for finder in sys.meta_path if type(finder).__name__ != "StandinFinder"]
+    monkeypatch.setattr(sys, "meta_path", [*others, modules["axengine._metadata"].FINDER])
     module.STATS.reset()
     return module
 
@@ -159,8 +162,10 @@ def _write_graphs(checkpoint: Path, folder: Path, precision: str, build: dict, p
 
 
 def build_board_dir(checkpoint: Path, out: Path, kind: str, precision: str = "bf16", build: dict | None = None,
-                    post_topk: int = 0) -> Path:
-    """A compiled-model directory of `kind` ("axera" or "m5stack") under `out`; returns the model folder."""
+                    post_topk: int = 0, model_name: str = M5STACK_MODEL, mode_extra: dict | None = None) -> Path:
+    """A compiled-model directory of `kind` ("axera" or "m5stack") under `out`; returns the model folder.
+
+    M5Stack packages are named `model_name`; `mode_extra` adds mode_param keys (e.g. cmm_size)."""
     build = dict(BOARD_BUILD if build is None else build)
     checkpoint = Path(checkpoint).resolve()
     if kind == "axera":  # AXERA's releases: <name>_axmodel/ beside <name>_tokenizer/ (with config.json)
@@ -171,24 +176,24 @@ def build_board_dir(checkpoint: Path, out: Path, kind: str, precision: str = "bf
     if kind != "m5stack":
         raise ValueError(kind)
     # /opt/m5stack/{data/<model>/, data/models/mode_<model>.json, scripts/tokenizer_<model>.py}
-    model_dir = out / "data" / M5STACK_MODEL
+    model_dir = out / "data" / model_name
     names = _write_graphs(checkpoint, model_dir, precision, build, post_topk)
     _copy_tokenizer(checkpoint, model_dir / "internvl2_tokenizer", with_config=False)
     config = json.loads((checkpoint / "config.json").read_text())
     text = config.get("llm_config") or config.get("text_config") or config
-    mode = {"mode": M5STACK_MODEL, "type": "vlm", "capabilities": ["text_generation", "chat"], "mode_param": {
+    mode = {"mode": model_name, "type": "vlm", "capabilities": ["text_generation", "chat"], "mode_param": {
         "tokenizer_type": 2, "filename_tokenizer_model": "http://localhost:8080",
         "filename_tokens_embed": names["embed"], "filename_post_axmodel": names["post"],
         "template_filename_axmodel": names["layers"], "filename_vpm_resampler_axmodedl": names["vision"],
         "b_use_topk": bool(post_topk), "b_bos": False, "b_eos": False, "axmodel_num": _n_layers(config),
         "tokens_embed_num": text["vocab_size"], "img_token_id": config.get("image_token_id") or config.get("img_context_token_id") or 151648, "tokens_embed_size": text["hidden_size"],
-        "b_use_mmap_load_embed": True, "ext_scripts": [f"tokenizer_{M5STACK_MODEL}.py"]}}
+        "b_use_mmap_load_embed": True, "ext_scripts": [f"tokenizer_{model_name}.py"], **(mode_extra or {})}}
     if not (model_dir / names["vision"]).is_file():
         del mode["mode_param"]["filename_vpm_resampler_axmodedl"]
     (out / "data" / "models").mkdir(parents=True, exist_ok=True)
-    (out / "data" / "models" / f"mode_{M5STACK_MODEL}.json").write_text(json.dumps(mode, indent=4))
+    (out / "data" / "models" / f"mode_{model_name}.json").write_text(json.dumps(mode, indent=4))
     (out / "scripts").mkdir(exist_ok=True)
-    (out / "scripts" / f"tokenizer_{M5STACK_MODEL}.py").write_text(
+    (out / "scripts" / f"tokenizer_{model_name}.py").write_text(
         "import argparse\nargs = argparse.ArgumentParser()\n"
         "args.add_argument('--model_id', type=str, default='internvl2_tokenizer')\n"
     )
