@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import numpy as np
+import pytest
 
 from daemon.cli import main
 from tests.fixtures_board import BOARD_BUILD, M5STACK_MODEL
@@ -217,6 +218,38 @@ def test_bench_on_the_zero_copy_path_writes_rows_not_caches(axengine_standin, ax
     assert result["cpp_runtime"]["stackflow"]["written"] == n_layers * (4 + 160 * 2 + hidden_row + 2 * kv_row) + hidden_row
     assert result["written_vs_cpp"] <= 2
     assert "data path                  zero-copy" not in out  # --json: only the JSON line
+
+
+def test_bench_on_an_m5stack_internvl2_5_package_meets_the_cpp_runtimes_bytes(axengine_standin, tmp_path, capsys):
+    """Issue 13's "done when": bytes per token <= 2x the C++ runtime's, greedy tokens = public path = reference."""
+    from tests.fixtures_board import build_board_dir
+    from tests.test_demo_board import DEMO_DIR
+
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        pytest.skip("demo model not built")
+    checkpoint = tmp_path / "checkpoint"  # the demo model, declared with InternVL2.5's template
+    shutil.copytree(DEMO_DIR, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(dict(config, template="internvl2_5")))
+    build = dict(BOARD_BUILD, kv_capacity=255)  # room for internvl2_5's system prompt, the image and the answer
+    package = build_board_dir(checkpoint, tmp_path / "opt", "m5stack", build=build, model_name="internvl2.5-1B-ax630c")
+    common = ["--runs", "1", "--max-tokens", "10", "--prompt", "Describe the image shortly.", "--json"]
+    results = {}
+    for name, argv in (("zero-copy", ["--model", package]), ("public", ["--model", package, "--data-path", "public"]),
+                       ("reference", ["--model", checkpoint, "--backend", "reference", "--kv-capacity", "255",
+                                      "--prefill-chunk", str(build["prefill_chunk"]), "--history-groups",
+                                      str(build["history_groups"])])):
+        code, out = run_cli(capsys, "bench", *argv, *common)
+        assert code == 0, out
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    zero_copy = results["zero-copy"]
+    assert zero_copy["data_path"]["data_path"] == "zero-copy"
+    cpp = zero_copy["cpp_runtime"]["stackflow"]["written"]
+    assert zero_copy["bench"]["bytes_per_token"] <= 2 * cpp and zero_copy["written_vs_cpp"] <= 2
+    assert results["public"]["bench"]["bytes_per_token"] > 2 * cpp
+    tokens = zero_copy["bench"]["tokens"]
+    assert len(tokens) == 10 and len(set(tokens)) > 3
+    assert tokens == results["public"]["bench"]["tokens"] == results["reference"]["bench"]["tokens"]
 
 
 def test_bench_refuses_bad_arguments(capsys):

@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="board data path (auto: zero-copy if it proves itself at load, else public)")
     parser.add_argument("--kv-capacity", type=int, default=1023, help="reference backend only")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="reference backend only")
+    parser.add_argument("--history-groups", type=int, default=0, help="reference backend only")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
 
 
@@ -230,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.model, backend=args.backend, precision=args.precision, provider=args.provider,
-                           kv_capacity=args.kv_capacity, prefill_chunk=args.prefill_chunk, data_path=args.data_path)
+                           kv_capacity=args.kv_capacity, prefill_chunk=args.prefill_chunk,
+                           history_groups=args.history_groups, data_path=args.data_path)
     except (ModelError, ValueError, OSError) as exc:
         print(f"vlmd bench: {exc}", file=sys.stderr)
         return 2

@@ -123,5 +123,9 @@ def check_fits(needed_kb: int, info: CmmInfo | None, source: str, holders: list[
         who = ("M5Stack's StackFlow services keep CMM once they have loaded a model: stop them with"
                f" `systemctl stop {' '.join(STACKFLOW_NPU_UNITS[:3])}` (see `systemctl list-units 'llm-*'`),"
                " or stop any other program using the NPU")
-    raise CmmError(f"the model needs about {needed_kb // 1024} MiB of device memory (CMM, {source}) but only"
-                   f" {info.remain_kb // 1024} MiB of {info.total_kb // 1024} MiB are free; {who}")
+    raise CmmError(f"the model needs about {_size(needed_kb)} of device memory (CMM, {source}) but only"
+                   f" {_size(info.remain_kb)} of {_size(info.total_kb)} are free; {who}")
+
+
+def _size(kib: int) -> str:
+    return f"{kib // 1024} MiB" if kib >= 10 * 1024 else f"{kib} KiB"
