@@ -232,11 +232,11 @@ def test_cmm_buffer_arithmetic_works_on_real_cffi_objects():
 
     class SysLib:
         def AX_SYS_MflushCache(self, phy, vir, size):
-            calls.append(("flush", phy, int(ffi.cast("uintptr_t", vir)) - aligned, size))
+            calls.append(("flush", phy, int(ffi.cast("uintptr_t", ffi.cast("void *", vir))) - aligned, size))
             return 0
 
         def AX_SYS_MinvalidateCache(self, phy, vir, size):
-            calls.append(("invalidate", phy, int(ffi.cast("uintptr_t", vir)) - aligned, size))
+            calls.append(("invalidate", phy, int(ffi.cast("uintptr_t", ffi.cast("void *", vir))) - aligned, size))
             return 0
 
     traffic = DeviceTraffic()

@@ -94,32 +94,31 @@ class CmmBuffer:
         self.size = int(io_buffer.nSize)
         self.address = int(libs.ffi.cast("uintptr_t", io_buffer.pVirAddr))
         self.bytes = np.frombuffer(libs.ffi.buffer(io_buffer.pVirAddr, self.size), np.uint8)  # (size,)
+        self._base = libs.ffi.cast("char *", io_buffer.pVirAddr)  # + offset: cffi pointer arithmetic, no cast per call
         self._libs, self._traffic = libs, traffic
 
     def view(self, dtype: np.dtype, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
         count = int(np.prod(shape))
         return self.bytes[offset:offset + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
 
-    def _lines(self, offset: int, nbytes: int) -> tuple[int, int]:
-        start = (self.address + offset) // CACHE_LINE * CACHE_LINE - self.address
-        end = -(-(self.address + offset + nbytes) // CACHE_LINE) * CACHE_LINE - self.address
-        return max(start, 0), min(end, self.size)
+    def _span(self, offset: int, nbytes: int) -> tuple[int, int]:
+        """(start, size) of the whole cache lines covering the bytes, clipped to the buffer."""
+        skew = self.address % CACHE_LINE
+        start = max((offset + skew) // CACHE_LINE * CACHE_LINE - skew, 0)
+        return start, min(-(-(offset + nbytes + skew) // CACHE_LINE) * CACHE_LINE - skew, self.size) - start
 
     def flush(self, offset: int, nbytes: int) -> None:
-        start, end = self._lines(offset, nbytes)
-        ffi = self._libs.ffi
-        if self._libs.sys_lib.AX_SYS_MflushCache(self.phys + start, ffi.cast("void *", self.address + start),
-                                                 end - start) != 0:
-            raise SessionError(f"AX_SYS_MflushCache failed on {end - start} bytes at {self.phys + start:#x}")
-        self._traffic.flushed += end - start
+        # Whole cache lines: a partial line's other bytes are written back too, harmlessly.
+        start, size = self._span(offset, nbytes)
+        if self._libs.sys_lib.AX_SYS_MflushCache(self.phys + start, self._base + start, size) != 0:
+            raise SessionError(f"AX_SYS_MflushCache failed on {size} bytes at {self.phys + start:#x}")
+        self._traffic.flushed += size
 
     def invalidate(self, offset: int, nbytes: int) -> None:
-        start, end = self._lines(offset, nbytes)
-        ffi = self._libs.ffi
-        if self._libs.sys_lib.AX_SYS_MinvalidateCache(self.phys + start, ffi.cast("void *", self.address + start),
-                                                      end - start) != 0:
-            raise SessionError(f"AX_SYS_MinvalidateCache failed on {end - start} bytes at {self.phys + start:#x}")
-        self._traffic.invalidated += end - start
+        start, size = self._span(offset, nbytes)
+        if self._libs.sys_lib.AX_SYS_MinvalidateCache(self.phys + start, self._base + start, size) != 0:
+            raise SessionError(f"AX_SYS_MinvalidateCache failed on {size} bytes at {self.phys + start:#x}")
+        self._traffic.invalidated += size
 
     def write(self, array: np.ndarray, offset: int = 0) -> None:
         """Store `array`'s bytes at `offset` and flush them."""
@@ -329,6 +328,8 @@ class ZeroCopyStack:
         self._views = [[{spec.name: g.outputs[spec.name].view(spec.dtype, spec.shape)
                          for spec in g.session.outputs(group)} for group in range(g.session.num_groups)]
                        for g in self.layers]
+        self._parts = [(g, g.outputs["K_cache_out"], g.outputs["V_cache_out"], g.inputs["K_cache"], g.inputs["V_cache"])
+                       for g in self.layers]
 
     def run(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
             should_stop: Callable[[], bool]) -> np.ndarray:
@@ -344,22 +345,24 @@ class ZeroCopyStack:
                 buffer.write(first["mask"])
             self._mask_state = None
         self._sync_rows()
-        cache, position, rows = self.cache, self.cache.position, num_rows * self._row_bytes
-        for index, layer in enumerate(self.layers):
+        cache, rows = self.cache, num_rows * self._row_bytes
+        at = cache.position * self._row_bytes
+        chained = self.runtime.chained
+        for index, (layer, k_out, v_out, k_in, v_in) in enumerate(self._parts):
             if should_stop():
                 raise Cancelled
-            if index and not self.runtime.chained[index]:  # this link's buffers differ: through the host
+            if index and not chained[index]:  # this link's buffers differ: through the host
                 output = self._views[index - 1][group]["output"]
                 self.layers[index - 1].outputs["output"].invalidate(0, output.nbytes)
                 layer.inputs["input"].write(output)
             layer.execute(group)
             views = self._views[index][group]
-            layer.outputs["K_cache_out"].invalidate(0, rows)
-            layer.outputs["V_cache_out"].invalidate(0, rows)
+            k_out.invalidate(0, rows)
+            v_out.invalidate(0, rows)
             cache.write(index, views["K_cache_out"], views["V_cache_out"], num_rows)
-            for name in ("K_cache", "V_cache"):
-                layer.inputs[name].flush(position * self._row_bytes, rows)
-            self.runtime.traffic.written += 2 * rows
+            k_in.flush(at, rows)
+            v_in.flush(at, rows)
+        self.runtime.traffic.written += 2 * rows * len(self._parts)
         last = self.layers[-1]
         last.outputs["output"].invalidate((num_rows - 1) * self._hidden_bytes, self._hidden_bytes)
         return self._views[-1][group]["output"][:, num_rows - 1:num_rows]

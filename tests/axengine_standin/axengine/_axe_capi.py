@@ -4,9 +4,9 @@ The real module dlopens libax_sys.so / libax_engine.so through cffi and exports
 `sys_lib`, `engine_lib` and `engine_cffi`; pyaxengine's `_axe.py` (and vlmd's zero-copy
 path) call through them. Here they are ctypes/numpy emulations shaped the same way:
 
-- `engine_cffi`: `new`, `cast("void *" | "uintptr_t", ...)`, `buffer(ptr, size)` (a
-  writable buffer over the host mapping), `memmove`, `NULL`. A `void *` refuses `int()`
-  like a cffi pointer does; `cast("uintptr_t", p)` gives its address.
+- `engine_cffi`: `new`, `cast("void *" | "char *" | "uintptr_t", ...)`, `buffer(ptr, size)`
+  (a writable buffer over the host mapping), `memmove`, `NULL`. A pointer refuses `int()`
+  like a cffi pointer does; `cast("uintptr_t", p)` gives its address; `char *` + n moves n bytes.
 - CMM: `AX_SYS_MemAllocCached` hands out blocks with two copies of their bytes, the host
   mapping (what `pVirAddr` points at: real process memory, what numpy views see) and the
   "device" memory (what the NPU reads and writes, found by `phyAddr`). Only
@@ -89,6 +89,18 @@ class VoidPointer:
         return f"<cdata 'void *' {self.address:#x}>"
 
 
+class CharPointer(VoidPointer):
+    """A cdata 'char *': adding an int moves it by that many bytes."""
+
+    __slots__ = ()
+
+    def __add__(self, offset: int) -> "CharPointer":
+        return CharPointer(self.address + int(offset))
+
+    def __repr__(self) -> str:
+        return f"<cdata 'char *' {self.address:#x}>"
+
+
 class Integer:
     """A cdata of an integer type (what `cast("uintptr_t", p)` returns)."""
 
@@ -154,8 +166,10 @@ class FFI:
 
     def cast(self, ctype: str, value):
         ctype = ctype.replace(" ", "")
-        if ctype in ("void*", "char*", "AX_VOID*"):
+        if ctype in ("void*", "AX_VOID*"):
             return VoidPointer(_address(value))
+        if ctype == "char*":
+            return CharPointer(_address(value))
         if ctype in ("uintptr_t", "uint64_t", "AX_U64", "size_t"):
             return Integer(_address(value))
         raise NotImplementedError(f"stand-in FFI.cast({ctype!r})")
