@@ -202,7 +202,8 @@ def section_device_traffic(data: dict | None) -> list[str]:
             " are vlmd's counters (the stand-in's own counters agree: columns `= stand-in`). The C++ figures are"
             " computed from StackFlow's main_vlm (d9084ba) and ax-llm (c26dcbb) at the same shapes: they write into"
             " uncached input buffers (so nothing to flush) and copy the whole decode mask every token. Host us/token:"
-            " a second run whose NPU and cache calls return at once (what remains is host work). Goals: zero-copy"
+            " the process's CPU time per token in runs whose NPU and cache calls return at once (what remains is"
+            " host work; CPU time, so other jobs on a shared machine count less). Goals: zero-copy"
             " bytes written <= 2x the C++ runtime's; host <= 300 us/token.", "",
             "| shapes | path | written B/token | flushed | invalidated | = stand-in | written vs C++ | host us/token |",
             "|---|---|---:|---:|---:|---|---:|---:|"]
