@@ -200,6 +200,17 @@ def build_board_dir(checkpoint: Path, out: Path, kind: str, precision: str = "bf
     return model_dir
 
 
+@pytest.fixture
+def graph_file(tiny_internvl_native, tmp_path):
+    """`graph_file("layer0", **extra)`: one stand-in .axmodel of the tiny checkpoint (BOARD_BUILD shapes)."""
+    def write(graph: str, **extra) -> str:
+        path = tmp_path / f"{graph}.axmodel"
+        _write_graph(path, tiny_internvl_native.path.resolve(), graph, "bf16", BOARD_BUILD, **extra)
+        return str(path)
+
+    return write
+
+
 @pytest.fixture(scope="session")
 def axera_board_dir(tiny_internvl_native, tmp_path_factory) -> Path:
     return build_board_dir(tiny_internvl_native.path, tmp_path_factory.mktemp("axera"), "axera")

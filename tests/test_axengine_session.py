@@ -19,22 +19,12 @@ from npu.board.axengine_session import (
 )
 from npu.reference import build_reference_sessions
 from npu.session import BF16, MASK_BLOCKED, SessionError
-from tests.fixtures_board import BOARD_BUILD, _write_graph
+from tests.fixtures_board import BOARD_BUILD
 
 
 @pytest.fixture(scope="module")
 def reference_graphs(tiny_internvl_native):
     return build_reference_sessions(tiny_internvl_native.path, precision="bf16", **BOARD_BUILD)
-
-
-@pytest.fixture
-def graph_file(tiny_internvl_native, tmp_path):
-    def write(graph: str, **extra) -> str:
-        path = tmp_path / f"{graph}.axmodel"
-        _write_graph(path, tiny_internvl_native.path.resolve(), graph, "bf16", BOARD_BUILD, **extra)
-        return str(path)
-
-    return write
 
 
 def decode_feed(session, position: int = 3, seed: int = 0) -> dict[str, np.ndarray]:

@@ -15,17 +15,7 @@ import pytest
 
 from npu.reference import build_reference_sessions
 from npu.session import BF16
-from tests.fixtures_board import BOARD_BUILD, _write_graph
-
-
-@pytest.fixture
-def graph_file(tiny_internvl_native, tmp_path):
-    def write(graph: str, **extra) -> str:
-        path = tmp_path / f"{graph}.axmodel"
-        _write_graph(path, tiny_internvl_native.path.resolve(), graph, "bf16", BOARD_BUILD, **extra)
-        return str(path)
-
-    return write
+from tests.fixtures_board import BOARD_BUILD
 
 
 def zeros_feed(raw, group: int = 0) -> dict[str, np.ndarray]:

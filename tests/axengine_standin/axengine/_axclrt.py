@@ -55,19 +55,12 @@ class AXCLRTSession(Session):
 
     def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray], run_options=None,
             shape_group: int = 0) -> list[np.ndarray]:
-        self._validate_input(input_feed)
-        self._validate_output(output_names)
-        if output_names is None:
-            output_names = [o.name for o in self.get_outputs(shape_group)]
-        if shape_group > self._shape_count - 1 or shape_group < 0:
-            raise ValueError(f"Invalid shape group: {shape_group}")
+        output_names = self._start_run(output_names, input_feed, shape_group)
         inputs = self._device_inputs
         for key, npy in input_feed.items():
             for i, one in enumerate(self.get_inputs(shape_group)):
                 if one.name == key:
-                    assert list(one.shape) == list(npy.shape) and one.dtype == npy.dtype, (
-                        f"model inputs({key}) expect shape {one.shape} and dtype {one.dtype}, howerver gets input"
-                        f" with shape {npy.shape} and dtype {npy.dtype}")
+                    npy = self._check_input(key, npy, one)
                     block = inputs[i][1]
                     block.device[:npy.nbytes] = np.ascontiguousarray(npy).reshape(-1).view(np.uint8)  # H2D memcpy
                     STATS.bytes_in += npy.nbytes
@@ -76,11 +69,8 @@ class AXCLRTSession(Session):
         io.pOutputs = [buffer for buffer, _ in self._device_outputs]
         if engine_lib.AX_ENGINE_RunGroupIOSync(self._model_id, None, shape_group, [io]) != 0:
             raise RuntimeError("axclrtEngineExecute failed 0x800b0001")
-        names = [o.name for o in self.get_outputs(shape_group)]
-        picked = [output_names.index(n) for n in names] if RELEASE.subset_outputs_fail else \
-            [i for i, n in enumerate(names) if n in output_names]
         results = []
-        for i in picked:
+        for i in self._picked_outputs(output_names, shape_group, RELEASE.subset_outputs_fail):
             spec = self.get_outputs(shape_group)[i]
             block = self._device_outputs[i][1]
             size = spec.dtype.itemsize * int(np.prod(spec.shape))

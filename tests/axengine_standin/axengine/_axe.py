@@ -104,11 +104,7 @@ class AXEngineSession(Session):
         for key, npy in input_feed.items():
             for i, one in enumerate(self.get_inputs(shape_group)):
                 if one.name == key:
-                    assert list(one.shape) == list(npy.shape) and one.dtype == npy.dtype, (
-                        f"model inputs({key}) expect shape {one.shape} and dtype {one.dtype}, however gets input"
-                        f" with shape {npy.shape} and dtype {npy.dtype}")
-                    if not (npy.flags.c_contiguous or npy.flags.f_contiguous):
-                        npy = np.ascontiguousarray(npy)
+                    npy = self._check_input(key, npy, one)
                     engine_cffi.memmove(io.pInputs[i].pVirAddr, engine_cffi.cast("void *", npy.ctypes.data), npy.nbytes)
                     STATS.bytes_in += npy.nbytes
                     sys_lib.AX_SYS_MflushCache(io.pInputs[i].phyAddr, io.pInputs[i].pVirAddr, io.pInputs[i].nSize)
@@ -122,20 +118,12 @@ class AXEngineSession(Session):
         return npy.copy() if RELEASE.copies_outputs else npy
 
     def _run(self, output_names, input_feed, shape_group: int) -> list[np.ndarray]:
-        self._validate_input(input_feed)
-        self._validate_output(output_names)
-        if output_names is None:
-            output_names = [o.name for o in self.get_outputs(shape_group)]
-        if shape_group > self._shape_count - 1 or shape_group < 0:
-            raise ValueError(f"Invalid shape group: {shape_group}")
+        output_names = self._start_run(output_names, input_feed, shape_group)
         self._fill_inputs(input_feed, shape_group)
         if self._execute(shape_group) != 0:
             raise RuntimeError("Failed to run model.")
-        names = [o.name for o in self.get_outputs(shape_group)]
-        if RELEASE.subset_outputs_fail:
-            ranks = [output_names.index(name) for name in names]  # ValueError for a subset
-            return [self._read_output(i, shape_group) for i in ranks]
-        return [self._read_output(i, shape_group) for i, name in enumerate(names) if name in output_names]
+        picked = self._picked_outputs(output_names, shape_group, RELEASE.subset_outputs_fail)
+        return [self._read_output(i, shape_group) for i in picked]
 
     if RELEASE.shape_groups:
         def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray], run_options=None,

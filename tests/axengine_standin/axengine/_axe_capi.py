@@ -269,30 +269,30 @@ class _SysLib:
         return 0  # pyaxengine never frees its session buffers
 
     def AX_SYS_MflushCache(self, phy, vir, size) -> int:
-        started = time.perf_counter()
-        found = _maintained(phy, vir, size)
-        if found is None:
-            return ERROR
-        block, offset, size = found
-        start, end = _lines(block, offset, size)
+        return _maintain(phy, vir, size, to_device=True)
+
+    def AX_SYS_MinvalidateCache(self, phy, vir, size) -> int:
+        return _maintain(phy, vir, size, to_device=False)
+
+
+def _maintain(phy, vir, size, to_device: bool) -> int:
+    """Copy whole cache lines host -> device (flush) or device -> host (invalidate)."""
+    started = time.perf_counter()
+    found = _maintained(phy, vir, size)
+    if found is None:
+        return ERROR
+    block, offset, size = found
+    start, end = _lines(block, offset, size)
+    if to_device:
         block.device[start:end] = block.host[start:end]
         STATS.bytes_flushed += size
         STATS.flush_calls += 1
-        STATS.cache_op_seconds += time.perf_counter() - started
-        return 0
-
-    def AX_SYS_MinvalidateCache(self, phy, vir, size) -> int:
-        started = time.perf_counter()
-        found = _maintained(phy, vir, size)
-        if found is None:
-            return ERROR
-        block, offset, size = found
-        start, end = _lines(block, offset, size)
+    else:
         block.host[start:end] = block.device[start:end]
         STATS.bytes_invalidated += size
         STATS.invalidate_calls += 1
-        STATS.cache_op_seconds += time.perf_counter() - started
-        return 0
+    STATS.cache_op_seconds += time.perf_counter() - started
+    return 0
 
 
 class _Handle:
