@@ -1,9 +1,14 @@
 """Board fixtures: the axengine stand-in, compiled-model directories as they ship, real boards.
 
-- `axengine_standin`: makes `import axengine` find tests/axengine_standin/axengine for
-  the test (its counters reset), and forgets it afterwards.
-- `build_board_dir(checkpoint, out, kind, ...)`: writes an AXERA llm_build-style or an
-  M5Stack-style directory whose ".axmodel" files are stand-in JSON naming the checkpoint
+- `axengine_standin`: makes `import axengine` (and its wheel metadata) find
+  tests/axengine_standin/axengine for the test (its counters reset), on a board
+  ($VLMD_AX_PROC points at `board_proc_dir`: the NPU is there, 3 GiB of CMM), and forgets
+  it afterwards. `standin_release(**env)` imports a fresh stand-in emulating another
+  pyaxengine release or board ($VLMD_STANDIN_PYAXENGINE, _NO_BF16, _LIBS, ...).
+- `write_cmm_info(dir, total_kb, used_kb)`: a fake /proc/ax_proc with that mem_cmm_info.
+- `graph_file(graph, **extra)`: one stand-in .axmodel of the tiny checkpoint.
+- `build_board_dir(checkpoint, out, kind, ..., model_name=, mode_extra=)`: writes an AXERA
+  llm_build-style or an M5Stack-style directory whose ".axmodel" files are stand-in JSON naming the checkpoint
   and graph, with the real embedding file (H1's exporter) and tokenizer files.
 - `axera_board_dir`, `m5stack_board_dir`: those two, built once per session from the
   tiny native InternVL checkpoint (KV capacity 159, prefill chunk 32, one history group).
