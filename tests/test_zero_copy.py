@@ -116,6 +116,8 @@ def test_the_kv_cache_is_the_layers_device_buffers(axengine_standin, axera_board
     assert ios[1].pInputs[names.index("input")].phyAddr == ios[0].pOutputs[outputs.index("output")].phyAddr
     for name in ("mask", "indices"):
         assert ios[1].pInputs[names.index(name)].phyAddr == ios[0].pInputs[names.index(name)].phyAddr
+    facts = runtime.describe()
+    assert facts["chained_layers"] == len(board.layers) - 1 and facts["shared_mask_and_indices"] is True
     axengine_standin.STATS.reset()
     list(engine.generate(image_prompt(), GREEDY))
     pixels = int(np.prod(board.vision.inputs(0)[0].shape))

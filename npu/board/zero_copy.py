@@ -301,8 +301,9 @@ class ZeroCopyRuntime:
                                " use one Engine per loaded model")
 
     def describe(self) -> dict[str, Any]:
+        shared = len(self.layers) > 1 and self.layers[1].inputs["mask"] is self.layers[0].inputs["mask"]
         return {"data_path": self.name, "reason": self.reason,
-                "chained_layers": sum(self.chained), "shared_mask_and_indices": len(self.layers) > 1}
+                "chained_layers": sum(self.chained), "shared_mask_and_indices": shared}
 
 
 def _index(specs, name: str) -> int:
