@@ -47,6 +47,7 @@ class ModelLayout:
     template_source: str = ""
     image_context_id: int | None = None  # declared by the package, checked against the tokenizer
     post_topk: bool | None = None
+    declared_cmm_kb: int | None = None  # M5Stack mode files' cmm_size (KiB of device memory the model takes)
     sampling: dict[str, Any] = field(default_factory=dict)  # GenerationOptions fields the package sets
     sampling_source: str = ""
     image_processor: dict[str, Any] = field(default_factory=dict)  # preprocessor_config.json, if any

@@ -19,7 +19,8 @@ packages, the LLM runner), `tokens_embed_num` (vocab rows), `tokens_embed_size` 
 `img_token_id`, `b_use_topk`, `system_prompt` (the system message, when set), and the
 sampling keys `enable_temperature`/`temperature`, `enable_top_k_sampling`/`top_k`,
 `enable_top_p_sampling`/`top_p`, `enable_repetition_penalty`/`repetition_penalty`.
-`precompute_len`, `cmm_size` and the rest are kept as given in `ModelLayout.mode_params`.
+`cmm_size` (KiB of device memory the model takes) becomes `ModelLayout.declared_cmm_kb`;
+`precompute_len` and the rest are kept as given in `ModelLayout.mode_params`.
 
 The tokenizer: StackFlow starts the package's tokenizer script with `--model_id
 <model dir>/tokenizer`, so that folder is the tokenizer; a package without it falls back
@@ -125,7 +126,7 @@ def m5stack_layout(root: Path, mode_file: Path) -> ModelLayout:
         tokenizer_dir=tokenizer_dir, config=config, vocab_size=params.get("tokens_embed_num"),
         hidden_size=params.get("tokens_embed_size"), template=choice.template, chat_template=choice.chat_template,
         template_source=choice.source, image_context_id=params.get("img_token_id"), post_topk=params.get("b_use_topk"),
-        sampling=sampling, sampling_source=f"{mode_file} mode_param" if sampling else "",
+        declared_cmm_kb=params["cmm_size"] if isinstance(params.get("cmm_size"), int) else None, sampling=sampling, sampling_source=f"{mode_file} mode_param" if sampling else "",
         image_processor=find_image_processor(dirs), mode_params=dict(params), notes=tuple(notes),
         problems=tuple(problems),
     )
