@@ -32,7 +32,8 @@ from daemon.scheduler import CaptionPolicy, Job, Reply, Scheduler
 from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
 from protocol import codec, payloads
 from protocol.codec import ProtocolError
-from protocol.topics import SPEC, TopicError, Topics, check_publish_topic
+from protocol.requests import ReplyPath, refusal_path, reply_path
+from protocol.topics import SPEC, Topics
 
 log = get_logger("vlmd.service")
 
@@ -299,16 +300,13 @@ class Service:
             return
         if request.id is None:
             request = request.with_id(payloads.new_request_id())
-        reply = Reply(
-            topic=request.reply_to or _usable(message.response_topic) or self.topics.answer(request.id),
-            correlation_data=message.correlation_data, stream=request.stream,
-        )
+        path = reply_path(self.topics, request.id, request.reply_to, message.response_topic)
+        if path.topic is None:
+            self._refuse(message, ProtocolError("bad_request", path.problem, request.id), path)
+            return
+        reply = Reply(topic=path.topic, correlation_data=message.correlation_data, stream=request.stream)
         deadline = None if request.expires_ms is None else now + request.expires_ms / 1000.0
         job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=reply)
-        if self._is_input_topic(reply.topic):  # replies there would come back to us as input
-            job.reply = Reply(self.topics.answer(request.id), message.correlation_data, stream=False)
-            self._final(job, "rejected", ("bad_request", f"reply_to: {reply.topic!r} is one of vlmd's input topics"))
-            return
         if request.camera is not None and not self._pin_frames(job, request):
             return
         result = self.inbox.submit(job)
@@ -316,10 +314,6 @@ class Service:
             self._final(job, "rejected", ("busy", f"the request queue is full ({self.inbox.queue_size} waiting)"))
         elif result == "closed":
             self._final(job, "shutdown", ("shutdown", payloads.ERROR_DESCRIPTIONS["shutdown"]))
-
-    def _is_input_topic(self, topic: str) -> bool:
-        route = self.topics.parse(topic)
-        return route is not None and route.kind in ("ask", "fleet_ask", "cancel", "frame")
 
     def _pin_frames(self, job: Job, request: payloads.AskRequest) -> bool:
         """Attach the camera frames the question is about; refuse it when there are none."""
@@ -334,16 +328,17 @@ class Service:
         job.frames = frames
         return True
 
-    def _refuse(self, message: Incoming, exc: ProtocolError) -> None:
+    def _refuse(self, message: Incoming, exc: ProtocolError, path: ReplyPath | None = None) -> None:
         """A refused ask: a final `rejected` where the client listens, else <root>/error."""
-        default = self.topics.answer(exc.request_id) if exc.request_id else None
-        topic = exc.reply_to or _usable(message.response_topic) or default
-        log.info("ask refused", code=exc.code, message=exc.message, request_id=exc.request_id)
-        if topic is None:
+        if path is None:
+            path = refusal_path(self.topics, exc.request_id, exc.reply_to, exc.reply_to_given, message.response_topic)
+        log.info("ask refused", code=exc.code, message=exc.message, request_id=exc.request_id,
+                 reply_problem=path.problem)
+        if path.topic is None:
             self.responder.error(exc.code, exc.message, message.topic, exc.request_id)
             return
         job = Job("ask", exc.request_id or payloads.new_request_id(), self.clock(),
-                  reply=Reply(topic, message.correlation_data, stream=False))
+                  reply=Reply(path.topic, message.correlation_data, stream=False))
         self._final(job, "rejected", (exc.code, exc.message))
 
     def _on_cancel(self, message: Incoming) -> None:
@@ -365,17 +360,6 @@ def _version() -> str | None:
     try:
         return importlib.metadata.version("vlmd")
     except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _usable(response_topic: str | None) -> str | None:
-    """An MQTT 5 response topic we can publish to, else None (then the default applies)."""
-    if response_topic is None:
-        return None
-    try:
-        return check_publish_topic(response_topic)
-    except TopicError:
-        log.info("unusable response topic ignored", response_topic=response_topic)
         return None
 
 
