@@ -151,10 +151,12 @@ class Service:
 
     def reload(self, config: Config) -> str:
         """Apply `config`'s cameras (caption settings, source topics) without touching
-        the model or the connection; other changed sections are logged as needing a
-        restart and ignored. Returns a one-line summary. Raises TopicError (nothing
-        applied) when the new source topics cannot be used."""
-        topics = _topics(config)  # validates before anything changes
+        the model or the connection; other changed sections (device id, root, fleet:
+        the subscriptions stay on the running root) are logged as needing a restart and
+        ignored. Returns a one-line summary. Raises TopicError (nothing applied) when
+        the new source topics cannot be used."""
+        # the running root and fleet topic, the new camera sources; validated before anything changes
+        topics = Topics(self.topics.root, _frame_sources(config), self.topics.fleet_ask_topic)
         old_sources, new_sources = set(self.topics.frame_sources), set(topics.frame_sources)
         ignored = [name for name in Config.model_fields if name != "cameras"
                    and getattr(config, name) != getattr(self.config, name)]
@@ -364,11 +366,11 @@ def _version() -> str | None:
 
 
 def _topics(config: Config) -> Topics:
-    return Topics(
-        config.root,
-        frame_sources={c.topic: name for name, c in config.cameras.items() if c.topic},
-        fleet_ask_topic=config.fleet.ask_topic if config.fleet.enabled else None,
-    )
+    return Topics(config.root, _frame_sources(config), config.fleet.ask_topic if config.fleet.enabled else None)
+
+
+def _frame_sources(config: Config) -> dict[str, str]:
+    return {c.topic: name for name, c in config.cameras.items() if c.topic}
 
 
 def _caption_policy(camera) -> CaptionPolicy:
