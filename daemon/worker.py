@@ -201,16 +201,17 @@ class Worker:
     # -- questions -------------------------------------------------------------------
 
     def _run_ask(self, job: Job) -> None:
+        progress = _Progress()
         try:  # inbox.take() made it the running job
             if job.cancel_event.is_set():
                 self.responder.final(job, "cancelled", error=("cancelled", "cancelled before it started"))
                 return
             prompt = self._ask_prompt(job)
-            self._generate(job, prompt, self._ask_options(job.request))
+            self._generate(job, prompt, self._ask_options(job.request), progress)
         except frame_codec.FrameError as exc:
             self.responder.final(job, "rejected", error=(exc.code, str(exc.message)))
         except Exception as exc:  # the engine's errors carry .code; anything else is a failure
-            self._engine_failure(job, exc)
+            self._engine_failure(job, exc, progress)
         finally:
             self.inbox.set_running(None)
 
@@ -238,11 +239,11 @@ class Worker:
         }
         return self._options_type(**{k: v for k, v in values.items() if v is not None})
 
-    def _generate(self, job: Job, prompt: Any, options: Any) -> None:
-        """Stream the engine's tokens to the job's reply topic and publish its final."""
+    def _generate(self, job: Job, prompt: Any, options: Any, progress: _Progress) -> None:
+        """Stream the engine's tokens to the job's reply topic and publish its final;
+        `progress` keeps what was sent, for a failure's final."""
         stopped_for: list[str] = []
         should_stop = self._stop_check(job, stopped_for)
-        seq = 0
         for event in self.engine.generate(prompt, options, should_stop=should_stop):
             self.last_progress = self.clock()
             if hasattr(event, "finish_reason"):
@@ -250,14 +251,16 @@ class Worker:
                 error = None if reason in ("stop", "length") else (reason, _STOP_MESSAGES.get(reason, reason))
                 self.responder.stats.timings(event.timings)
                 self.responder.final(
-                    job, reason, text=event.text, seq=seq, error=error,
+                    job, reason, text=event.text, seq=progress.seq, error=error,
                     usage=(event.prompt_tokens, event.completion_tokens), timings=event.timings,
                 )
                 self.consecutive_failures = 0
                 return
+            progress.pieces.append(event.delta)
+            progress.num_tokens += 1
             if event.delta and job.reply is not None and job.reply.stream:
-                self.responder.chunk(job, seq, event.delta)
-                seq += 1
+                self.responder.chunk(job, progress.seq, event.delta)
+                progress.seq += 1
         raise RuntimeError("the engine ended without a done event")
 
     def _stop_check(self, job: Job, stopped_for: list[str]) -> Callable[[], bool]:
@@ -274,14 +277,17 @@ class Worker:
 
         return should_stop
 
-    def _engine_failure(self, job: Job, exc: Exception) -> None:
+    def _engine_failure(self, job: Job, exc: Exception, progress: _Progress) -> None:
         code = getattr(exc, "code", None)
         if code in ("too_long", "bad_image", "image_too_large"):
             self.responder.final(job, "rejected", error=(code, str(exc)))
             return
         log.error("engine failed", request_id=job.job_id, error=str(exc), exc_type=type(exc).__name__)
         self.consecutive_failures += 1
-        self.responder.final(job, "failed", error=("engine_error", str(exc) or type(exc).__name__))
+        # the protocol's final after chunks 0..n-1: seq n, the text and usage so far
+        self.responder.final(job, "failed", error=("engine_error", str(exc) or type(exc).__name__),
+                             text="".join(progress.pieces), seq=progress.seq,
+                             usage=(getattr(exc, "prompt_tokens", 0), progress.num_tokens))
 
     # -- captions --------------------------------------------------------------------
 
@@ -356,6 +362,15 @@ class Worker:
 
     def _decode(self, data: bytes) -> np.ndarray:
         return frame_codec.decode_frame(data, self.limits.frame_max_bytes, self.limits.frame_max_pixels)
+
+
+@dataclass
+class _Progress:
+    """What a question has streamed so far: the failure final repeats it."""
+
+    seq: int = 0  # next chunk number
+    pieces: list[str] = field(default_factory=list)  # every delta, sent or empty
+    num_tokens: int = 0
 
 
 _STOP_MESSAGES = {

@@ -249,3 +249,26 @@ def test_streamed_deltas_concatenate_to_the_final_text(deltas):
     assert final["done"] and "".join(c["delta"] for c in chunks) == final["text"] == "".join(deltas)
     assert [c["seq"] for c in chunks] == list(range(len(chunks))) and final["seq"] == len(chunks)
     assert all(c["delta"] for c in chunks)  # empty deltas are not sent
+
+
+class FailingEngine(ScriptedEngine):
+    """Yields its deltas as tokens, then fails the way an NPU runtime error does."""
+
+    def generate(self, prompt, options=None, should_stop=None):
+        from npu.engine import EngineError, TokenEvent
+
+        for index, delta in enumerate(self.deltas):
+            yield TokenEvent(index, delta, index)
+        raise EngineError("AX_ENGINE_RunSync failed mid-answer")
+
+
+def test_a_failure_mid_answer_gives_the_next_seq_and_the_text_and_usage_so_far(rig):
+    worker = Worker(FailingEngine(["A ", "", "red ", "car"]), rig.inbox, Scheduler(), rig.responder,
+                    WorkerLimits(max_consecutive_failures=2), rig.clock)
+    rig.inbox.submit(make_job(rig))
+    worker.step()
+    chunks, final = answer(rig)
+    assert [c["seq"] for c in chunks] == [0, 1, 2]  # the empty delta is not sent
+    assert (final["finish_reason"], final["error"]["code"]) == ("failed", "engine_error")
+    assert final["seq"] == 3 and final["text"] == "A red car" == "".join(c["delta"] for c in chunks)
+    assert final["usage"]["completion_tokens"] == 4
