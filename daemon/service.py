@@ -61,7 +61,9 @@ class Service:
         self.engine_factory = engine_factory
         self.clock, self.wall_clock = clock, wall_clock
         self.topics = _topics(config)
-        self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock)
+        self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock,
+                           max_total_bytes=config.frames.max_total_bytes)
+        self.inbox.configured = frozenset(config.cameras)
         self.scheduler = Scheduler({name: _caption_policy(c) for name, c in config.cameras.items()})
         self._num_camera_refusals = 0
         self.stats = RuntimeStats()
@@ -168,6 +170,7 @@ class Service:
         if self.responder is not None:
             self.responder.topics = topics
         self.scheduler.captions = {name: _caption_policy(c) for name, c in config.cameras.items()}
+        self.inbox.configured = frozenset(config.cameras)
         if self.client is not None:
             self.client.unsubscribe(sorted(old_sources - new_sources))
             self.client.subscribe([(topic, SPEC["frame"].qos) for topic in sorted(new_sources - old_sources)])
@@ -179,8 +182,14 @@ class Service:
         self.inbox.wake()  # a caption may be due now
         return summary
 
+    def _expire_cameras(self) -> None:
+        expired = self.inbox.expire_cameras(self.config.frames.unknown_camera_idle_s, keep=self.config.cameras)
+        if expired:
+            log.info("idle unconfigured cameras forgotten", cameras=expired[:10], count=len(expired))
+
     def tick(self) -> None:
-        """Main-loop duties: publish stats when due."""
+        """Main-loop duties: forget idle unconfigured cameras, publish stats when due."""
+        self._expire_cameras()
         now = self.clock()
         if now >= self._next_stats and self.client is not None and self.client.connected:
             self._next_stats = now + self.config.stats.interval_s
@@ -200,7 +209,7 @@ class Service:
             ts=self.wall_clock(), uptime_s=max(0.0, self.clock() - self.started_at), queue_depth=self.inbox.depth,
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
-            running=self.inbox.running is not None,
+            running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
         )
 
     # -- broker and client settings ---------------------------------------------------
@@ -284,7 +293,8 @@ class Service:
         cameras = self.config.cameras
         if camera in cameras or self.inbox.has_camera(camera):
             return True
-        unconfigured = sum(name not in cameras for name in self.inbox.camera_names())  # only for a new name
+        self._expire_cameras()  # only for a new name: idle ones make room
+        unconfigured = sum(name not in cameras for name in self.inbox.camera_names())
         if unconfigured < self.config.frames.max_cameras:
             return True
         self._num_camera_refusals += 1
