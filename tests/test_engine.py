@@ -22,7 +22,7 @@ from npu.sampling import Sampler, SamplingParams, top_k_indices
 from npu.session import BF16, TensorSpec, check_feed
 from npu.template import ChatTemplate
 from npu.tokenizer import Tokenizer
-from tests.tokenizer_files import write_internvl2_tokenizer
+from tests.tokenizer_files import require_qwen2_vocab, write_internvl2_tokenizer
 
 HIDDEN, KV_DIM, N_LAYERS, IMAGE_TOKENS, VISION_SIDE = 8, 4, 2, 4, 28
 F32 = np.dtype(np.float32)
@@ -180,6 +180,7 @@ class FakeModel:
 
 @pytest.fixture(scope="module")
 def tokenizer_and_template(tmp_path_factory):
+    require_qwen2_vocab()
     directory = write_internvl2_tokenizer(tmp_path_factory.mktemp("tok"))
     tokenizer = Tokenizer.from_dir(directory)
     return tokenizer, ChatTemplate.from_checkpoint({"template": "Hermes-2"}, tokenizer)
@@ -407,7 +408,17 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(make_model):
     greedy, _ = run(engine, prompt, max_tokens=12, ignore_stop=True)
     assert a == b and a != greedy
     penalised, _ = run(engine, prompt, max_tokens=12, ignore_stop=True, repetition_penalty=1.3)
-    assert len(penalised) == 12
+    assert len(penalised) == 12 and penalised != greedy  # the penalty reached the logits
+    # greedy with a penalty: every step takes the argmax of the penalised logits, recomputed here
+    post = engine.model.post
+    history = list(engine._encode(prompt).ids)
+    for logits, token in zip(post.seen[-12:], penalised):
+        penalised_logits = logits.copy()
+        seen = np.unique(history)
+        values = penalised_logits[seen]
+        penalised_logits[seen] = np.where(values > 0, values / 1.3, values * 1.3)
+        assert token == int(np.argmax(penalised_logits))
+        history.append(token)
 
 
 def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_template):
@@ -417,8 +428,13 @@ def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_templ
     topk_model = make_model(post=FakeTopkPost(tokenizer.vocab_size, F32))
     topk_greedy, _ = run(Engine(topk_model), prompt, max_tokens=8, ignore_stop=True)
     assert topk_greedy == greedy
+    calls_before = topk_model.post.calls
     sampled, _ = run(Engine(topk_model), prompt, max_tokens=8, ignore_stop=True, temperature=1.0, seed=3)
     assert len(sampled) == 8
+    # each sampled id is one of the k candidates that step's post graph returned
+    candidates = [set(np.argsort(-logits)[:topk_model.post.k].tolist()) for logits in topk_model.post.seen[calls_before:]]
+    assert len(candidates) == 8 and all(token in best for token, best in zip(sampled, candidates))
+    assert sampled != topk_greedy  # sampled, not greedy
 
 
 # ----------------------------------------------------------------------------- follow-ups

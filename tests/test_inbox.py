@@ -93,6 +93,7 @@ def test_producers_never_block_each_other():
         thread.start()
     for thread in threads:
         thread.join(10)
+        assert not thread.is_alive()
     counts = inbox.frame_counts()
     assert all(counts[f"c{n}"] == {"received": 500, "dropped": 497} for n in range(4))
     assert inbox.depth == 200

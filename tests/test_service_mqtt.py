@@ -315,7 +315,7 @@ def test_fleet_questions_are_shared_between_boards(daemon):
     reply = f"clients/{uuid.uuid4().hex}/fleet"
     sub = Collector(client.client.host, client.client.port, [reply])
     try:
-        time.sleep(0.2)  # both shared subscriptions in place
+        # both shared subscriptions are in place: each board published `online` after subscribing
         for n in range(6):
             client.publish(fleet["ask_topic"], {"id": f"f{n}", "text": "hi", "reply_to": reply, "stream": False})
         finals = [json.loads(sub.next(10, reply).payload) for _ in range(6)]
@@ -423,6 +423,7 @@ def test_serve_main_exits_0_on_sigterm_after_publishing_stopped(mosquitto, monke
         killer.start()
         assert main(config, engine_factory=lambda c: FakeEngine(), tick_s=0.05) == 0
         killer.join(5)
+        assert not killer.is_alive()
         assert client.next(10).payload == b"stopped"
         datagrams = []
         while True:
@@ -644,6 +645,7 @@ def test_serve_main_exits_1_after_repeated_engine_failures(mosquitto):
         asker.start()
         assert main(config, engine_factory=lambda c: FakeEngine(), tick_s=0.05) == 1
         asker.join(5)
+        assert not asker.is_alive()
         for n in range(2):
             assert client.answer(f"{config.root}/answer/bad{n}")[1]["finish_reason"] == "failed"
         assert client.next(10, config.root + "/status").payload == b"stopped"

@@ -148,6 +148,7 @@ def test_cancel_while_running_gives_cancelled_with_the_partial_text(rig):
         time.sleep(0.005)  # wait for at least one chunk
     assert rig.inbox.cancel("q1")[0] == "running"
     thread.join(5)
+    assert not thread.is_alive(), "the cancelled step did not return"
     chunks, final = answer(rig)
     assert final["finish_reason"] == "cancelled" and final["error"]["code"] == "cancelled"
     assert final["text"] == "".join(c["delta"] for c in chunks)
@@ -205,6 +206,7 @@ def test_a_question_preempts_a_running_caption_which_is_redone_after_it(rig):
     assert rig.engine.started.wait(5)
     rig.inbox.submit(make_job(rig, max_tokens=1))
     thread.join(5)
+    assert not thread.is_alive(), "the caption did not give way to the question"
     assert rig.publisher.on(rig.topics.caption("cam")) == [] and rig.stats.captions["preempted"] == 1
     assert rig.worker.step() == "ask"
     rig.engine.token_delay_s = 0.0
