@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the transformers oracle needs torch (the dev extra)")
 pytest.importorskip("transformers", reason="the transformers oracle needs transformers (the dev extra)")
 
-from npu.blueprint import Blueprint, BlueprintError  # noqa: E402
-from npu.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from npu.reference.blueprint import Blueprint, BlueprintError  # noqa: E402
+from npu.reference.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from npu.reference import build_reference_sessions  # noqa: E402
 from npu.session import BF16, MASK_BLOCKED, SessionError  # noqa: E402
 from tests import model_factory as mf  # noqa: E402
@@ -373,7 +373,7 @@ def test_real_internvl2_1b_config_reads(checkpoints):
 def test_broken_checkpoints_fail_with_a_reason(checkpoints, tmp_path):
     from safetensors.numpy import save_file
 
-    from npu.checkpoint import read_safetensors
+    from npu.reference.checkpoint import read_safetensors
 
     broken = shutil.copytree(checkpoints["qwen2"].path, tmp_path / "renamed")
     tensors = {k: np.asarray(v, np.float32) for k, v in read_safetensors(broken / "model.safetensors").items()}
@@ -408,6 +408,6 @@ def test_broken_checkpoints_fail_with_a_reason(checkpoints, tmp_path):
     ],
 )
 def test_hf_names_map_to_canonical_names(hf_name, canonical):
-    from npu.checkpoint import canonical_name
+    from npu.reference.checkpoint import canonical_name
 
     assert canonical_name(hf_name) == canonical
