@@ -5,9 +5,12 @@ question or one caption (or sleep until something arrives), record progress for 
 watchdog. Every job leaves through `Responder.final` (questions) or a retained caption,
 so each request gets exactly one final whatever the engine does.
 
-Knows the engine only by its interface (`generate(prompt, options, should_stop)`
-yielding token events then one done event, errors with a `.code`), so tests drive it
-with a fake engine. Knows MQTT only through a `Publisher`.
+Knows the engine only by its interface (`npu.engine.EngineLike`: `generate(prompt,
+options, should_stop)` yielding TokenEvents then one DoneEvent), so tests drive it with
+a fake engine. Errors are told apart by type: a `RequestError` (too long, bad image,
+options the model cannot honour) is a refusal (`rejected`); anything else the engine
+raises is a failure (`failed`) and counts toward `max_consecutive_failures`. Knows MQTT
+only through a `Publisher`, and publishes only through the `Responder`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pydantic import ValidationError
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
 from daemon.scheduler import CaptionPolicy, Frame, Job, Scheduler
+from npu.engine import DoneEvent, EngineError, EngineLike, GenerationOptions, Prompt, RequestError
 from protocol import codec, frames as frame_codec, payloads
 from protocol.topics import SPEC, Topics
 
@@ -114,15 +118,35 @@ class Responder:
         log.info("final", request_id=job.job_id, finish_reason=finish_reason, error=error and error[0], sent=sent)
         return True
 
+    def caption_chunk(self, camera: str, caption_id: str, seq: int, delta: str) -> None:
+        """One streamed piece of a caption on caption/<camera>/stream (QoS 0)."""
+        chunk = payloads.CaptionChunk(camera=camera, seq=seq, delta=_utf8_safe(delta), caption_id=caption_id)
+        self._publish(self.topics.caption_stream(camera), chunk, "caption_stream")
+
+    def caption(self, camera: str, caption_id: str, frame: Frame, event: DoneEvent) -> None:
+        """A finished caption, retained on caption/<camera>."""
+        self.stats.timings(event.timings)
+        self.stats.count_caption("done")
+        caption = payloads.Caption(
+            camera=camera, caption_id=caption_id, text=_utf8_safe(event.text), ts=self.wall_clock(),
+            frame_ts=frame.received_ts, finish_reason=event.finish_reason,
+            usage={"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
+            timings=event.timings,
+        )
+        self._publish(self.topics.caption(camera), caption, "caption")
+
+    def _publish(self, topic: str, message: Any, kind: str) -> None:
+        spec = SPEC[kind]
+        try:
+            self.publisher.publish(topic, codec.encode(message), spec.qos, spec.retain)
+        except Exception:  # the caller is paho's thread or the worker: neither may die of it
+            log.exception("message not published", kind=kind, topic=topic)
+
     def error(self, code: str, message: str, topic: str, request_id: str | None = None) -> None:
         """A problem with a message that has no reply path: to <root>/error."""
         body = payloads.ErrorMessage(code=code, message=_utf8_safe(message), topic=_utf8_safe(topic),
                                      request_id=request_id, ts=self.wall_clock())
-        spec = SPEC["error"]
-        try:
-            self.publisher.publish(self.topics.error(), codec.encode(body), spec.qos, spec.retain)
-        except Exception:  # the caller is paho's thread or the worker: neither may die of it
-            log.exception("error message not published", code=code)
+        self._publish(self.topics.error(), body, "error")
 
     def _send(self, job: Job, message: Any, kind: str) -> bool:
         """Publish on the job's reply path; False (logged) when it could not be sent.
@@ -146,16 +170,13 @@ class Worker:
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineLike,
         inbox: Inbox,
         scheduler: Scheduler,
         responder: Responder,
         limits: WorkerLimits = WorkerLimits(),
         clock: Callable[[], float] = time.monotonic,
     ):
-        from npu.engine import GenerationOptions, Prompt  # the engine's own value types
-
-        self._prompt_type, self._options_type = Prompt, GenerationOptions
         self.engine = engine
         self.inbox = inbox
         self.scheduler = scheduler
@@ -210,12 +231,14 @@ class Worker:
             self._generate(job, prompt, self._ask_options(job.request), progress)
         except frame_codec.FrameError as exc:
             self.responder.final(job, "rejected", error=(exc.code, str(exc.message)))
-        except Exception as exc:  # the engine's errors carry .code; anything else is a failure
+        except RequestError as exc:  # what was asked, not the engine: never counts as a failure
+            self.responder.final(job, "rejected", error=(exc.code, exc.message))
+        except Exception as exc:  # the engine failed (or a bug): counts toward max_consecutive_failures
             self._engine_failure(job, exc, progress)
         finally:
             self.inbox.set_running(None)
 
-    def _ask_prompt(self, job: Job) -> Any:
+    def _ask_prompt(self, job: Job) -> Prompt:
         request = job.request
         if job.frames:
             images = [self._decode(frame.data) for frame in job.frames]
@@ -226,9 +249,9 @@ class Worker:
             image_key = "inline:" + hashlib.sha256(data).hexdigest()[:32]
         else:
             images, image_key = [], None
-        return self._prompt_type(text=request.text, images=images, image_key=image_key, system=request.system)
+        return Prompt(text=request.text, images=images, image_key=image_key, system=request.system)
 
-    def _ask_options(self, request: Any) -> Any:
+    def _ask_options(self, request: Any) -> GenerationOptions:
         values = {
             "max_tokens": request.max_tokens or self.limits.default_max_tokens,
             "temperature": request.temperature,
@@ -237,16 +260,16 @@ class Worker:
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
         }
-        return self._options_type(**{k: v for k, v in values.items() if v is not None})
+        return GenerationOptions(**{k: v for k, v in values.items() if v is not None})
 
-    def _generate(self, job: Job, prompt: Any, options: Any, progress: _Progress) -> None:
+    def _generate(self, job: Job, prompt: Prompt, options: GenerationOptions, progress: _Progress) -> None:
         """Stream the engine's tokens to the job's reply topic and publish its final;
         `progress` keeps what was sent, for a failure's final."""
         stopped_for: list[str] = []
         should_stop = self._stop_check(job, stopped_for)
         for event in self.engine.generate(prompt, options, should_stop=should_stop):
             self.last_progress = self.clock()
-            if hasattr(event, "finish_reason"):
+            if isinstance(event, DoneEvent):
                 reason = stopped_for[0] if event.finish_reason == "cancelled" and stopped_for else event.finish_reason
                 error = None if reason in ("stop", "length") else (reason, _STOP_MESSAGES.get(reason, reason))
                 self.responder.stats.timings(event.timings)
@@ -278,16 +301,14 @@ class Worker:
         return should_stop
 
     def _engine_failure(self, job: Job, exc: Exception, progress: _Progress) -> None:
-        code = getattr(exc, "code", None)
-        if code in ("too_long", "bad_image", "image_too_large"):
-            self.responder.final(job, "rejected", error=(code, str(exc)))
-            return
         log.error("engine failed", request_id=job.job_id, error=str(exc), exc_type=type(exc).__name__)
         self.consecutive_failures += 1
+        engine_error = isinstance(exc, EngineError)
+        code = exc.code if engine_error else "engine_error"
+        prompt_tokens = exc.prompt_tokens if engine_error else 0
         # the protocol's final after chunks 0..n-1: seq n, the text and usage so far
-        self.responder.final(job, "failed", error=("engine_error", str(exc) or type(exc).__name__),
-                             text="".join(progress.pieces), seq=progress.seq,
-                             usage=(getattr(exc, "prompt_tokens", 0), progress.num_tokens))
+        self.responder.final(job, "failed", error=(code, str(exc) or type(exc).__name__),
+                             text="".join(progress.pieces), seq=progress.seq, usage=(prompt_tokens, progress.num_tokens))
 
     # -- captions --------------------------------------------------------------------
 
@@ -316,47 +337,35 @@ class Worker:
 
     def _caption(self, camera: str, frame: Frame, rgb: np.ndarray, policy: CaptionPolicy) -> bool:
         """Stream one caption; True when it finished and was retained."""
-        prompt = self._prompt_type(text=policy.prompt, images=[rgb], image_key=f"{camera}:{frame.seq}", system=None)
-        options = self._options_type(max_tokens=policy.max_tokens)
+        prompt = Prompt(text=policy.prompt, images=[rgb], image_key=f"{camera}:{frame.seq}", system=None)
+        options = GenerationOptions(max_tokens=policy.max_tokens)
         caption_id = f"{camera}-{frame.seq}"
-        stream = self.responder.topics.caption_stream(camera)
-        spec = SPEC["caption_stream"]
         seq = 0
         try:
             # a question arriving mid-caption goes first: the caption is dropped and redone after it
             should_stop = lambda: self.abort.is_set() or self.inbox.depth > 0  # noqa: E731
             for event in self.engine.generate(prompt, options, should_stop=should_stop):
                 self.last_progress = self.clock()
-                if hasattr(event, "finish_reason"):
+                if isinstance(event, DoneEvent):
                     return self._caption_done(camera, frame, caption_id, event)
                 if event.delta:
-                    chunk = payloads.CaptionChunk(camera=camera, seq=seq, delta=event.delta, caption_id=caption_id)
-                    self.responder.publisher.publish(stream, codec.encode(chunk), spec.qos, spec.retain)
+                    self.responder.caption_chunk(camera, caption_id, seq, event.delta)
                     seq += 1
         except Exception as exc:
             log.error("caption failed", camera=camera, error=str(exc), exc_type=type(exc).__name__)
             self.responder.stats.count_caption("failed")
-            if getattr(exc, "code", None) not in ("too_long", "bad_image"):
+            if not isinstance(exc, RequestError):  # a caption prompt too long for the model is not the NPU's fault
                 self.consecutive_failures += 1
         return False
 
-    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: Any) -> bool:
+    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: DoneEvent) -> bool:
         if event.finish_reason not in ("stop", "length"):  # the retained caption stays as it was
             if not self.abort.is_set():
                 self.scheduler.caption_preempted(camera)
                 self.responder.stats.count_caption("preempted")
             return False
         self.consecutive_failures = 0
-        self.responder.stats.timings(event.timings)
-        self.responder.stats.count_caption("done")
-        caption = payloads.Caption(
-            camera=camera, caption_id=caption_id, text=event.text, ts=self.responder.wall_clock(), frame_ts=frame.received_ts,
-            finish_reason=event.finish_reason,
-            usage={"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
-            timings=event.timings,
-        )
-        spec = SPEC["caption"]
-        self.responder.publisher.publish(self.responder.topics.caption(camera), codec.encode(caption), spec.qos, spec.retain)
+        self.responder.caption(camera, caption_id, frame, event)
         log.info("caption", camera=camera, frame_seq=frame.seq, chars=len(event.text))
         return True
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from daemon.config import Config
 from daemon.service import Service
+from npu.engine import DoneEvent, EngineError, NumericError, PromptTooLong, TokenEvent, UnsupportedOptions
 
 
 def png_bytes(colour=(200, 30, 30), size=(64, 48)) -> bytes:
@@ -41,27 +42,33 @@ def noise_png(seed: int, size=(64, 48)) -> bytes:
 class FakeEngine:
     """Streams a deterministic answer word by word; `token_delay_s` makes it slow.
 
-    Prompts whose text starts with "FAIL" raise EngineError, "TOOLONG" PromptTooLong.
+    Prompts whose text starts with "FAIL" raise EngineError, "TOOLONG" PromptTooLong,
+    "NAN" NumericError; with `greedy_only` (a post graph without scores) sampling options
+    raise UnsupportedOptions, as the real engine does, before any token.
     """
 
-    def __init__(self, token_delay_s: float = 0.0, extra_words: int = 0):
+    def __init__(self, token_delay_s: float = 0.0, extra_words: int = 0, greedy_only: bool = False):
         self.token_delay_s = token_delay_s
         self.extra_words = extra_words
+        self.greedy_only = greedy_only
         self.prompts: list = []
         self.options: list = []
         self.started = threading.Event()  # set when a generation starts
 
     def generate(self, prompt, options=None, should_stop=None):
-        from npu.engine import DoneEvent, EngineError, PromptTooLong, TokenEvent
-
         should_stop = should_stop or (lambda: False)
         self.prompts.append(prompt)
         self.options.append(options)
         self.started.set()
+        if self.greedy_only and options is not None and not options.is_plain_greedy:
+            raise UnsupportedOptions("this model's post graph returns token ids without scores: only greedy decoding")
         if prompt.text.startswith("FAIL"):
             raise EngineError("the fake NPU fell over")
         if prompt.text.startswith("TOOLONG"):
             raise PromptTooLong("prompt needs 5000 tokens, the cache holds 1023")
+        if prompt.text.startswith("NAN"):
+            yield TokenEvent(1000, "half", 0)
+            raise NumericError("the model produced a non-finite logit (nan) for token 17")
         sizes = ",".join(f"{image.shape[1]}x{image.shape[0]}" for image in prompt.images)
         words = [f"images={len(prompt.images)}", f"sizes={sizes}", f"key={prompt.image_key}", "café", "ünïcödé"]
         words += [f"w{n}" for n in range(self.extra_words)]

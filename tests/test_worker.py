@@ -261,7 +261,9 @@ class FailingEngine(ScriptedEngine):
 
         for index, delta in enumerate(self.deltas):
             yield TokenEvent(index, delta, index)
-        raise EngineError("AX_ENGINE_RunSync failed mid-answer")
+        error = EngineError("AX_ENGINE_RunSync failed mid-answer")
+        error.prompt_tokens = 42  # what the real engine sets once the prompt is tokenised
+        raise error
 
 
 def test_a_failure_mid_answer_gives_the_next_seq_and_the_text_and_usage_so_far(rig):
@@ -273,4 +275,45 @@ def test_a_failure_mid_answer_gives_the_next_seq_and_the_text_and_usage_so_far(r
     assert [c["seq"] for c in chunks] == [0, 1, 2]  # the empty delta is not sent
     assert (final["finish_reason"], final["error"]["code"]) == ("failed", "engine_error")
     assert final["seq"] == 3 and final["text"] == "A red car" == "".join(c["delta"] for c in chunks)
-    assert final["usage"]["completion_tokens"] == 4
+    assert final["usage"] == {"prompt_tokens": 42, "completion_tokens": 4}
+
+
+def test_request_errors_are_refusals_that_never_count_toward_the_failure_limit(rig):
+    worker = Worker(FakeEngine(greedy_only=True), rig.inbox, Scheduler(), rig.responder,
+                    WorkerLimits(max_consecutive_failures=2), rig.clock)
+    for n in range(3):  # more than the limit: a client must not be able to stop the daemon
+        rig.inbox.submit(make_job(rig, f"s{n}", temperature=0.7) if n != 1 else make_job(rig, f"s{n}",
+                                                                                          repetition_penalty=1.3))
+        worker.step()
+        _, final = answer(rig, rig.topics.answer(f"s{n}"))
+        assert (final["finish_reason"], final["error"]["code"]) == ("rejected", "bad_request")
+        assert "greedy" in final["error"]["message"]
+    assert worker.consecutive_failures == 0 and worker.healthy
+
+
+def test_a_numeric_error_fails_the_request_with_its_own_code_and_counts(rig):
+    rig.inbox.submit(make_job(rig, text="NAN please"))
+    rig.worker.step()
+    chunks, final = answer(rig)
+    assert (final["finish_reason"], final["error"]["code"]) == ("failed", "numeric_error")
+    assert final["text"] == "half" and final["seq"] == len(chunks) == 1
+    assert rig.worker.consecutive_failures == 1
+
+
+class CaptionLosingPublisher(RecordingPublisher):
+    """The broker connection breaks whenever a caption is published."""
+
+    def publish(self, topic, payload, qos, retain, correlation_data=None):
+        if "/caption/" in topic:
+            raise OSError("socket gone")
+        super().publish(topic, payload, qos, retain, correlation_data)
+
+
+def test_captions_go_through_the_responder_and_a_lost_connection_is_no_engine_failure(rig):
+    publisher = CaptionLosingPublisher()
+    responder = Responder(publisher, rig.topics, rig.stats, wall_clock=lambda: 5000.0)
+    worker = Worker(rig.engine, rig.inbox, rig.scheduler, responder, WorkerLimits(max_consecutive_failures=1), rig.clock)
+    rig.inbox.put_frame("cam", noise_png(1))
+    assert worker.step() == "caption"
+    assert worker.consecutive_failures == 0 and worker.healthy
+    assert rig.stats.captions["done"] == 1
