@@ -88,7 +88,7 @@ def _decode_request(model_cls: type[ModelT], payload: bytes, max_bytes: int, lim
     try:
         obj = parse_json_object(payload)
     except ProtocolError as exc:
-        exc.request_id = _scan_request_id(payload)
+        exc.request_id, exc.reply_to, exc.reply_to_given = _recover_reply_path(payload)
         raise
     request_id, reply_to = _reply_path(obj)
     given = obj.get("reply_to") is not None
@@ -146,6 +146,24 @@ def _check_version(obj: dict[str, Any], request_id: str | None, reply_to: str | 
             request_id, reply_to,
         )
     raise ProtocolError("bad_request", f"v: must be the integer 1, got {version!r}", request_id, reply_to)
+
+
+def _recover_reply_path(payload: bytes) -> tuple[str | None, str | None, bool]:
+    """The top-level id and reply_to of a payload that is JSON once its invalid UTF-8
+    bytes are replaced (a value holding a replaced byte is not used: it is not what the
+    client sent); for anything else the best-effort scan."""
+    try:
+        obj = json.loads(payload.decode("utf-8", errors="replace"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return _scan_request_id(payload), None, False
+    if not isinstance(obj, dict):
+        return None, None, False
+    request_id, reply_to = _reply_path(obj)
+    if request_id is not None and "\ufffd" in request_id:
+        request_id = None
+    if reply_to is not None and "\ufffd" in reply_to:
+        reply_to = None
+    return request_id, reply_to, obj.get("reply_to") is not None
 
 
 def _scan_request_id(payload: bytes) -> str | None:

@@ -103,8 +103,10 @@ class Published:
 class RecordingPublisher:
     messages: list[Published] = field(default_factory=list)
 
-    def publish(self, topic, payload, qos, retain, correlation_data=None):
+    def publish(self, topic, payload, qos, retain, correlation_data=None, on_delivered=None):
         self.messages.append(Published(topic, payload, qos, retain, correlation_data))
+        if on_delivered is not None:  # a broker that acknowledges at once
+            on_delivered()
 
     def on(self, topic: str) -> list[Published]:
         return [m for m in self.messages if m.topic == topic]

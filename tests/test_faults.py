@@ -50,15 +50,15 @@ class SessionClient:
     def publish(self, topic: str, body: dict) -> None:
         self.client.publish(topic, json.dumps(body), qos=1)
 
-    def wait_for(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
-        """Until `payload` arrives on `topic` (other messages are dropped: call before asking)."""
+    def wait_for(self, topic: str, payload: bytes | None, timeout: float = 10.0) -> None:
+        """Until `payload` (None: any message) arrives on `topic`; other messages are dropped."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 message = self.messages.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if message.topic == topic and message.payload == payload:
+            if message.topic == topic and (payload is None or message.payload == payload):
                 return
         raise TimeoutError(f"no {payload!r} on {topic} within {timeout}s")
 
@@ -324,17 +324,18 @@ class FlakyPublisher:
         self.recorded = RecordingPublisher()
         self.fail_count = fail_count
 
-    def publish(self, topic, payload, qos, retain, correlation_data=None):
+    def publish(self, topic, payload, qos, retain, correlation_data=None, on_delivered=None):
         if qos == 1 and self.fail_count > 0:
             self.fail_count -= 1
             raise OSError("socket gone")
-        self.recorded.publish(topic, payload, qos, retain, correlation_data)
+        self.recorded.publish(topic, payload, qos, retain, correlation_data, on_delivered)
 
 
 def worker_rig(engine, publisher):
     from daemon.inbox import Inbox
     from daemon.scheduler import Scheduler
-    from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+    from daemon.responder import Responder, RuntimeStats
+    from daemon.worker import Worker, WorkerLimits
     from protocol.topics import Topics
 
     topics = Topics("vlmd/f")

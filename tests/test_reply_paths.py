@@ -71,3 +71,38 @@ def test_refusals_never_publish_into_the_daemons_input_topics(daemon):
     for topic in (topics.frame("front"), topics.cancel()):
         with pytest.raises(TimeoutError):
             d.client.next(0.5, topic)  # the test client published nothing there itself
+
+
+@pytest.mark.broker
+def test_mqtt5_property_abuse_is_answered_or_refused(daemon):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    d = daemon()
+    topics = d.topics
+
+    def ask(body, **props):
+        properties = Properties(PacketTypes.PUBLISH)
+        for name, value in props.items():
+            setattr(properties, name, value)
+        d.client.publish(topics.ask(), body, properties=properties)
+
+    for n, topic in enumerate(["a/+/b", "#", "$SYS/x", "$share/g/t"]):  # mosquitto passes these on
+        ask({"id": f"rt{n}", "text": "?", "stream": False}, ResponseTopic=topic)
+    refused = {}
+    for _ in range(4):
+        body = json.loads(d.client.next(10, topics.error()).payload)
+        refused[body["request_id"]] = body
+    assert sorted(refused) == ["rt0", "rt1", "rt2", "rt3"]
+    assert all("response topic" in body["message"] for body in refused.values())
+    corr = bytes(range(256)) * 255 + b"x" * 255  # 65535 bytes: the most MQTT allows
+    ask({"id": "corr", "text": "?", "stream": False}, CorrelationData=corr)
+    message = d.client.next(10, topics.answer("corr"))
+    assert message.properties.CorrelationData == corr and json.loads(message.payload)["finish_reason"] == "stop"
+    ask({"id": "props", "text": "?", "stream": False},
+        UserProperty=[(f"k{i}", "v" * 20) for i in range(2000)] + [("reply_to", topics.cancel())])
+    assert d.client.answer(topics.answer("props"))[1]["finish_reason"] == "stop"
+    ask(b'{"meta": {"id": "nested"}, "id": "liar", "text": "caf\xe9"}', PayloadFormatIndicator=1)
+    lie = d.client.answer(topics.answer("liar"))[1]  # the top-level id, not the nested one
+    assert (lie["finish_reason"], lie["error"]["code"]) == ("rejected", "bad_json")
+    assert d.service.worker_alive and d.service.healthy

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from daemon.inbox import Inbox
 from daemon.scheduler import CaptionPolicy, Job, Reply, Scheduler
-from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+from daemon.responder import Responder, RuntimeStats
+from daemon.worker import Worker, WorkerLimits
 from protocol.payloads import AskRequest
 from protocol.topics import Topics
 from tests.fixtures_daemon import FakeEngine, RecordingPublisher, noise_png, png_bytes
@@ -303,10 +304,10 @@ def test_a_numeric_error_fails_the_request_with_its_own_code_and_counts(rig):
 class CaptionLosingPublisher(RecordingPublisher):
     """The broker connection breaks whenever a caption is published."""
 
-    def publish(self, topic, payload, qos, retain, correlation_data=None):
+    def publish(self, topic, payload, qos, retain, correlation_data=None, on_delivered=None):
         if "/caption/" in topic:
             raise OSError("socket gone")
-        super().publish(topic, payload, qos, retain, correlation_data)
+        super().publish(topic, payload, qos, retain, correlation_data, on_delivered)
 
 
 def test_captions_go_through_the_responder_and_a_lost_connection_is_no_engine_failure(rig):
