@@ -81,6 +81,12 @@ class DaemonProcess:
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
 
 
+def kill_left_running(*runs: DaemonProcess | None) -> None:
+    for run in runs:
+        if run is not None and run.process.poll() is None:
+            run.kill()
+
+
 def config_for(broker_url: str, journal_dir, **sections) -> Config:
     data = {"device_id": "jf" + uuid.uuid4().hex[:8], "stats": {"interval_s": 3600},
             "mqtt": {"broker": broker_url, "protocol": "3.1.1", "persistent_session": True, "keepalive_s": 5,
@@ -139,9 +145,7 @@ def test_sigkill_while_answering_then_two_restarts_give_each_request_exactly_one
         again = asker.finals(10**6, timeout=3.0)  # nothing owed any more
         assert third.terminate() == 0
     finally:
-        for run in (first, second, third):
-            if run is not None and run.process.poll() is None:
-                run.kill()
+        kill_left_running(first, second, third)
         asker.close()
     assert set(finals) == ids, finals
     assert all(len(found) == 1 for found in finals.values()), {k: len(v) for k, v in finals.items()}
@@ -174,9 +178,7 @@ def test_sigkill_in_the_middle_of_a_journal_write_is_recovered(mosquitto, tmp_pa
         finals = collect_finals(asker, {"torn"}, timeout=30)
         assert second.terminate() == 0
     finally:
-        for run in (first, second):
-            if run is not None and run.process.poll() is None:
-                run.kill()
+        kill_left_running(first, second)
         asker.close()
     assert set(finals) == {"torn"} and len(finals["torn"]) == 1, finals  # "before" is not answered again
     assert finals["torn"][0]["finish_reason"] == "stop"
@@ -208,9 +210,7 @@ def test_broker_down_during_recovery_the_finals_go_out_when_it_is_back(tmp_path)
         finals = collect_finals(asker, {"running", "waiting"}, timeout=60)
         assert second.terminate() == 0
     finally:
-        for run in (first, second):
-            if run is not None and run.process.poll() is None:
-                run.kill()
+        kill_left_running(first, second)
         asker.close()
         stop_broker(broker)
     assert set(finals) == {"running", "waiting"} and all(len(f) == 1 for f in finals.values()), finals
