@@ -30,6 +30,8 @@ def results(tmp_path_factory) -> Path:
         "--out", str(directory / "cpu_vs_transformers.json"))
     run("bench/followup.py", "--tiny", "--runs", "1", "--followups", "1", "--tokens", "2",
         "--replay", "always", "--compare-replay", "--out", str(directory / "followup.json"))
+    run("bench/board_sim.py", "--runs", "1", "--tokens", "2", "--builds", "internvl2_5-1b-364,internvl3-1b-448",
+        "--out", str(directory / "board_sim.json"))
     return directory
 
 
@@ -57,6 +59,18 @@ def test_followup_json(results):
     assert data["ratio"] is not None and data["ratio_never"] is not None
 
 
+def test_board_sim_json(results):
+    data = json.loads((results / "board_sim.json").read_text())
+    assert [b["build"] for b in data["builds"]] == ["internvl2_5-1b-364", "internvl3-1b-448"]
+    for build in data["builds"]:
+        runs = build["all_runs"]
+        assert runs["first"][0]["graph_ttft_ms"] > build["vision_ms"] > 0
+        # The engine's "auto" choice is priced by the table the clock charges: it is never dearer.
+        for auto, never, always in zip(runs["auto"], runs["never"], runs["always"], strict=True):
+            assert auto["graph_ttft_ms"] == pytest.approx(min(never["graph_ttft_ms"], always["graph_ttft_ms"]))
+            assert never["prefill_rows"] < always["prefill_rows"] <= never["prompt_tokens"]
+
+
 @pytest.mark.broker
 def test_mqtt_path_json(results):
     run("bench/mqtt_path.py", "--tiny", "--out", str(results / "mqtt_path.json"))
@@ -73,7 +87,8 @@ def test_benchmarks_md_from_results(results, tmp_path):
     text = out.read_text()
     decode = json.loads((results / "decode_overhead.json").read_text())
     assert decode["results"][0]["precision"] == "bf16"
-    for heading in ("## 1. Host overhead", "## 2. CPU", "## 3. Follow-up", "## 4. MQTT", "## 5. Profiles"):
+    for heading in ("## 1. Host overhead", "## 2. CPU", "## 3. Follow-up", "## 4. MQTT", "## 5. Profiles",
+                    "## 6. Simulated AX630C"):
         assert heading in text
     assert f"{decode['results'][0]['us_per_token']:.1f}" in text
     assert "_Tiny dims (smoke run)" in text
