@@ -30,6 +30,9 @@ def results(tmp_path_factory) -> Path:
         "--out", str(directory / "cpu_vs_transformers.json"))
     run("bench/followup.py", "--tiny", "--runs", "1", "--followups", "1", "--tokens", "2",
         "--replay", "always", "--compare-replay", "--out", str(directory / "followup.json"))
+    run("bench/reference_ab.py", "--tiny", "--runs", "1", "--base", "HEAD", "--out", str(directory / "reference_ab.json"))
+    run("bench/cpu_vs_transformers.py", "--tiny", "--runs", "1", "--tokens", "3", "--threads", "1", "--clock", "thread",
+        "--out", str(directory / "cpu_vs_transformers_thread.json"))
     run("bench/board_sim.py", "--runs", "1", "--tokens", "2", "--builds", "internvl2_5-1b-364,internvl3-1b-448",
         "--out", str(directory / "board_sim.json"))
     return directory
@@ -57,6 +60,17 @@ def test_followup_json(results):
     assert resumed["prefill_rows"] < replayed["prefill_rows"]
     assert resumed["prefill_rows"] < data["first"]["prefill_rows"]
     assert data["ratio"] is not None and data["ratio_never"] is not None
+
+
+def test_reference_ab_and_thread_clock_json(results):
+    data = json.loads((results / "reference_ab.json").read_text())
+    assert data["base"] == "HEAD" and data["clock"] == "thread CPU time"
+    assert set(data["results"]) == {"vision encode", "layer prefill (128 rows)", "layer decode step"}
+    for case in data["results"].values():
+        assert case["base"]["min_ms"] > 0 and case["tree"]["min_ms"] > 0 and case["max_abs_difference"] < 1e-3
+    thread = json.loads((results / "cpu_vs_transformers_thread.json").read_text())
+    assert thread["clock"] == "thread" and thread["greedy_tokens_agree"] == "3/3"
+    assert thread["vlmd"]["median_image_ms"] > 0 and thread["vlmd"]["median_ttft_ms"] > thread["vlmd"]["median_image_ms"]
 
 
 def test_board_sim_json(results):
@@ -88,7 +102,7 @@ def test_benchmarks_md_from_results(results, tmp_path):
     decode = json.loads((results / "decode_overhead.json").read_text())
     assert decode["results"][0]["precision"] == "bf16"
     for heading in ("## 1. Host overhead", "## 2. CPU", "## 3. Follow-up", "## 4. MQTT", "## 5. Profiles",
-                    "## 6. Simulated AX630C"):
+                    "## 6. Simulated AX630C", "## 7. Reference kernels"):
         assert heading in text
     assert f"{decode['results'][0]['us_per_token']:.1f}" in text
     assert "_Tiny dims (smoke run)" in text

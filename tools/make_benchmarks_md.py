@@ -125,7 +125,8 @@ def section_cpu(data: dict | None) -> list[str]:
             f" {d['vision_hidden']} at {d['image_size']} px, Qwen2 {d['text_layers']} layers x {d['text_hidden']},"
             f" vocab {d['vocab']}. The same bf16-valued weights in both; vlmd precision `{data['vlmd_precision']}`;"
             f" prompt {data['prompt_tokens']} tokens (64 image tokens), {data['new_tokens']} greedy new tokens;"
-            f" {data['runs']} alternating runs each, medians. Ratio > 1 means vlmd is faster."
+            f" {data['runs']} alternating runs each, medians"
+            f"{', thread CPU time' if data.get('clock') == 'thread' else ''}. Ratio > 1 means vlmd is faster."
             f" Greedy tokens agree: {data['greedy_tokens_agree']}.", "",
             "| | transformers | vlmd | ratio | goal |", "|---|---:|---:|---:|---|"]
     rows = [("image encode (ms)", "median_image_ms", "image", ""),
@@ -299,6 +300,27 @@ def section_board(data: dict | None) -> list[str]:
     return out + [""]
 
 
+# ------------------------------------------------------------------ 7. reference kernels A/B
+
+
+def section_reference_ab(data: dict | None) -> list[str]:
+    out = ["## 7. Reference kernels: a git revision against the working tree", ""]
+    if not data:
+        return out + ["Not measured: run `python bench/reference_ab.py`.", ""]
+    out += [machine_line(data.get("machine")), "",
+            f"npu/reference/{{ops,vision,graphs}}.py at `{data['base']}` and in the working tree, built on the same"
+            f" random InternVL2-1B-sized checkpoint, alternated {data['runs']} times in one process ({data['clock']};"
+            " fp32). Speed-up = base time / working-tree time.", "",
+            "| case | base min ms | tree min ms | speed-up (min) | speed-up (median) | max abs difference |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for case, r in data["results"].items():
+        out.append(f"| {case} | {r['base']['min_ms']:.2f} | {r['tree']['min_ms']:.2f} | {r['speedup_min']:.3f}"
+                   f" | {r['speedup_median']:.3f} | {r['max_abs_difference']:.2e} |")
+    if data.get("tiny"):
+        out += ["", TINY_NOTE]
+    return out + [""]
+
+
 def _each(section, runs: list[dict]) -> list[str]:
     """A section per results file; the heading is written once, variants get a subheading."""
     if not runs:
@@ -320,6 +342,7 @@ def render(results: Path = RESULTS) -> str:
     lines += _each(section_mqtt, load_all(results, "mqtt_path"))
     lines += section_optimisations(load(results, "optimisations"))
     lines += _each(section_board, load_all(results, "board_sim"))
+    lines += _each(section_reference_ab, load_all(results, "reference_ab"))
     return "\n".join(lines).rstrip() + "\n"
 
 

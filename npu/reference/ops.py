@@ -168,9 +168,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     else:
         qg[...] = source
     qg = qg.reshape(kv_heads, rows, d)
-    keys_t = np.ascontiguousarray(k.transpose(1, 2, 0))  # (kv_heads, d, m)
-    values = np.ascontiguousarray(v.transpose(1, 0, 2))  # (kv_heads, m, d)
     step = serial_rows(d * m)
+    keys_t, values = k.transpose(1, 2, 0), v.transpose(1, 0, 2)  # (kv_heads, d, m), (kv_heads, m, d)
+    if step < rows:  # several products: numpy would copy strided operands for each one
+        keys_t, values = np.ascontiguousarray(keys_t), np.ascontiguousarray(values)
     context = np.empty((kv_heads, rows, d), F32)  # (kv_heads, group * n, d)
     score_buffer = np.empty((kv_heads, min(step, rows), m), F32)  # (kv_heads, block rows, m)
     for start in range(0, rows, step):
