@@ -21,6 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks_md_board import section_board, section_reference_ab  # tools/, beside this script
+from benchmarks_md_common import TINY_NOTE, fmt, lengths, load, load_all, machine_line
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 OUTPUT = REPO / "BENCHMARKS.md"
@@ -29,40 +32,6 @@ BOARD_STEPS_MS = {"Qwen2-0.5B (10.7 tok/s)": 1000 / 10.7, "InternVL2.5-1B (10.56
 N_LAYERS, CAPACITY, KV_DIM, HIDDEN, VOCAB, BF16_BYTES = 24, 1023, 128, 896, 151655, 2
 # An assumed host memcpy rate on AX630C's Cortex-A53 cores, only to turn bytes into time; not measured.
 ASSUMED_BOARD_MEMCPY_GB_S = 2.0
-TINY_NOTE = "_Tiny dims (smoke run): figures say nothing about real speed._"
-LOADED = 2.5  # 1-minute load average above which a run is flagged as taken on a busy machine
-
-
-def load(results: Path, name: str) -> dict | list | None:
-    path = results / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_all(results: Path, prefix: str) -> list[dict]:
-    """Every `<prefix>*.json` (variants such as `followup_chunk32.json`), base name first."""
-    paths = sorted(results.glob(f"{prefix}*.json"), key=lambda p: (p.stem != prefix, p.stem))
-    return [json.loads(p.read_text()) for p in paths]
-
-
-def fmt(value, spec: str = ".1f", empty: str = "-") -> str:
-    return empty if value is None else format(value, spec)
-
-
-def machine_line(machine: dict | None) -> str:
-    if not machine:
-        return "_Machine not recorded._"
-    threads = f" {machine['threads']} threads," if machine.get("threads") else ""
-    load = machine.get("load_average_1m") or 0
-    line = (f"Machine: {machine.get('cpu')}, {machine.get('nproc')} cores,{threads}"
-            f" numpy {machine.get('numpy')} ({machine.get('numpy_blas')}), torch {machine.get('torch')};"
-            f" load average at start {load}; {machine.get('date_utc')}.  \n")
-    if load > LOADED:
-        line += (f"**Loaded machine** (load {load} on {machine.get('nproc')} cores, shared with other jobs):"
-                 " absolute figures are pessimistic and noisy; ratios taken alternating in one process are"
-                 " what to read.  \n")
-    return line + f"Command: `{machine.get('command')}`"
-
-
 # ------------------------------------------------------------------ 1. decode overhead
 
 
@@ -107,8 +76,8 @@ def section_decode(data: dict | None) -> list[str]:
             f" K and V cache input (2 x {CAPACITY} x {KV_DIM} bf16), its mask, input and indices, and the post"
             f" graph's {VOCAB}-wide logits: {ax / 1e6:.2f} MB per token, {ax / max(minimum, 1):.0f}x the minimum"
             f" (bf16). At an assumed {ASSUMED_BOARD_MEMCPY_GB_S:.0f} GB/s host memcpy on the A53 cores that is"
-            f" ~{ax_ms:.1f} ms, {ax_ms / qwen_ms * 100:.1f} % of the {qwen_ms:.1f} ms step. The API offers no way"
-            " to bind the cache buffers once; cutting this needs axengine's IO-binding (not in the wheel we read).", ""]
+            f" ~{ax_ms:.1f} ms, {ax_ms / qwen_ms * 100:.1f} % of the {qwen_ms:.1f} ms step. vlmd's zero-copy path"
+            " avoids it by keeping the cache in the layers' own buffers (section 6).", ""]
     return out
 
 
@@ -149,14 +118,6 @@ def section_cpu(data: dict | None) -> list[str]:
 # ------------------------------------------------------------------ 3. follow-ups
 
 
-def _lengths(lengths: list[int] | None) -> str:
-    if not lengths:
-        return "none"
-    if len(lengths) <= 4:
-        return ", ".join(map(str, lengths))
-    return f"{lengths[0]}, {lengths[1]}, ..., {lengths[-1]} ({len(lengths)} groups)"
-
-
 def section_followup(data: dict | None) -> list[str]:
     out = ["## 3. Follow-up questions on the same frame", ""]
     if not data:
@@ -164,7 +125,7 @@ def section_followup(data: dict | None) -> list[str]:
     first, follow = data["first"], data["followup"]
     out += [machine_line(data.get("machine")), "",
             f"Reference backend, precision `{data['precision']}`, prefill chunk {data['prefill_chunk']},"
-            f" history lengths {_lengths(data.get('history_lengths'))}, prefix replay"
+            f" history lengths {lengths(data.get('history_lengths'))}, prefix replay"
             f" `{data.get('prefix_replay', 'never')}`;"
             f" {data['runs']} frames, each with a first question and {follow['count'] // max(data['runs'], 1)}"
             " follow-ups. Goal: follow-up TTFT <= 0.2x the first.", "",
@@ -186,6 +147,49 @@ def section_followup(data: dict | None) -> list[str]:
                " process on the same snapshots." if never else "."),
             "", "Goal (<= 0.2x): " + ("**met**." if (data["ratio"] or 9) <= data["goal_ratio"] else "**missed**.")]
     if data.get("tiny"):
+        out += ["", TINY_NOTE]
+    return out + [""]
+
+
+# ------------------------------------------------------------------ 6. board data path
+
+
+def section_device_traffic(data: dict | None) -> list[str]:
+    out = ["## 6. Board data path: bytes per decode token, public run() vs zero-copy", ""]
+    if not data:
+        return out + ["Not measured: run `python bench/device_traffic.py`.", ""]
+    out += [machine_line(data.get("machine")), "",
+            "The engine through `AxEngineSession` on the axengine stand-in (which follows pyaxengine 3554448: one"
+            " CMM buffer per input, separate host and device bytes, flush and invalidate), with graphs of the real"
+            f" shapes that compute nothing; {data['tokens']} decode tokens per run. Written / flushed / invalidated"
+            " are vlmd's counters (the stand-in's own counters agree: columns `= stand-in`). The C++ figures are"
+            " computed from StackFlow's main_vlm (d9084ba) and ax-llm (c26dcbb) at the same shapes: they write into"
+            " uncached input buffers (so nothing to flush) and copy the whole decode mask every token. Host us/token:"
+            " the process's CPU time per token in runs whose NPU and cache calls return at once (what remains is"
+            " host work; CPU time, so other jobs on a shared machine count less). Goals: zero-copy"
+            " bytes written <= 2x the C++ runtime's; host <= 300 us/token.", "",
+            "| shapes | path | written B/token | flushed | invalidated | = stand-in | written vs C++ | host us/token |",
+            "|---|---|---:|---:|---:|---|---:|---:|"]
+    misses = []
+    for name, result in data["results"].items():
+        cpp = result["cpp_runtime"]
+        for path in ("public", "zero-copy"):
+            r = result[path]
+            same = r["flushed"] == r["standin_flushed"] and r["invalidated"] == r["standin_invalidated"]
+            ratio = r["written"] / cpp["stackflow"]["written"]
+            out.append(f"| {name} (capacity {result['shapes']['kv_capacity']}) | {path} | {r['written']:,} |"
+                       f" {r['flushed']:,} | {r['invalidated']:,} | {'yes' if same else '**no**'} | {ratio:.2f}x |"
+                       f" {fmt(r['host_us_per_token'])} |")
+            if path == "zero-copy" and (ratio > 2 or r["host_us_per_token"] > 300):
+                misses.append(f"{name} ({'bytes' if ratio > 2 else 'host time'})")
+        for runtime, label in (("stackflow", "C++ StackFlow main_vlm"), ("ax-llm", "C++ ax-llm")):
+            c = cpp[runtime]
+            out.append(f"| {name} | {label} | {c['written']:,} | {c['flushed']:,} | {c['invalidated']:,} | | 1.00x | |"
+                       if runtime == "stackflow" else
+                       f"| {name} | {label} | {c['written']:,} | {c['flushed']:,} | {c['invalidated']:,} | | | |")
+    out += ["", "Goal: " + ("**met** by the zero-copy path at every shape." if not misses else
+                            f"**missed**: {', '.join(misses)}.")]
+    if "tiny" in data["results"]:
         out += ["", TINY_NOTE]
     return out + [""]
 
@@ -237,91 +241,6 @@ def section_optimisations(data: list | None) -> list[str]:
     return out + [""]
 
 
-# ------------------------------------------------------------------ 6. simulated board
-
-
-def _cost_rows(data: dict) -> list[str]:
-    out = ["| build | call | ms | source | derivation |", "|---|---|---:|---|---|"]
-    for row in data["costs"]:
-        call = row["call"] + (f" ({row['rows']} rows)" if "rows" in row else "")
-        out.append(f"| {row['build']} | {call} | {row['ms']} | {row['source'] or '(none)'} |"
-                   f" {row['derivation'] or '-'} |")
-    return out
-
-
-def _build_line(b: dict) -> str:
-    prices, shape = b["prices_ms"], b["shape"]
-    chunks = [prices[g] for g in sorted(prices, key=int) if g != "0"]
-    chunk = (f"prefill call {chunks[0]:.2f}" + (f" to {chunks[-1]:.2f} ms (history {shape['history_lengths'][-1]}"
-             " rows)" if len(chunks) > 1 else " ms")) if chunks else "no prefill groups"
-    prefill_ms = b["first"]["median_graph_ttft_ms"] - b["vision_ms"]
-    return (f"- {b['build']}: {b['model']}; {shape['image_size']} px, {shape['image_tokens']} image tokens, KV"
-            f" capacity {shape['kv_capacity']}. Per layer-stack call: decode {prices['0']:.2f} ms, {chunk}; vision"
-            f" {b['vision_ms']:.1f} ms, post {b['post_ms']:.2f} ms. First question: {b['first']['median_prompt_tokens']:.0f}"
-            f" prompt rows, {prefill_ms:.0f} ms of prefill + post after the image. Shape read from: {shape['source']}.")
-
-
-def section_board(data: dict | None) -> list[str]:
-    out = ["## 6. Simulated AX630C: TTFT, decode and follow-ups per build", ""]
-    if not data:
-        return out + ["Not measured: run `python bench/board_sim.py`.", ""]
-    goal = data["goal_ratio"]
-    out += [machine_line(data.get("machine")), "",
-            f"The real engine on graphs that cost nothing at each build's shapes; every graph call adds its"
-            f" {data['board']} time from `{data['costs_file']}` to a simulated clock (no sleeping), and the"
-            f" engine plans follow-ups with the same prices (`Engine(prices=...)`). Simulated time = graph time +"
-            f" the host work measured here (this x86 machine, not the board's Cortex-A53: see the host column)."
-            f" {data['runs']} frames (640x480, resized by the engine), each with a first question and"
-            f" {data['followups']} follow-ups asked under each replay policy; {data['tokens']} answer tokens,"
-            f" precision `{data['precision']}`; medians. Goal: follow-up TTFT <= {goal}x the first question's"
-            f" for the shipped InternVL2.5/3 builds.", "",
-            "| build | chunk / history groups | first TTFT ms (host ms) | decode tok/s | follow-up TTFT ms:"
-            " auto (ratio) | resume | replay | auto ran rows | goal |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for b in data["builds"]:
-        first, follow, shape = b["first"], b["followup"], b["shape"]
-        history = _lengths(shape["history_lengths"])
-        auto = follow["auto"]
-        if b["goal_applies"]:
-            verdict = "**met**" if auto["ratio"] <= goal else "**missed**"
-        else:
-            verdict = "-" if b["shipped"] else "(not shipped)"
-        out.append(f"| {b['build']}{'' if b['shipped'] else ' (hypothetical)'} | {shape['prefill_chunk']} / {history}"
-                   f" | {first['median_ttft_ms']:.0f} ({first['median_host_ttft_ms']:.1f})"
-                   f" | {first['median_decode_tokens_per_s']:.2f} | {auto['median_ttft_ms']:.0f}"
-                   f" ({auto['ratio']:.3f}) | {follow['never']['median_ttft_ms']:.0f} ({follow['never']['ratio']:.3f})"
-                   f" | {follow['always']['median_ttft_ms']:.0f} ({follow['always']['ratio']:.3f})"
-                   f" | {auto['median_prefill_rows']:.0f} of {auto['median_prompt_tokens']:.0f} | {verdict} |")
-    out += ["", "Resume = continue at the snapshot's end (rows that do not start a chunk go one by one through the"
-            " decode graph); replay = restore up to the last chunk boundary before it and prefill the rest in"
-            " chunk calls; auto = the cheaper of the two by the engine's prices. Build shapes and where they were"
-            " read:", ""]
-    out += [_build_line(b) for b in data["builds"]]
-    out += ["", "The cost table (edit `bench/board_costs.toml`, then rerun):", "", *_cost_rows(data)]
-    return out + [""]
-
-
-# ------------------------------------------------------------------ 7. reference kernels A/B
-
-
-def section_reference_ab(data: dict | None) -> list[str]:
-    out = ["## 7. Reference kernels: a git revision against the working tree", ""]
-    if not data:
-        return out + ["Not measured: run `python bench/reference_ab.py`.", ""]
-    out += [machine_line(data.get("machine")), "",
-            f"npu/reference/{{ops,vision,graphs}}.py at `{data['base']}` and in the working tree, built on the same"
-            f" random InternVL2-1B-sized checkpoint, alternated {data['runs']} times in one process ({data['clock']};"
-            " fp32). Speed-up = base time / working-tree time.", "",
-            "| case | base min ms | tree min ms | speed-up (min) | speed-up (median) | max abs difference |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for case, r in data["results"].items():
-        out.append(f"| {case} | {r['base']['min_ms']:.2f} | {r['tree']['min_ms']:.2f} | {r['speedup_min']:.3f}"
-                   f" | {r['speedup_median']:.3f} | {r['max_abs_difference']:.2e} |")
-    if data.get("tiny"):
-        out += ["", TINY_NOTE]
-    return out + [""]
-
-
 def _each(section, runs: list[dict]) -> list[str]:
     """A section per results file; the heading is written once, variants get a subheading."""
     if not runs:
@@ -342,6 +261,7 @@ def render(results: Path = RESULTS) -> str:
     lines += _each(section_followup, load_all(results, "followup"))
     lines += _each(section_mqtt, load_all(results, "mqtt_path"))
     lines += section_optimisations(load(results, "optimisations"))
+    lines += section_device_traffic(load(results, "device_traffic"))
     lines += _each(section_board, load_all(results, "board_sim"))
     lines += _each(section_reference_ab, load_all(results, "reference_ab"))
     return "\n".join(lines).rstrip() + "\n"

@@ -37,10 +37,11 @@ names used by callers are re-exported by the package (npu/engine/__init__.py).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,17 +49,15 @@ from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import chunk_mask, plan_prefill
 from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
-from npu.engine.prompt import EncodedPrompt, EngineError, ImageError, Prompt, check_fits, encode_prompt
+from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, UnsupportedOptions,
+                               check_fits, encode_prompt)
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
+from npu.engine.stack import Cancelled as _Cancelled
+from npu.engine.stack import SessionStack
 from npu.image import to_vision_input
 from npu.session import BF16, SessionError
 from npu.shapes import GraphShapes, read_shapes
 from npu.text.detokenizer import IncrementalDetokenizer
-
-
-class _Cancelled(Exception):
-    """should_stop() returned True between two graph calls."""
-
 
 
 @dataclass(frozen=True)
@@ -110,6 +109,13 @@ class DoneEvent:
 Event = TokenEvent | DoneEvent
 
 
+class EngineLike(Protocol):
+    """What a caller of the engine relies on (the daemon's worker; tests drive it with fakes)."""
+
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
+
+
 class Engine:
     """Runs prompts on a model's sessions with one KV cache allocated here, once."""
 
@@ -127,10 +133,16 @@ class Engine:
         self._measure_prices = prices is None
         self.shapes: GraphShapes = read_shapes(model)
         s = self.shapes
-        self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype)
+        # A board data path may keep the KV cache in the graphs' own buffers and run the
+        # layer stack on them (npu/board/zero_copy.py); anything else: host cache, sessions' run.
+        data_path = getattr(model, "data_path", None)
+        storage = data_path.kv_storage() if data_path is not None else None
+        self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype, storage=storage)
         self.prefixes = PrefixStore(max_prefixes)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
+        stack = data_path.layer_stack(self.cache, s) if data_path is not None else None
+        self._stack = stack or SessionStack(self._layers, self.cache, s.output_order)
         self._allocate()
 
     @property
@@ -189,11 +201,13 @@ class Engine:
 
     def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
-        """Yield TokenEvents then one DoneEvent. Raises EngineError subclasses (before any
-        token for PromptTooLong and ImageError)."""
+        """Yield TokenEvents then one DoneEvent. Raises EngineError subclasses: a
+        RequestError (PromptTooLong, ImageError, UnsupportedOptions) before any graph
+        call, NumericError or EngineError when the graphs fail (`prompt_tokens` set)."""
         options = options or GenerationOptions()
         should_stop = should_stop or _never
         started = time.perf_counter()
+        self._check_options(options)
         encoded = self._encode(prompt)
         check_fits(encoded, self.shapes.capacity)
         num_prompt = len(encoded.ids)
@@ -229,7 +243,10 @@ class Engine:
         except _Cancelled:
             finish = "cancelled"
         except SessionError as exc:
-            raise EngineError(f"a graph failed: {exc}") from exc
+            raise self._failed(EngineError(f"a graph failed: {exc}"), num_prompt) from exc
+        except EngineError as exc:
+            self._failed(exc, num_prompt)
+            raise
         if "ttft_ms" in timings:
             decode_s = time.perf_counter() - first_token_at
             timings["decode_ms"] = _ms(decode_s)
@@ -238,6 +255,20 @@ class Engine:
                 timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
         text = "".join(pieces) + detok.flush()
         yield DoneEvent(text, finish, num_prompt, len(pieces), timings)
+
+    def _check_options(self, options: GenerationOptions) -> None:
+        """Refuse, before any graph call, what this model's graphs cannot do."""
+        s = self.shapes
+        if s.topk_ids_index is not None and s.topk_values_index is None and not options.is_plain_greedy:
+            raise UnsupportedOptions("this model's post graph returns token ids without scores: only greedy decoding"
+                                     " works (temperature 0, repetition_penalty 1)")
+
+    def _failed(self, error: EngineError, num_prompt: int) -> EngineError:
+        """`error` with the usage so far; NaN rows may sit in stored prefixes: drop them."""
+        error.prompt_tokens = num_prompt
+        if isinstance(error, NumericError):
+            self.prefixes.clear()
+        return error
 
     # ------------------------------------------------------------------ prefill
 
@@ -318,18 +349,9 @@ class Engine:
 
     def _run_layers(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
                     should_stop: Callable[[], bool]) -> np.ndarray:
-        """Every layer on the group's input buffer; write the new K/V rows, advance once."""
+        """Every layer on the group's input buffer (the stack writes the new K/V rows); advance once."""
         started = time.perf_counter()
-        k_index, v_index, out_index = self.shapes.output_order[group]
-        hidden = None
-        for layer, (session, feed) in enumerate(zip(self._layers, feeds)):
-            if should_stop():
-                raise _Cancelled
-            if hidden is not None:
-                feed["input"] = hidden  # the previous layer's output, fed as returned
-            outputs = session.run(feed, group)
-            self.cache.write(layer, outputs[k_index], outputs[v_index], num_rows)
-            hidden = outputs[out_index]
+        hidden = self._stack.run(group, feeds, num_rows, should_stop)  # (1, 1, hidden): the last real row
         self.cache.advance(num_rows)
         if self._measure_prices:
             elapsed = time.perf_counter() - started
@@ -348,8 +370,7 @@ class Engine:
         self._chunk_input[0, size:] = 0  # padding rows: their K/V rows are never attended
         self._host_copies += self._chunk_input.nbytes
         np.add(self._chunk_offsets, row, out=self._chunk_indices[0])
-        hidden = self._run_layers(group, self._prefill_feeds[group], size, should_stop)
-        return hidden[:, size - 1:size]  # (1, 1, hidden) contiguous view
+        return self._run_layers(group, self._prefill_feeds[group], size, should_stop)
 
     def _next_token(self, hidden: np.ndarray, sampler: Sampler, options: GenerationOptions,
                     history: Sequence[int]) -> int:
@@ -361,15 +382,18 @@ class Engine:
         outputs = self.model.post.run({s.post_input_name: hidden}, 0)
         if s.topk_ids_index is not None:
             ids = outputs[s.topk_ids_index].reshape(-1)
-            if s.topk_values_index is None:
-                if not options.is_plain_greedy:
-                    raise EngineError("this post graph returns token ids without scores: only greedy decoding works")
+            if s.topk_values_index is None:  # greedy only (_check_options); no score to check
                 return int(ids[0])
             values = outputs[s.topk_values_index].reshape(-1).astype(np.float32)
             return sampler.sample_candidates(values, ids, history)
         logits = outputs[s.logits_index].reshape(-1)  # (vocab,)
         if options.is_plain_greedy:
-            return argmax_logits(logits)  # in place: no copy of the logits
+            token = argmax_logits(logits)  # in place: no copy of the logits
+            # argmax prefers NaN and +inf: checking the chosen logit catches a bf16 overflow, O(1) per token
+            if not math.isfinite(logits[token]):
+                raise NumericError(f"the model produced a non-finite logit ({float(logits[token])}) for token {token}:"
+                                   " a numeric overflow in the graphs")
+            return token
         if logits.dtype == np.float32:
             return sampler.sample(logits, history)  # the sampler never writes into its input
         if logits.dtype == BF16 and 0 < options.top_k < logits.size and options.repetition_penalty == 1.0:
