@@ -9,8 +9,8 @@ resize, feeds, cache writes, sampling; graphs free) plus the clock's graph time,
 figures do not depend on this machine's load beyond the host part, which is reported apart.
 
 The engine gets the same table as its prices (`Engine(prices=...)`), so its follow-up
-choice between resuming at the snapshot's end and replaying from a chunk boundary is made
-by the model the clock charges. Each frame: a first question, then every follow-up asked
+choice between resuming at the snapshot's end (prefilled at that offset) and replaying from
+an earlier chunk start is made by the model the clock charges. Each frame: a first question, then every follow-up asked
 under each replay policy in turn (auto, never = resume, always = replay).
 
     python bench/board_sim.py [--costs bench/board_costs.toml] [--builds NAME,...] [--runs 3]

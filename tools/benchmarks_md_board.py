@@ -61,10 +61,11 @@ def section_board(data: dict | None) -> list[str]:
                    f" ({auto['ratio']:.3f}) | {follow['never']['median_ttft_ms']:.0f} ({follow['never']['ratio']:.3f})"
                    f" | {follow['always']['median_ttft_ms']:.0f} ({follow['always']['ratio']:.3f})"
                    f" | {auto['median_prefill_rows']:.0f} of {auto['median_prompt_tokens']:.0f} | {verdict} |")
-    out += ["", "Resume = continue at the snapshot's end (rows that do not start a chunk go one by one through the"
-            " decode graph); replay = restore up to the last chunk boundary before it and prefill the rest in"
-            " chunk calls; auto = the cheaper of the two by the engine's prices. Build shapes and where they were"
-            " read:", ""]
+    out += ["", "Resume = continue at the snapshot's end, each chunk through the smallest history group that holds"
+            " the rows before it (rows no history holds go one by one through the decode graph); replay = restore"
+            " up to an earlier chunk start and prefill the rest in chunk calls, which the engine considers only"
+            " when resuming leaves rows for the decode graph; auto = the cheaper by the engine's prices. Build"
+            " shapes and where they were read:", ""]
     out += [_build_line(b) for b in data["builds"]]
     out += ["", "The cost table (edit `bench/board_costs.toml`, then rerun):", "", *_cost_rows(data)]
     return out + [""]
