@@ -15,14 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npu.engine import (DoneEvent, Engine, GenerationOptions, ImageError, Prompt, PromptTooLong, TokenEvent,
-                        argmax_logits, bf16_order_keys, plan_prefill)
+from npu.engine import (DoneEvent, Engine, EngineError, GenerationOptions, ImageError, NumericError, Prompt,
+                        PromptTooLong, RequestError, TokenEvent, UnsupportedOptions, argmax_logits, bf16_order_keys,
+                        plan_prefill)
 from npu.model import ModelError, read_shapes
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
+from npu.image import IMAGENET_MEAN, IMAGENET_STD
 from npu.session import BF16, TensorSpec, check_feed
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
-from tests.tokenizer_files import write_internvl2_tokenizer
+from tests.tokenizer_files import require_qwen2_vocab, write_internvl2_tokenizer
 
 HIDDEN, KV_DIM, N_LAYERS, IMAGE_TOKENS, VISION_SIDE = 8, 4, 2, 4, 28
 F32 = np.dtype(np.float32)
@@ -136,6 +138,30 @@ class FakeTopkPost(FakePost):
         return [logits[best].astype(self.dtype).reshape(1, 1, -1), best.astype(np.int32).reshape(1, 1, -1)]
 
 
+class FakeIdsOnlyPost(FakeTopkPost):
+    """A --post_topk build that returns only the candidate ids, no scores."""
+
+    def outputs(self, group=0):
+        return [spec("indices", (1, 1, self.k), np.int32)]
+
+    def run(self, feed, group=0):
+        return [super().run(feed, group)[1]]
+
+
+class PoisonedPost(FakePost):
+    """Returns `poison` (NaN or inf) as one logit from call `at` on: a bf16 overflow."""
+
+    def __init__(self, vocab, dtype, poison, at, **kwargs):
+        super().__init__(vocab, dtype, **kwargs)
+        self.poison, self.at = poison, at
+
+    def run(self, feed, group=0):
+        outputs = super().run(feed, group)
+        if self.calls > self.at:
+            outputs[0][0, 0, 17] = self.poison
+        return outputs
+
+
 class FakeVision:
     def __init__(self, dtype):
         self.name, self.num_groups, self.dtype = "vision", 1, np.dtype(dtype)
@@ -149,11 +175,28 @@ class FakeVision:
 
     def run(self, feed, group=0):
         check_feed(self, feed, 0)
+        return self.features(feed["pixels"][0])
+
+    def features(self, pixels):
         self.calls += 1
-        quads = feed["pixels"][0].astype(np.float32).reshape(2, 14, 2, 14, 3).mean(axis=(1, 3)) / 64  # (2, 2, 3)
+        quads = pixels.astype(np.float32).reshape(2, 14, 2, 14, 3).mean(axis=(1, 3)) / 64  # (2, 2, 3)
         base = quads.reshape(IMAGE_TOKENS, 3)
         features = np.concatenate([base, base[:, :1] * np.arange(1, HIDDEN - 2)], axis=1) - 1  # (tokens, hidden)
         return [features[None].astype(self.dtype)]
+
+
+class FakeNormalisedVision(FakeVision):
+    """AXERA's InternVL3 convention: float32 NCHW pixels normalised on the host (ImageNet
+    mean/std); undoes the normalisation and computes what FakeVision computes."""
+
+    def inputs(self, group=0):
+        return [spec("image", (1, 3, VISION_SIDE, VISION_SIDE), np.float32)]
+
+    def run(self, feed, group=0):
+        check_feed(self, feed, 0)
+        mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+        pixels = (feed["image"][0].transpose(1, 2, 0) * std + mean) * 255  # (H, W, 3) back to 0..255
+        return self.features(np.rint(pixels).astype(np.uint8))
 
 
 class FakeEmbeddings:
@@ -180,6 +223,7 @@ class FakeModel:
 
 @pytest.fixture(scope="module")
 def tokenizer_and_template(tmp_path_factory):
+    require_qwen2_vocab()
     directory = write_internvl2_tokenizer(tmp_path_factory.mktemp("tok"))
     tokenizer = Tokenizer.from_dir(directory)
     return tokenizer, ChatTemplate.from_checkpoint({"template": "Hermes-2"}, tokenizer)
@@ -216,13 +260,20 @@ LONG_QUESTION = "Describe the scene in detail, then list every object, its colou
 # ----------------------------------------------------------------------------- pure parts
 
 
-def test_plan_prefill_uses_first_chunk_history_groups_then_decode():
+def test_plan_prefill_picks_the_smallest_history_that_holds_the_cached_rows():
     history = {16: 2, 32: 3}
     assert plan_prefill(0, 40, 16, history) == [(1, 0, 16), (2, 16, 16), (3, 32, 8)]
     assert plan_prefill(0, 18, 16, {}) == [(1, 0, 16), (0, 16, 1), (0, 17, 1)]
     assert plan_prefill(0, 3, 0, {}) == [(0, 0, 1), (0, 1, 1), (0, 2, 1)]
-    # a follow-up continuing at row 14: decode rows up to the next chunk boundary with a group
-    assert plan_prefill(14, 40, 16, history) == [(0, 14, 1), (0, 15, 1), (2, 16, 16), (3, 32, 8)]
+    # a follow-up continuing at row 14: one chunk at 14 (history 16 holds 14 rows), the rest at 30
+    assert plan_prefill(14, 40, 16, history) == [(2, 14, 16), (3, 30, 10)]
+    # past the longest history: one row at a time
+    assert plan_prefill(33, 36, 16, history) == [(0, 33, 1), (0, 34, 1), (0, 35, 1)]
+    # histories in steps of four chunks (a 512-step build at chunk 128): every chunk still prefills
+    steps = {64: 2, 128: 3}
+    assert plan_prefill(0, 100, 16, steps) == [(1, 0, 16), (2, 16, 16), (2, 32, 16), (2, 48, 16), (2, 64, 16),
+                                              (3, 80, 16), (3, 96, 4)]
+    assert plan_prefill(130, 150, 16, steps) == [(0, row, 1) for row in range(130, 150)]
 
 
 def test_argmax_logits_reads_bf16_in_place_like_float_argmax():
@@ -272,19 +323,23 @@ def test_every_prefill_path_gives_the_same_tokens(make_model, dtype):
     """History groups, classic (remainder through decode) and decode-only builds agree."""
     prompt = Prompt(LONG_QUESTION, images=[image()])
     results, logits = {}, {}
-    for name, chunk, history in (("history", 16, (16, 32, 48, 64, 80)), ("classic", 16, ()),
-                                 ("decode-only", 0, ())):
+    for name, chunk, history in (("history", 16, (16, 32, 48, 64, 80)), ("steps", 16, (48, 96)),
+                                 ("classic", 16, ()), ("decode-only", 0, ())):
         model = make_model(chunk=chunk, history=history, dtype=dtype)
         tokens, done = run(Engine(model), prompt, max_tokens=10, ignore_stop=True)
         assert done.completion_tokens == 10 and done.finish_reason == "length"
         assert done.prompt_tokens % 16 != 0  # the last prompt chunk is a padded one
         results[name], logits[name] = tokens, np.stack(model.post.seen)
         groups = set(model.layers[0].calls)
-        assert groups == {"history": set(range(7)), "classic": {0, 1}, "decode-only": {0}}[name]
+        assert groups == {"history": set(range(7)), "steps": {0, 1, 2, 3}, "classic": {0, 1},
+                          "decode-only": {0}}[name]
+        if name == "steps":  # chunks at rows 16, 32, 48 against the 48-row history, later ones the 96-row one
+            n_chunks = -(-done.prompt_tokens // 16)
+            assert model.layers[0].calls[:n_chunks] == [1, 2, 2, 2, 3, 3, 3][:n_chunks]
     if dtype == F32:
-        assert results["history"] == results["classic"] == results["decode-only"]
-        np.testing.assert_allclose(logits["history"], logits["decode-only"], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(logits["classic"], logits["decode-only"], rtol=1e-4, atol=1e-4)
+        for name in ("history", "steps", "classic"):
+            assert results[name] == results["decode-only"], name
+            np.testing.assert_allclose(logits[name], logits["decode-only"], rtol=1e-4, atol=1e-4)
     else:  # bf16 rounding differs between chunked and one-row graphs: most tokens still agree
         assert sum(a == b for a, b in zip(results["history"], results["decode-only"])) >= 5
 
@@ -353,6 +408,19 @@ def test_image_features_replace_the_context_rows(make_model):
     assert done.timings["images_encoded"] == 1 and done.prompt_tokens > IMAGE_TOKENS
 
 
+def test_float32_nchw_vision_graphs_get_host_normalised_pixels(make_model):
+    """A vision graph taking float32 [1,3,H,W] (normalised by the host) answers as the uint8
+    NHWC graph computing the same function does."""
+    nhwc = make_model()
+    nchw = make_model()
+    nchw.vision = FakeNormalisedVision(F32)
+    assert read_shapes(nchw).vision_layout == "nchw" and read_shapes(nhwc).vision_layout == "nhwc"
+    prompt = Prompt("What is it?", images=[image(1, size=(60, 90))])
+    a, _ = run(Engine(nhwc), prompt, max_tokens=8, ignore_stop=True)
+    b, done = run(Engine(nchw), prompt, max_tokens=8, ignore_stop=True)
+    assert a == b and done.timings["images_encoded"] == 1 and nchw.vision.calls == 1
+
+
 def test_several_images_each_run_the_vision_graph(make_model):
     model = make_model()
     _, done = run(Engine(model), Prompt("Compare them.", images=[image(1), image(2)]), max_tokens=2)
@@ -407,7 +475,17 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(make_model):
     greedy, _ = run(engine, prompt, max_tokens=12, ignore_stop=True)
     assert a == b and a != greedy
     penalised, _ = run(engine, prompt, max_tokens=12, ignore_stop=True, repetition_penalty=1.3)
-    assert len(penalised) == 12
+    assert len(penalised) == 12 and penalised != greedy  # the penalty reached the logits
+    # greedy with a penalty: every step takes the argmax of the penalised logits, recomputed here
+    post = engine.model.post
+    history = list(engine._encode(prompt).ids)
+    for logits, token in zip(post.seen[-12:], penalised):
+        penalised_logits = logits.copy()
+        seen = np.unique(history)
+        values = penalised_logits[seen]
+        penalised_logits[seen] = np.where(values > 0, values / 1.3, values * 1.3)
+        assert token == int(np.argmax(penalised_logits))
+        history.append(token)
 
 
 def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_template):
@@ -417,31 +495,44 @@ def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_templ
     topk_model = make_model(post=FakeTopkPost(tokenizer.vocab_size, F32))
     topk_greedy, _ = run(Engine(topk_model), prompt, max_tokens=8, ignore_stop=True)
     assert topk_greedy == greedy
+    calls_before = topk_model.post.calls
     sampled, _ = run(Engine(topk_model), prompt, max_tokens=8, ignore_stop=True, temperature=1.0, seed=3)
     assert len(sampled) == 8
+    # each sampled id is one of the k candidates that step's post graph returned
+    candidates = [set(np.argsort(-logits)[:topk_model.post.k].tolist()) for logits in topk_model.post.seen[calls_before:]]
+    assert len(candidates) == 8 and all(token in best for token, best in zip(sampled, candidates))
+    assert sampled != topk_greedy  # sampled, not greedy
 
 
 # ----------------------------------------------------------------------------- follow-ups
 
 
-def test_follow_up_reuses_the_prefix_and_matches_a_cold_run(make_model):
-    model = make_model()
+@pytest.mark.parametrize("history", [(16, 32, 48, 64, 80, 96), (48, 96)], ids=["16-step", "48-step"])
+def test_follow_up_reuses_the_prefix_and_matches_a_cold_run(make_model, history):
+    model = make_model(history=history)
     engine = Engine(model, prefix_replay="never")  # the resume path; replay is tested below
-    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1")
+    system = "Answer in a few words."  # so the prefix does not end on a chunk boundary
+    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1", system=system)
     run(engine, first, max_tokens=4)
     assert model.vision.calls == 1 and len(engine.prefixes) == 1
     run(engine, Prompt("Another image.", images=[image(6)], image_key="cam1:2"), max_tokens=2)  # overwrites the cache
-    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1")
-    seen_before = len(model.post.seen)
+    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1", system=system)
+    resume = engine._encode(first).num_prefix_ids
+    assert resume % 16  # the snapshot does not end on a chunk boundary
+    seen_before, calls_before = len(model.post.seen), len(model.layers[0].calls)
     warm, done = run(engine, follow_up, max_tokens=10, ignore_stop=True)
     assert model.vision.calls == 2  # no vision run for the follow-up
     assert done.timings["prefix_reused"] is True and done.timings["images_encoded"] == 0
-    # the rest of the prompt went through decode up to a chunk boundary, then history groups
-    assert {0, 2, 3} <= set(model.layers[0].calls[-40:])
+    # the question's rows went in chunks from the snapshot's end, each through a history group
+    assert done.timings["prefill_rows"] == done.prompt_tokens - resume
+    n_chunks = -(-done.timings["prefill_rows"] // 16)
+    groups = model.layers[0].calls[calls_before:calls_before + n_chunks + 1]
+    assert min(groups[:n_chunks]) >= 2 and groups[n_chunks] == 0  # then the first decode step
 
-    cold_model = make_model()
+    cold_model = make_model(history=history)
     cold, cold_done = run(Engine(cold_model, max_prefixes=0), follow_up, max_tokens=10, ignore_stop=True)
     assert warm == cold and cold_done.timings["prefix_reused"] is False and cold_model.vision.calls == 1
+    assert 0 not in cold_model.layers[0].calls[:n_chunks]
     np.testing.assert_allclose(np.stack(model.post.seen[seen_before:]), np.stack(cold_model.post.seen),
                                rtol=1e-4, atol=1e-4)
 
@@ -481,6 +572,21 @@ def test_follow_up_plan_is_priced_with_measured_graph_times(make_model):
     assert model.vision.calls == 1
     with pytest.raises(ValueError, match="prefix_replay"):
         Engine(model, prefix_replay="sometimes")
+
+
+def test_given_prices_choose_the_plan_and_are_kept(make_model):
+    # A board's published prices (npu.engine.costs) decide, and measuring never overwrites them.
+    model = make_model(chunk=64, history=())
+    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1")
+    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1")
+    for prices, replays in (({0: 1.0, 1: 1e-3}, True), ({0: 1e-6, 1: 1.0}, False)):
+        engine = Engine(model, prices=prices)
+        run(engine, first, max_tokens=2)
+        prompt_len = engine.count_prompt_tokens(follow_up)
+        _, done = run(engine, follow_up, max_tokens=2)
+        expected = prompt_len if replays else prompt_len - engine._encode(first).num_prefix_ids
+        assert done.timings["prefix_reused"] and done.timings["prefill_rows"] == expected
+        assert engine.stack_seconds == prices
 
 
 def test_prefix_is_not_reused_across_keys_or_system_prompts(make_model):
@@ -566,3 +672,62 @@ def test_load_model_reads_a_text_only_checkpoint(tiny_qwen2, tmp_path, monkeypat
     assert info["dtype"] == "float32" and info["template"] == model.template.name
     _, done = run(Engine(model), Prompt("Hi"), max_tokens=3, ignore_stop=True)
     assert done.completion_tokens == 3
+
+
+# ----------------------------------------------------------------------------- request errors and failures
+
+
+def test_sampling_on_a_post_graph_without_scores_is_refused_before_any_graph_call(make_model, tokenizer_and_template):
+    tokenizer, _ = tokenizer_and_template
+    model = make_model(post=FakeIdsOnlyPost(tokenizer.vocab_size, F32))
+    engine = Engine(model)
+    greedy, _ = run(engine, Prompt("What now?"), max_tokens=3, ignore_stop=True)
+    assert len(greedy) == 3
+    calls = (len(model.layers[0].calls), model.post.calls)
+    for options in ({"temperature": 0.7}, {"repetition_penalty": 1.2}):
+        with pytest.raises(UnsupportedOptions) as refused:
+            list(engine.generate(Prompt("What now?"), GenerationOptions(max_tokens=3, **options)))
+        assert isinstance(refused.value, RequestError) and refused.value.code == "bad_request"
+        assert "greedy" in refused.value.message
+    assert (len(model.layers[0].calls), model.post.calls) == calls, "refused only after running graphs"
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_non_finite_chosen_logit_fails_the_request_instead_of_becoming_a_token(make_model, tokenizer_and_template,
+                                                                                 dtype, poison):
+    tokenizer, _ = tokenizer_and_template
+    model = make_model(dtype=dtype, post=PoisonedPost(tokenizer.vocab_size, dtype, poison, at=3))
+    engine = Engine(model)
+    prompt = Prompt("What is it?", images=[image(1)], image_key="cam:1")
+    tokens = []
+    with pytest.raises(NumericError) as failed:
+        for event in engine.generate(prompt, GenerationOptions(max_tokens=20, ignore_stop=True)):
+            tokens.append(event)
+    assert len(tokens) == 3 and 17 not in [t.token_id for t in tokens]
+    error = failed.value
+    assert not isinstance(error, RequestError) and error.code == "numeric_error"
+    assert error.prompt_tokens == engine.count_prompt_tokens(prompt) and "non-finite" in error.message
+    assert len(engine.prefixes) == 0, "a prefix taken during a poisoned run must not be reused"
+    with pytest.raises(NumericError):  # sampled: the sampler refuses the same logits
+        list(engine.generate(prompt, GenerationOptions(max_tokens=20, temperature=1.0, seed=1, ignore_stop=True)))
+
+
+def test_a_graph_failure_after_prefill_reports_the_prompt_length(make_model):
+    from npu.session import SessionError
+
+    class Broken(FakeLayer):
+        def run(self, feed, group=0):
+            if group == 0 and len(self.calls) > 2:
+                raise SessionError("AX_ENGINE_RunSync failed")
+            return super().run(feed, group)
+
+    model = make_model()
+    model.layers[1] = Broken(1, 200, 16, (16, 32, 48), F32)
+    engine = Engine(model)
+    prompt = Prompt("Tell me a story.")
+    with pytest.raises(EngineError) as failed:
+        list(engine.generate(prompt, GenerationOptions(max_tokens=20, ignore_stop=True)))
+    assert not isinstance(failed.value, RequestError) and failed.value.code == "engine_error"
+    assert failed.value.prompt_tokens == engine.count_prompt_tokens(prompt) > 0
+

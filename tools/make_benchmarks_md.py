@@ -21,6 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks_md_board import section_board, section_reference_ab  # tools/, beside this script
+from benchmarks_md_common import TINY_NOTE, fmt, lengths, load, load_all, machine_line
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 OUTPUT = REPO / "BENCHMARKS.md"
@@ -29,40 +32,6 @@ BOARD_STEPS_MS = {"Qwen2-0.5B (10.7 tok/s)": 1000 / 10.7, "InternVL2.5-1B (10.56
 N_LAYERS, CAPACITY, KV_DIM, HIDDEN, VOCAB, BF16_BYTES = 24, 1023, 128, 896, 151655, 2
 # An assumed host memcpy rate on AX630C's Cortex-A53 cores, only to turn bytes into time; not measured.
 ASSUMED_BOARD_MEMCPY_GB_S = 2.0
-TINY_NOTE = "_Tiny dims (smoke run): figures say nothing about real speed._"
-LOADED = 2.5  # 1-minute load average above which a run is flagged as taken on a busy machine
-
-
-def load(results: Path, name: str) -> dict | list | None:
-    path = results / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_all(results: Path, prefix: str) -> list[dict]:
-    """Every `<prefix>*.json` (variants such as `followup_chunk32.json`), base name first."""
-    paths = sorted(results.glob(f"{prefix}*.json"), key=lambda p: (p.stem != prefix, p.stem))
-    return [json.loads(p.read_text()) for p in paths]
-
-
-def fmt(value, spec: str = ".1f", empty: str = "-") -> str:
-    return empty if value is None else format(value, spec)
-
-
-def machine_line(machine: dict | None) -> str:
-    if not machine:
-        return "_Machine not recorded._"
-    threads = f" {machine['threads']} threads," if machine.get("threads") else ""
-    load = machine.get("load_average_1m") or 0
-    line = (f"Machine: {machine.get('cpu')}, {machine.get('nproc')} cores,{threads}"
-            f" numpy {machine.get('numpy')} ({machine.get('numpy_blas')}), torch {machine.get('torch')};"
-            f" load average at start {load}; {machine.get('date_utc')}.  \n")
-    if load > LOADED:
-        line += (f"**Loaded machine** (load {load} on {machine.get('nproc')} cores, shared with other jobs):"
-                 " absolute figures are pessimistic and noisy; ratios taken alternating in one process are"
-                 " what to read.  \n")
-    return line + f"Command: `{machine.get('command')}`"
-
-
 # ------------------------------------------------------------------ 1. decode overhead
 
 
@@ -107,8 +76,8 @@ def section_decode(data: dict | None) -> list[str]:
             f" K and V cache input (2 x {CAPACITY} x {KV_DIM} bf16), its mask, input and indices, and the post"
             f" graph's {VOCAB}-wide logits: {ax / 1e6:.2f} MB per token, {ax / max(minimum, 1):.0f}x the minimum"
             f" (bf16). At an assumed {ASSUMED_BOARD_MEMCPY_GB_S:.0f} GB/s host memcpy on the A53 cores that is"
-            f" ~{ax_ms:.1f} ms, {ax_ms / qwen_ms * 100:.1f} % of the {qwen_ms:.1f} ms step. The API offers no way"
-            " to bind the cache buffers once; cutting this needs axengine's IO-binding (not in the wheel we read).", ""]
+            f" ~{ax_ms:.1f} ms, {ax_ms / qwen_ms * 100:.1f} % of the {qwen_ms:.1f} ms step. vlmd's zero-copy path"
+            " avoids it by keeping the cache in the layers' own buffers (section 6).", ""]
     return out
 
 
@@ -125,34 +94,28 @@ def section_cpu(data: dict | None) -> list[str]:
             f" {d['vision_hidden']} at {d['image_size']} px, Qwen2 {d['text_layers']} layers x {d['text_hidden']},"
             f" vocab {d['vocab']}. The same bf16-valued weights in both; vlmd precision `{data['vlmd_precision']}`;"
             f" prompt {data['prompt_tokens']} tokens (64 image tokens), {data['new_tokens']} greedy new tokens;"
-            f" {data['runs']} alternating runs each, medians. Ratio > 1 means vlmd is faster."
+            f" {data['runs']} alternating runs each, medians"
+            f"{', thread CPU time' if data.get('clock') == 'thread' else ''}. Ratio > 1 means vlmd is faster."
             f" Greedy tokens agree: {data['greedy_tokens_agree']}.", "",
             "| | transformers | vlmd | ratio | goal |", "|---|---:|---:|---:|---|"]
-    rows = [("image encode (ms)", "median_image_ms", "image", ""),
+    rows = [("image encode (ms)", "median_image_ms", "image", ">= 1.0x"),
             ("time to first token (ms)", "median_ttft_ms", "ttft", ">= 1.0x"),
-            ("decode (tok/s)", "median_decode_tokens_per_s", "decode", ">= 1.0x"),
+            ("decode (tok/s)", "median_decode_tokens_per_s", "decode", ">= 1.5x"),
             ("RSS growth during a run (MB)", "median_rss_growth_mb", None, ""),
             ("resident model (MB)", "resident_model_mb", None, "")]
     for label, key, ratio_key, goal in rows:
         ratio = f"{r[ratio_key]:.2f}x" if ratio_key and r.get(ratio_key) else ""
         out.append(f"| {label} | {fmt(tf.get(key))} | {fmt(vl.get(key))} | {ratio} | {goal} |")
-    met = [k for k in ("ttft", "decode") if (r.get(k) or 0) >= 1.0]
-    out += ["", "Goal (>= 1.0x on TTFT and decode): " + ("**met**." if len(met) == 2 else
-            f"**missed** on {', '.join(k for k in ('ttft', 'decode') if k not in met)}.")]
+    goals = {"image": 1.0, "ttft": 1.0, "decode": 1.5}
+    missed = [k for k, goal in goals.items() if (r.get(k) or 0) < goal]
+    out += ["", "Goal (>= 1.0x on image encode and TTFT, >= 1.5x on decode): "
+            + (f"**missed** on {', '.join(missed)}." if missed else "**met**.")]
     if data.get("tiny"):
         out += ["", TINY_NOTE]
     return out + [""]
 
 
 # ------------------------------------------------------------------ 3. follow-ups
-
-
-def _lengths(lengths: list[int] | None) -> str:
-    if not lengths:
-        return "none"
-    if len(lengths) <= 4:
-        return ", ".join(map(str, lengths))
-    return f"{lengths[0]}, {lengths[1]}, ..., {lengths[-1]} ({len(lengths)} groups)"
 
 
 def section_followup(data: dict | None) -> list[str]:
@@ -162,7 +125,7 @@ def section_followup(data: dict | None) -> list[str]:
     first, follow = data["first"], data["followup"]
     out += [machine_line(data.get("machine")), "",
             f"Reference backend, precision `{data['precision']}`, prefill chunk {data['prefill_chunk']},"
-            f" history lengths {_lengths(data.get('history_lengths'))}, prefix replay"
+            f" history lengths {lengths(data.get('history_lengths'))}, prefix replay"
             f" `{data.get('prefix_replay', 'never')}`;"
             f" {data['runs']} frames, each with a first question and {follow['count'] // max(data['runs'], 1)}"
             " follow-ups. Goal: follow-up TTFT <= 0.2x the first.", "",
@@ -184,6 +147,49 @@ def section_followup(data: dict | None) -> list[str]:
                " process on the same snapshots." if never else "."),
             "", "Goal (<= 0.2x): " + ("**met**." if (data["ratio"] or 9) <= data["goal_ratio"] else "**missed**.")]
     if data.get("tiny"):
+        out += ["", TINY_NOTE]
+    return out + [""]
+
+
+# ------------------------------------------------------------------ 6. board data path
+
+
+def section_device_traffic(data: dict | None) -> list[str]:
+    out = ["## 6. Board data path: bytes per decode token, public run() vs zero-copy", ""]
+    if not data:
+        return out + ["Not measured: run `python bench/device_traffic.py`.", ""]
+    out += [machine_line(data.get("machine")), "",
+            "The engine through `AxEngineSession` on the axengine stand-in (which follows pyaxengine 3554448: one"
+            " CMM buffer per input, separate host and device bytes, flush and invalidate), with graphs of the real"
+            f" shapes that compute nothing; {data['tokens']} decode tokens per run. Written / flushed / invalidated"
+            " are vlmd's counters (the stand-in's own counters agree: columns `= stand-in`). The C++ figures are"
+            " computed from StackFlow's main_vlm (d9084ba) and ax-llm (c26dcbb) at the same shapes: they write into"
+            " uncached input buffers (so nothing to flush) and copy the whole decode mask every token. Host us/token:"
+            " the process's CPU time per token in runs whose NPU and cache calls return at once (what remains is"
+            " host work; CPU time, so other jobs on a shared machine count less). Goals: zero-copy"
+            " bytes written <= 2x the C++ runtime's; host <= 300 us/token.", "",
+            "| shapes | path | written B/token | flushed | invalidated | = stand-in | written vs C++ | host us/token |",
+            "|---|---|---:|---:|---:|---|---:|---:|"]
+    misses = []
+    for name, result in data["results"].items():
+        cpp = result["cpp_runtime"]
+        for path in ("public", "zero-copy"):
+            r = result[path]
+            same = r["flushed"] == r["standin_flushed"] and r["invalidated"] == r["standin_invalidated"]
+            ratio = r["written"] / cpp["stackflow"]["written"]
+            out.append(f"| {name} (capacity {result['shapes']['kv_capacity']}) | {path} | {r['written']:,} |"
+                       f" {r['flushed']:,} | {r['invalidated']:,} | {'yes' if same else '**no**'} | {ratio:.2f}x |"
+                       f" {fmt(r['host_us_per_token'])} |")
+            if path == "zero-copy" and (ratio > 2 or r["host_us_per_token"] > 300):
+                misses.append(f"{name} ({'bytes' if ratio > 2 else 'host time'})")
+        for runtime, label in (("stackflow", "C++ StackFlow main_vlm"), ("ax-llm", "C++ ax-llm")):
+            c = cpp[runtime]
+            out.append(f"| {name} | {label} | {c['written']:,} | {c['flushed']:,} | {c['invalidated']:,} | | 1.00x | |"
+                       if runtime == "stackflow" else
+                       f"| {name} | {label} | {c['written']:,} | {c['flushed']:,} | {c['invalidated']:,} | | | |")
+    out += ["", "Goal: " + ("**met** by the zero-copy path at every shape." if not misses else
+                            f"**missed**: {', '.join(misses)}.")]
+    if "tiny" in data["results"]:
         out += ["", TINY_NOTE]
     return out + [""]
 
@@ -255,6 +261,9 @@ def render(results: Path = RESULTS) -> str:
     lines += _each(section_followup, load_all(results, "followup"))
     lines += _each(section_mqtt, load_all(results, "mqtt_path"))
     lines += section_optimisations(load(results, "optimisations"))
+    lines += section_device_traffic(load(results, "device_traffic"))
+    lines += _each(section_board, load_all(results, "board_sim"))
+    lines += _each(section_reference_ab, load_all(results, "reference_ab"))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -69,6 +69,12 @@ from npu.text.template import INTERNVL2_SYSTEM, ChatTemplate  # noqa: E402
 from npu.text.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_OUT = REPO / "npu" / "assets" / "demo_model"
+# transformers' image processor config for the demo model: resample 2 is PIL's bilinear filter
+PREPROCESSOR_CONFIG = {"image_processor_type": "GotOcr2ImageProcessor", "do_resize": True,
+                       "size": {"height": demo_data.IMAGE_SIZE, "width": demo_data.IMAGE_SIZE}, "resample": 2,
+                       "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                       "image_mean": list(demo_data.IMAGENET_MEAN), "image_std": list(demo_data.IMAGENET_STD),
+                       "crop_to_patches": False, "do_convert_rgb": True}
 # InternVL2-1B's added tokens, in its id order (appended after the BPE vocabulary).
 ADDED_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
@@ -314,6 +320,8 @@ def export(model, tok, out: Path) -> None:
     config["text_config"]["rope_theta"] = config["text_config"]["rope_parameters"]["rope_theta"]
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "generation_config.json").unlink(missing_ok=True)
+    # How the training images were resized (PIL bilinear, `scene_batch`): vlmd resizes frames the same way.
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:

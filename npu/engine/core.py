@@ -14,13 +14,14 @@ next token's embedding row (greedy reads the logits in place).
    one answer token fit the cache; check the `<IMG_CONTEXT>` count (ImageError);
 2. restore a KV prefix snapshot when the image, system prompt and template match an
    earlier request (no vision run), else reset the cache, look the embeddings up and
-   splice each image's vision features over its context rows; a follow-up either
-   resumes at the snapshot's end or, when its measured graph times say that is cheaper,
-   restores only up to a chunk boundary and replays the rest of the prefix from the
-   snapshot's saved input rows (`prefix_replay`);
-3. prefill (see `plan_prefill`): group 1 for the first chunk, a history group for a
-   later chunk whose start equals that group's history length, the decode group one
-   token at a time for everything else;
+   splice each image's vision features over its context rows; a follow-up resumes at
+   the snapshot's end, or, when its question runs past what the prefill groups hold and
+   its graph prices (given, or measured) say that is cheaper, restores only up to an
+   earlier chunk start and replays the rest of the prefix from the snapshot's saved
+   input rows (`prefix_replay`);
+3. prefill (see `plan_prefill`): group 1 for a chunk at row 0, for a chunk at any later
+   row the group with the smallest history that holds the cached rows (the rest of its
+   history masked), the decode group one token at a time for rows no history holds;
 4. decode: layers -> post -> sampling, until a stop token, the token budget (max_tokens,
    cut to what the cache holds: finish "length") or `should_stop()` (checked before
    every graph call: finish "cancelled");
@@ -37,28 +38,27 @@ names used by callers are re-exported by the package (npu/engine/__init__.py).
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
-from npu.engine.prefill import chunk_mask, plan_prefill
+from npu.engine.prefill import chunk_mask, open_history, plan_prefill
 from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
-from npu.engine.prompt import EncodedPrompt, EngineError, ImageError, Prompt, check_fits, encode_prompt
+from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, UnsupportedOptions,
+                               check_fits, encode_prompt)
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
-from npu.image import to_vision_input
+from npu.engine.stack import Cancelled as _Cancelled
+from npu.engine.stack import SessionStack
+from npu.image import ImagePreprocess
 from npu.session import BF16, SessionError
 from npu.shapes import GraphShapes, read_shapes
 from npu.text.detokenizer import IncrementalDetokenizer
-
-
-class _Cancelled(Exception):
-    """should_stop() returned True between two graph calls."""
-
 
 
 @dataclass(frozen=True)
@@ -110,23 +110,40 @@ class DoneEvent:
 Event = TokenEvent | DoneEvent
 
 
+class EngineLike(Protocol):
+    """What a caller of the engine relies on (the daemon's worker; tests drive it with fakes)."""
+
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
+
+
 class Engine:
     """Runs prompts on a model's sessions with one KV cache allocated here, once."""
 
-    def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto") -> None:
+    def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto",
+                 prices: Mapping[int, float] | None = None) -> None:
         if prefix_replay not in REPLAY_POLICIES:
             raise ValueError(f"prefix_replay must be one of {REPLAY_POLICIES}, got {prefix_replay!r}")
         self.model = model
         self.prefix_replay = prefix_replay
-        # Seconds per call of the whole layer stack, by shape group (moving average of
-        # what this engine measured): what a follow-up's prefill plan is priced with.
-        self.stack_seconds: dict[int, float] = {}
+        # Seconds per call of the whole layer stack, by shape group: what a follow-up's
+        # prefill plan is priced with. `prices` (a board's published times, see
+        # npu.engine.costs) are kept as given; without them, a moving average of what
+        # this engine measured.
+        self.stack_seconds: dict[int, float] = dict(prices or {})
+        self._measure_prices = prices is None
         self.shapes: GraphShapes = read_shapes(model)
         s = self.shapes
-        self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype)
+        # A board data path may keep the KV cache in the graphs' own buffers and run the
+        # layer stack on them (npu/board/zero_copy.py); anything else: host cache, sessions' run.
+        data_path = getattr(model, "data_path", None)
+        storage = data_path.kv_storage() if data_path is not None else None
+        self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype, storage=storage)
         self.prefixes = PrefixStore(max_prefixes)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
+        stack = data_path.layer_stack(self.cache, s) if data_path is not None else None
+        self._stack = stack or SessionStack(self._layers, self.cache, s.output_order)
         self._allocate()
 
     @property
@@ -148,6 +165,7 @@ class Engine:
             for k, v in (self.cache.layer(i) for i in range(s.n_layers))
         ]
         self._prefill_feeds: dict[int, list[dict[str, np.ndarray]]] = {}
+        self._history_masks: dict[int, tuple[np.ndarray, int]] = {}  # group -> (its mask, history length)
         if s.chunk:
             self._chunk_input = np.zeros((1, s.chunk, s.hidden), s.act_dtype)  # (1, chunk, hidden)
             self._chunk_indices = np.zeros((1, s.chunk), np.uint32)  # (1, chunk)
@@ -155,14 +173,16 @@ class Engine:
             self._prefill_feeds[1] = self._chunk_feeds(0)
             for history_len, group in s.history_groups.items():
                 self._prefill_feeds[group] = self._chunk_feeds(history_len)
+                self._history_masks[group] = (self._prefill_feeds[group][0]["mask"], history_len)
         self._post_input = np.zeros((1, 1, s.hidden), s.post_dtype)  # (1, 1, hidden)
         if s.vision_size is not None:
-            self._pixels = np.zeros((1, *s.vision_size, 3), np.uint8)  # (1, H, W, 3) the vision input
+            # uint8 (1, H, W, 3) or float32 (1, 3, H, W): the vision graph's input, as it reads it
+            self._pixels = ImagePreprocess.input_buffer(s.vision_layout, *s.vision_size)
         self._logits = np.zeros(s.vocab, np.float32) if s.vocab else None  # (vocab,) for the sampler
         self._order_keys = np.zeros(s.vocab, np.int16) if s.vocab else None  # (vocab,) bf16 top-k keys
 
     def _chunk_feeds(self, history_len: int) -> list[dict[str, np.ndarray]]:
-        """Per-layer feeds of the prefill group whose chunk starts after `history_len` rows."""
+        """Per-layer feeds of the prefill group whose history holds `history_len` cache rows."""
         s, mask = self.shapes, chunk_mask(self.shapes, history_len)
         # Group 1's K/V inputs are placeholders the graph ignores; their shape is the graph's.
         placeholder = np.zeros(s.first_chunk_kv_shape, s.kv_dtype)
@@ -185,11 +205,13 @@ class Engine:
 
     def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
-        """Yield TokenEvents then one DoneEvent. Raises EngineError subclasses (before any
-        token for PromptTooLong and ImageError)."""
+        """Yield TokenEvents then one DoneEvent. Raises EngineError subclasses: a
+        RequestError (PromptTooLong, ImageError, UnsupportedOptions) before any graph
+        call, NumericError or EngineError when the graphs fail (`prompt_tokens` set)."""
         options = options or GenerationOptions()
         should_stop = should_stop or _never
         started = time.perf_counter()
+        self._check_options(options)
         encoded = self._encode(prompt)
         check_fits(encoded, self.shapes.capacity)
         num_prompt = len(encoded.ids)
@@ -225,7 +247,10 @@ class Engine:
         except _Cancelled:
             finish = "cancelled"
         except SessionError as exc:
-            raise EngineError(f"a graph failed: {exc}") from exc
+            raise self._failed(EngineError(f"a graph failed: {exc}"), num_prompt) from exc
+        except EngineError as exc:
+            self._failed(exc, num_prompt)
+            raise
         if "ttft_ms" in timings:
             decode_s = time.perf_counter() - first_token_at
             timings["decode_ms"] = _ms(decode_s)
@@ -234,6 +259,20 @@ class Engine:
                 timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
         text = "".join(pieces) + detok.flush()
         yield DoneEvent(text, finish, num_prompt, len(pieces), timings)
+
+    def _check_options(self, options: GenerationOptions) -> None:
+        """Refuse, before any graph call, what this model's graphs cannot do."""
+        s = self.shapes
+        if s.topk_ids_index is not None and s.topk_values_index is None and not options.is_plain_greedy:
+            raise UnsupportedOptions("this model's post graph returns token ids without scores: only greedy decoding"
+                                     " works (temperature 0, repetition_penalty 1)")
+
+    def _failed(self, error: EngineError, num_prompt: int) -> EngineError:
+        """`error` with the usage so far; NaN rows may sit in stored prefixes: drop them."""
+        error.prompt_tokens = num_prompt
+        if isinstance(error, NumericError):
+            self.prefixes.clear()
+        return error
 
     # ------------------------------------------------------------------ prefill
 
@@ -296,9 +335,10 @@ class Engine:
     def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
                        should_stop: Callable[[], bool]) -> None:
         s, vision = self.shapes, self.model.vision
+        preprocess = getattr(self.model, "preprocess", None) or ImagePreprocess()
         for k, image in enumerate(images):
             try:
-                pixels = to_vision_input(image, s.vision_size[0], s.vision_size[1], out=self._pixels)
+                pixels = preprocess.prepare(image, self._pixels)
             except ValueError as exc:
                 raise ImageError(f"image {k}: {exc}") from None
             if should_stop():
@@ -314,22 +354,14 @@ class Engine:
 
     def _run_layers(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
                     should_stop: Callable[[], bool]) -> np.ndarray:
-        """Every layer on the group's input buffer; write the new K/V rows, advance once."""
+        """Every layer on the group's input buffer (the stack writes the new K/V rows); advance once."""
         started = time.perf_counter()
-        k_index, v_index, out_index = self.shapes.output_order[group]
-        hidden = None
-        for layer, (session, feed) in enumerate(zip(self._layers, feeds)):
-            if should_stop():
-                raise _Cancelled
-            if hidden is not None:
-                feed["input"] = hidden  # the previous layer's output, fed as returned
-            outputs = session.run(feed, group)
-            self.cache.write(layer, outputs[k_index], outputs[v_index], num_rows)
-            hidden = outputs[out_index]
+        hidden = self._stack.run(group, feeds, num_rows, should_stop)  # (1, 1, hidden): the last real row
         self.cache.advance(num_rows)
-        elapsed = time.perf_counter() - started
-        previous = self.stack_seconds.get(group)
-        self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
+        if self._measure_prices:
+            elapsed = time.perf_counter() - started
+            previous = self.stack_seconds.get(group)
+            self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
         return hidden
 
     def _decode_step(self, should_stop: Callable[[], bool]) -> np.ndarray:
@@ -343,8 +375,9 @@ class Engine:
         self._chunk_input[0, size:] = 0  # padding rows: their K/V rows are never attended
         self._host_copies += self._chunk_input.nbytes
         np.add(self._chunk_offsets, row, out=self._chunk_indices[0])
-        hidden = self._run_layers(group, self._prefill_feeds[group], size, should_stop)
-        return hidden[:, size - 1:size]  # (1, 1, hidden) contiguous view
+        if group in self._history_masks:  # history columns past the cached rows stay blocked
+            open_history(*self._history_masks[group], cached_rows=row)
+        return self._run_layers(group, self._prefill_feeds[group], size, should_stop)
 
     def _next_token(self, hidden: np.ndarray, sampler: Sampler, options: GenerationOptions,
                     history: Sequence[int]) -> int:
@@ -356,15 +389,18 @@ class Engine:
         outputs = self.model.post.run({s.post_input_name: hidden}, 0)
         if s.topk_ids_index is not None:
             ids = outputs[s.topk_ids_index].reshape(-1)
-            if s.topk_values_index is None:
-                if not options.is_plain_greedy:
-                    raise EngineError("this post graph returns token ids without scores: only greedy decoding works")
+            if s.topk_values_index is None:  # greedy only (_check_options); no score to check
                 return int(ids[0])
             values = outputs[s.topk_values_index].reshape(-1).astype(np.float32)
             return sampler.sample_candidates(values, ids, history)
         logits = outputs[s.logits_index].reshape(-1)  # (vocab,)
         if options.is_plain_greedy:
-            return argmax_logits(logits)  # in place: no copy of the logits
+            token = argmax_logits(logits)  # in place: no copy of the logits
+            # argmax prefers NaN and +inf: checking the chosen logit catches a bf16 overflow, O(1) per token
+            if not math.isfinite(logits[token]):
+                raise NumericError(f"the model produced a non-finite logit ({float(logits[token])}) for token {token}:"
+                                   " a numeric overflow in the graphs")
+            return token
         if logits.dtype == np.float32:
             return sampler.sample(logits, history)  # the sampler never writes into its input
         if logits.dtype == BF16 and 0 < options.top_k < logits.size and options.repetition_penalty == 1.0:
