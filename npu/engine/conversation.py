@@ -119,6 +119,13 @@ class TurnPlan:
     def row_limit(self, capacity: int, limits: ConversationLimits) -> int:
         return min(capacity, limits.max_tokens or capacity)
 
+    def check_fits(self, encoded: EncodedPrompt, capacity: int, limits: ConversationLimits) -> None:
+        """PromptTooLong unless the turn's prompt and one answer token fit the conversation's rows."""
+        limit = self.row_limit(capacity, limits)
+        if len(encoded.ids) + 1 > limit:
+            raise PromptTooLong(f"the conversation's prompt is {len(encoded.ids)} tokens but it may fill only {limit}"
+                                " rows (max_tokens, or the KV cache) and one must remain for the answer")
+
 
 class ConversationStore:
     """Every conversation of one engine, at most one of them live in the cache."""
@@ -187,6 +194,8 @@ class ConversationStore:
         whatever else is live); returns the row its prefill starts at."""
         conversation_id = plan.conversation.conversation_id
         if plan.start > 0 and self.live == conversation_id:
+            if cache.position != plan.start:  # a cancelled turn left rows after the conversation's
+                cache.rewind(plan.start)
             return plan.start
         self.park(cache)  # also this conversation, when it is about to be prefilled again from row 0
         if plan.start == 0:
@@ -260,10 +269,8 @@ class ConversationStore:
         if plan.dropped_turns:
             plan.notes.append(f"the oldest {plan.dropped_turns} turn(s) were dropped and the rest prefilled again: {reason}")
         ids = list(history) + new_ids
-        if len(ids) + 1 > limit:
-            raise PromptTooLong(f"the conversation's prompt is {len(ids)} tokens but it may fill only {limit} rows"
-                                " (max_tokens, or the KV cache) and one must remain for the answer")
         plan.encoded = EncodedPrompt(ids, len(ids), np.asarray(new_image_offsets, np.int64) + len(history))
+        plan.check_fits(plan.encoded, capacity, self.limits)
         plan.kept, plan.placement, plan.turn_start = kept, placement, len(history)
         if not plan.dropped_turns and conversation.valid_rows > 0:
             plan.start = conversation.valid_rows

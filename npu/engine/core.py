@@ -210,6 +210,8 @@ class Engine:
                                            options.max_tokens)
             rows = plan.row_limit(self.shapes.capacity, self.conversations.limits)
         encoded = plan.encoded if plan is not None and plan.encoded is not None else self._encode(prompt)
+        if plan is not None:
+            plan.check_fits(encoded, self.shapes.capacity, self.conversations.limits)
         rows = rows or self.shapes.capacity
         check_fits(encoded, rows)
         num_prompt = len(encoded.ids)

@@ -122,6 +122,13 @@ class KVCache:
             raise CacheFullError(f"history of {length} rows asked at position {self.position}")
         return self.keys[layer, :, :length], self.values[layer, :, :length]
 
+    def rewind(self, length: int) -> None:
+        """Forget every row from `length` on (their slots of the decode mask blocked again)."""
+        if not 0 <= length <= self.position:
+            raise CacheFullError(f"cannot rewind to {length} at position {self.position}")
+        self.decode_mask[0, 0, length:self.capacity] = MASK_BLOCKED
+        self.position = length
+
     def snapshot(self, length: int | None = None) -> KVSnapshot:
         """Copy the first `length` rows (default: all filled rows) of every layer."""
         length = self.position if length is None else length
