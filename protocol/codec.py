@@ -149,10 +149,11 @@ def _scan_request_id(payload: bytes) -> str | None:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming its field: `text: String should have ...`."""
+    """One line per problem, each naming its field: `text: String should have ...` (checks
+    across fields have no location; their messages start with the field they blame)."""
     parts = []
     for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"]) or "request"
+        location = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{location}: {message}")
+        parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)
