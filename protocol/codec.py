@@ -157,3 +157,17 @@ def describe_validation_error(exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)
+
+
+def decode_text_question(payload: bytes, max_chars: int) -> str:
+    """A plain-text question (a dashboard's text entity on `<root>/dashboard/<camera>/ask`):
+    UTF-8, not blank, at most `max_chars`. Raises ProtocolError."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("bad_request", f"the question is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise ProtocolError("bad_request", "the question is empty")
+    if len(text) > max_chars:
+        raise ProtocolError("bad_request", f"the question is longer than {max_chars} characters ({len(text)})")
+    return text.strip()
