@@ -15,7 +15,6 @@ nothing slower.
 
 from __future__ import annotations
 
-import importlib.metadata
 import signal
 import threading
 import time
@@ -24,11 +23,13 @@ from typing import Any, Callable
 import psutil
 
 from daemon.config import Config
-from daemon.ha import birth_topic, discovery_messages
+from daemon.ha import birth_topic
+from daemon.home import Home
 from daemon.inbox import Inbox
 from daemon.logs import get_logger
 from daemon.mqtt import ClientSettings, Incoming, MqttClient, TlsSettings
 from daemon.scheduler import CaptionPolicy, Job, Reply, Scheduler
+from daemon.watches import WatchLimits, WatchRegistry
 from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
 from protocol import codec, payloads
 from protocol.codec import ProtocolError
@@ -42,14 +43,18 @@ EngineFactory = Callable[[Config], Any]
 def load_engine(config: Config) -> Any:
     """The default engine factory: the configured model (or the demo model) on its backend."""
     from npu.engine import Engine
+    from npu.engine.conversation import ConversationLimits
     from npu.model import load_model
 
-    m = config.model
+    m, c = config.model, config.conversations
     model = load_model(
         m.path, backend=m.backend, precision=m.precision, kv_capacity=m.kv_capacity,
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
     )
-    return Engine(model)
+    limits = ConversationLimits(max_conversations=c.max_conversations, max_turns=c.max_turns,
+                                max_tokens=c.max_tokens or None, idle_s=c.idle_s, max_bytes=c.max_bytes,
+                                answer_room=c.answer_room)
+    return Engine(model, conversation_limits=limits)
 
 
 class Service:
@@ -62,6 +67,11 @@ class Service:
         self.topics = _topics(config)
         self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock)
         self.scheduler = Scheduler({name: _caption_policy(c) for name, c in config.cameras.items()})
+        self.watches = WatchRegistry(WatchLimits(config.watch_limits.max_watches, config.watch_limits.min_interval_s),
+                                     known_camera=lambda camera: camera in self.config.cameras
+                                     or self.inbox.has_camera(camera))
+        self.watches.set_config_watches(config.watches)
+        self.home = Home(self)
         self._num_camera_refusals = 0
         self.stats = RuntimeStats()
         self.limits = payloads.AskLimits(
@@ -92,7 +102,8 @@ class Service:
         )
         self.responder = Responder(self.client, self.topics, self.stats, self.wall_clock)
         self.worker = Worker(
-            engine, self.inbox, self.scheduler, self.responder, _worker_limits(self.config), self.clock
+            engine, self.inbox, self.scheduler, self.responder, _worker_limits(self.config), self.clock,
+            watches=self.watches,
         )
         self._worker_thread = threading.Thread(
             target=self.worker.run, args=(self._worker_stop,), name="vlmd-worker", daemon=True
@@ -155,12 +166,14 @@ class Service:
         applied) when the new source topics cannot be used."""
         topics = _topics(config)  # validates before anything changes
         old_sources, new_sources = set(self.topics.frame_sources), set(topics.frame_sources)
-        ignored = [name for name in Config.model_fields if name != "cameras"
+        ignored = [name for name in Config.model_fields if name not in ("cameras", "watches")
                    and getattr(config, name) != getattr(self.config, name)]
         if ignored:
             log.warning("reload: these settings need a restart and were left as they are", sections=ignored)
         # each a single reference swap: the paho and worker threads see old or new, never half
-        self.config = self.config.model_copy(update={"cameras": config.cameras})
+        self.config = self.config.model_copy(update={"cameras": config.cameras, "watches": config.watches})
+        for change in self.watches.set_config_watches(config.watches):
+            self.home.watch_changed(change)
         self.topics = topics
         if self.responder is not None:
             self.responder.topics = topics
@@ -193,11 +206,14 @@ class Service:
             outcomes = dict(self.stats.outcomes)
             captions = dict(self.stats.captions)
             ttft, tok_s = self.stats.last_ttft_ms, self.stats.last_decode_tokens_per_s
+            conversations = self.stats.conversations
+        runner = self.worker.watch_runner if self.worker is not None else None
+        watches = {"defined": len(self.watches.watches()), **(dict(runner.counts) if runner is not None else {})}
         return payloads.Stats(
             ts=self.wall_clock(), uptime_s=max(0.0, self.clock() - self.started_at), queue_depth=self.inbox.depth,
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
-            running=self.inbox.running is not None,
+            running=self.inbox.running is not None, conversations=conversations, watches=watches,
         )
 
     # -- broker and client settings ---------------------------------------------------
@@ -240,15 +256,7 @@ class Service:
         self._next_stats = 0.0  # fresh stats soon after every (re)connect
 
     def _publish_discovery(self) -> None:
-        ha = self.config.home_assistant
-        if not ha.enabled:
-            return
-        cameras = [name for name, camera in self.config.cameras.items() if camera.caption]
-        messages = discovery_messages(
-            self.topics, self.config.device_id, cameras, ha.discovery_prefix, sw_version=_version()
-        )
-        for message in messages:
-            self.client.publish(message.topic, message.payload, 1, True)
+        self.home.publish_discovery()
 
     def _on_message(self, message: Incoming) -> None:
         if self.config.home_assistant.enabled and message.topic == birth_topic(self.config.home_assistant.discovery_prefix):
@@ -264,6 +272,10 @@ class Service:
             self._on_ask(message)
         elif route.kind == "cancel":
             self._on_cancel(message)
+        elif route.kind == "watch_config":
+            self.home.on_watch_config(route.name, message)
+        elif route.kind == "dashboard_ask":
+            self.home.on_dashboard_ask(route.camera, message)
 
     def _on_frame(self, camera: str, data: bytes) -> None:
         if not data:
@@ -359,13 +371,6 @@ class Service:
 
     def _final(self, job: Job, reason: str, error: tuple[str, str]) -> None:
         self.responder.final(job, reason, error=error)
-
-
-def _version() -> str | None:
-    try:
-        return importlib.metadata.version("vlmd")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _usable(response_topic: str | None) -> str | None:

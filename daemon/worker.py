@@ -20,18 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
-from PIL import Image
 from pydantic import ValidationError
 
+from daemon.frame_change import changed, jpeg, thumbnail
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
 from daemon.scheduler import CaptionPolicy, Frame, Job, Scheduler
+from daemon.watches import REQUEST_ERROR_CODES, WatchRegistry, WatchRunner
 from protocol import codec, frames as frame_codec, payloads
 from protocol.topics import SPEC, Topics
 
 log = get_logger("vlmd.worker")
-
-THUMBNAIL_SIDE = 32  # pixels; enough to see a scene change, cheap to compare
 
 
 class Publisher(Protocol):
@@ -56,6 +55,7 @@ class RuntimeStats:
     captions: Counter = field(default_factory=Counter)  # "done" / "skipped" / "failed"
     last_ttft_ms: float | None = None
     last_decode_tokens_per_s: float | None = None
+    conversations: dict | None = None  # the engine's conversation store, after the last question
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, outcome: str) -> None:
@@ -95,6 +95,7 @@ class Responder:
         error: tuple[str, str] | None = None,
         usage: tuple[int, int] = (0, 0),
         timings: dict | None = None,
+        extra: dict | None = None,
     ) -> bool:
         """Publish the job's one final; False (and nothing sent) if it already had one."""
         if not job.claim_final():
@@ -105,9 +106,10 @@ class Responder:
             usage={"prompt_tokens": usage[0], "completion_tokens": usage[1]},
         )
         try:
-            message = payloads.AnswerFinal(**fields, timings=timings or {})
-        except ValidationError:  # odd timings from an engine must not cost the client its final
-            log.exception("timings refused by the final's schema", timings=repr(timings))
+            message = payloads.AnswerFinal(**fields, timings=timings or {}, **(extra or {}))
+        except ValidationError:  # odd timings or fields from an engine must not cost the client its final
+            log.exception("timings or typed fields refused by the final's schema", timings=repr(timings),
+                          extra=repr(extra))
             message = payloads.AnswerFinal(**fields)
         sent = self._send(job, message, "answer")
         self.stats.count(finish_reason if sent else "unpublished")
@@ -134,7 +136,8 @@ class Responder:
         reply = job.reply
         try:
             assert reply is not None, "asks always carry a reply path"
-            self.publisher.publish(reply.topic, codec.encode(message), spec.qos, spec.retain, reply.correlation_data)
+            retain = spec.retain or (reply.retain and kind == "answer")  # a dashboard sensor keeps its last answer
+            self.publisher.publish(reply.topic, codec.encode(message), spec.qos, retain, reply.correlation_data)
             return True
         except Exception:
             log.exception("reply not published", request_id=job.job_id, kind=kind)
@@ -152,6 +155,7 @@ class Worker:
         responder: Responder,
         limits: WorkerLimits = WorkerLimits(),
         clock: Callable[[], float] = time.monotonic,
+        watches: WatchRegistry | None = None,
     ):
         from npu.engine import GenerationOptions, Prompt  # the engine's own value types
 
@@ -166,6 +170,10 @@ class Worker:
         self.last_progress = clock()  # service clock of the last step or token, for the watchdog
         self.consecutive_failures = 0
         self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32) float32 of the last caption
+        self.watch_runner = None if watches is None else WatchRunner(
+            watches, engine, inbox, responder, self._decode, Prompt, GenerationOptions,
+            min_change=lambda camera: self.scheduler.captions.get(camera, CaptionPolicy()).min_change,
+            max_tokens=limits.default_max_tokens, should_stop=self.abort.is_set)
 
     @property
     def healthy(self) -> bool:
@@ -180,7 +188,7 @@ class Worker:
                 self.consecutive_failures += 1
 
     def step(self, idle_s: float = 1.0) -> str:
-        """One turn; returns what it did: "ask", "caption" or "idle"."""
+        """One turn; returns what it did: "ask", "watch", "caption" or "idle"."""
         self.last_progress = now = self.clock()
         decision = self.scheduler.decide(now, self.inbox.queued(), self.inbox.camera_views())
         for job in decision.expired:
@@ -190,6 +198,8 @@ class Worker:
             with log_context(request_id=decision.ask.job_id, camera=decision.ask.camera):
                 self._run_ask(decision.ask)
             return "ask"
+        if self.watch_runner is not None and self.watch_runner.step(now):  # after questions, before captions
+            return "watch"
         if decision.caption_camera is not None:
             with log_context(camera=decision.caption_camera):
                 self._run_caption(decision.caption_camera, now)
@@ -204,6 +214,8 @@ class Worker:
         try:  # inbox.take() made it the running job
             if job.cancel_event.is_set():
                 self.responder.final(job, "cancelled", error=("cancelled", "cancelled before it started"))
+                return
+            if job.request.reset and not self._reset(job):
                 return
             prompt = self._ask_prompt(job)
             self._generate(job, prompt, self._ask_options(job.request))
@@ -225,7 +237,17 @@ class Worker:
             image_key = "inline:" + hashlib.sha256(data).hexdigest()[:32]
         else:
             images, image_key = [], None
-        return self._prompt_type(text=request.text, images=images, image_key=image_key, system=request.system)
+        return self._prompt_type(text=request.text, images=images, image_key=image_key, system=request.system,
+                                 conversation=request.conversation)
+
+    def _reset(self, job: Job) -> bool:
+        """Forget the request's conversation; True when a question follows in the same request."""
+        forgotten = self.engine.forget_conversation(job.request.conversation)
+        log.info("conversation reset", conversation=job.request.conversation, existed=forgotten)
+        if job.request.text is not None:
+            return True
+        self.responder.final(job, "stop", extra={"conversation": job.request.conversation, "turn": 0})
+        return False
 
     def _ask_options(self, request: Any) -> Any:
         values = {
@@ -235,6 +257,7 @@ class Worker:
             "top_k": request.top_k,
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
+            "format": request.format,
         }
         return self._options_type(**{k: v for k, v in values.items() if v is not None})
 
@@ -249,9 +272,12 @@ class Worker:
                 reason = stopped_for[0] if event.finish_reason == "cancelled" and stopped_for else event.finish_reason
                 error = None if reason in ("stop", "length") else (reason, _STOP_MESSAGES.get(reason, reason))
                 self.responder.stats.timings(event.timings)
+                self.responder.stats.conversations = getattr(getattr(self.engine, "conversations", None), "stats",
+                                                             dict)()
                 self.responder.final(
                     job, reason, text=event.text, seq=seq, error=error,
                     usage=(event.prompt_tokens, event.completion_tokens), timings=event.timings,
+                    extra=getattr(event, "extra", None),
                 )
                 self.consecutive_failures = 0
                 return
@@ -276,7 +302,7 @@ class Worker:
 
     def _engine_failure(self, job: Job, exc: Exception) -> None:
         code = getattr(exc, "code", None)
-        if code in ("too_long", "bad_image", "image_too_large"):
+        if code in REQUEST_ERROR_CODES:
             self.responder.final(job, "rejected", error=(code, str(exc)))
             return
         log.error("engine failed", request_id=job.job_id, error=str(exc), exc_type=type(exc).__name__)
@@ -300,13 +326,12 @@ class Worker:
             log.warning("caption frame rejected", camera=camera, code=exc.code)
             self.responder.stats.count_caption("failed")
             return
-        thumbnail = _thumbnail(rgb)
-        previous = self._thumbnails.get(camera)
-        if previous is not None and float(np.abs(thumbnail - previous).mean()) / 255.0 < policy.min_change:
+        picture = thumbnail(rgb)
+        if not changed(picture, self._thumbnails.get(camera), policy.min_change):
             self.responder.stats.count_caption("skipped")
             return
         if self._caption(camera, frame, rgb, policy):
-            self._thumbnails[camera] = thumbnail
+            self._thumbnails[camera] = picture
 
     def _caption(self, camera: str, frame: Frame, rgb: np.ndarray, policy: CaptionPolicy) -> bool:
         """Stream one caption; True when it finished and was retained."""
@@ -322,7 +347,7 @@ class Worker:
             for event in self.engine.generate(prompt, options, should_stop=should_stop):
                 self.last_progress = self.clock()
                 if hasattr(event, "finish_reason"):
-                    return self._caption_done(camera, frame, caption_id, event)
+                    return self._caption_done(camera, frame, caption_id, event, rgb)
                 if event.delta:
                     chunk = payloads.CaptionChunk(camera=camera, seq=seq, delta=event.delta, caption_id=caption_id)
                     self.responder.publisher.publish(stream, codec.encode(chunk), spec.qos, spec.retain)
@@ -334,7 +359,7 @@ class Worker:
                 self.consecutive_failures += 1
         return False
 
-    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: Any) -> bool:
+    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: Any, rgb: np.ndarray) -> bool:
         if event.finish_reason not in ("stop", "length"):  # the retained caption stays as it was
             if not self.abort.is_set():
                 self.scheduler.caption_preempted(camera)
@@ -349,7 +374,8 @@ class Worker:
             usage={"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
             timings=event.timings,
         )
-        spec = SPEC["caption"]
+        spec, image = SPEC["caption"], SPEC["caption_image"]
+        self.responder.publisher.publish(self.responder.topics.caption_image(camera), jpeg(rgb), image.qos, image.retain)
         self.responder.publisher.publish(self.responder.topics.caption(camera), codec.encode(caption), spec.qos, spec.retain)
         log.info("caption", camera=camera, frame_seq=frame.seq, chars=len(event.text))
         return True
@@ -373,7 +399,3 @@ def _utf8_safe(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
-
-def _thumbnail(rgb: np.ndarray) -> np.ndarray:
-    image = Image.fromarray(rgb).convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR)
-    return np.asarray(image, dtype=np.float32)  # (32, 32)
