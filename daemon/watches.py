@@ -259,12 +259,11 @@ class WatchRunner:
         return None
 
     def _publish(self, watch: Watch, value: Any, confidence: float | None, frame_ts: float) -> None:
+        """The event first (when the value changed), then the retained state: a client that
+        sees the new state has had its event."""
         now = self.responder.wall_clock()
         previous = observe(watch, value, confidence, now)
         topics, publisher = self.responder.topics, self.responder.publisher
-        state = WatchState(name=watch.name, camera=watch.camera, value=watch.value, confidence=watch.confidence,
-                           since=watch.since, updated=now, frame_ts=frame_ts)
-        publisher.publish(topics.watch(watch.name), codec.encode(state), SPEC["watch"].qos, SPEC["watch"].retain)
         if previous is not None and previous is not UNSET:
             self.counts["changes"] += 1
             event = WatchEvent(name=watch.name, camera=watch.camera, value=watch.value, previous=previous,
@@ -272,3 +271,6 @@ class WatchRunner:
             spec = SPEC["watch_event"]
             publisher.publish(topics.watch_event(watch.name), codec.encode(event), spec.qos, spec.retain)
             log.info("watch changed", watch=watch.name, value=watch.value, previous=previous)
+        state = WatchState(name=watch.name, camera=watch.camera, value=watch.value, confidence=watch.confidence,
+                           since=watch.since, updated=now, frame_ts=frame_ts)
+        publisher.publish(topics.watch(watch.name), codec.encode(state), SPEC["watch"].qos, SPEC["watch"].retain)

@@ -2,7 +2,8 @@
 
 The answer streams to stdout as it is generated. With `--json` a final line follows
 with the same final message an MQTT client receives (text, finish_reason, usage,
-timings). Errors go to stderr (and, with --json, into that final line); the exit code
+timings; with `--format`, value and confidence). `--format '{"type":"boolean"}'` decodes
+the answer to a JSON-Schema subset (docs/protocol.md, `format`), as `format` on MQTT does. Errors go to stderr (and, with --json, into that final line); the exit code
 is 0 for an answer ("stop" or "length"), 1 when the engine refused or failed, 2 for a
 bad model, image or option.
 """
@@ -43,18 +44,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference backend: prefill rows per graph call")
     parser.add_argument("--history-groups", type=int, default=0, metavar="N",
                         help="reference backend: prefill groups with history (0 = classic build)")
+    parser.add_argument("--format", metavar="SCHEMA", default=None,
+                        help='typed answer: a JSON-Schema subset, e.g. \'{"type":"boolean"}\' or \'{"enum":["red","blue"]}\'')
     parser.add_argument("--json", action="store_true", help="end with the final message as one JSON line")
 
 
 def run(args: argparse.Namespace) -> int:
     from npu.engine import EngineError, Engine, GenerationOptions, Prompt
     from npu.model import ModelError, load_model
+    from protocol.formats import FormatError, parse_format
     from protocol.frames import FrameError, decode_frame
 
     try:
+        schema = None if args.format is None else parse_format(json.loads(args.format))
+    except ValueError as exc:  # FormatError, or JSONDecodeError: not JSON at all
+        reason = str(exc) if isinstance(exc, FormatError) else f"not JSON: {exc}"
+        return _fail(args, "bad_request", f"--format: {reason}", 2)
+    try:
         options = GenerationOptions(
             max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, seed=args.seed)
+            repetition_penalty=args.repetition_penalty, seed=args.seed, format=schema)
         images = [decode_frame(Path(p).read_bytes(), MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS) for p in args.image]
         model = load_model(args.model, backend=args.backend, precision=args.precision, kv_capacity=args.kv_capacity,
                            prefill_chunk=args.prefill_chunk, history_groups=args.history_groups,
@@ -77,18 +86,18 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if args.json:
         print(json.dumps(_final(done.text, done.finish_reason, None, done.prompt_tokens,
-                                done.completion_tokens, done.timings), ensure_ascii=False))
+                                done.completion_tokens, done.timings, done.extra), ensure_ascii=False))
     return 0 if done.finish_reason in ("stop", "length") else 1
 
 
 def _final(text: str, finish_reason: str, error: dict | None, prompt_tokens: int, completion_tokens: int,
-           timings: dict) -> dict:
+           timings: dict, extra: dict | None = None) -> dict:
     """The wire's final answer message (protocol.payloads.AnswerFinal), id "cli"."""
     from protocol.payloads import AnswerFinal
 
     message = AnswerFinal(id="cli", seq=0, text=text, finish_reason=finish_reason, error=error,
                           usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-                          timings=timings)
+                          timings=timings, **(extra or {}))
     return message.model_dump(mode="json")
 
 
