@@ -76,13 +76,8 @@ class Home:
         request = payloads.AskRequest(id=payloads.new_request_id(), text=text, camera=camera, stream=False)
         job = Job("ask", request.id, service.clock(), camera=camera, request=request,
                   reply=Reply(service.topics.dashboard_answer(camera), None, stream=False, retain=True))
-        if not service._pin_frames(job, request):  # refused there, on the answer topic
-            return
-        result = service.inbox.submit(job)
-        if result == "busy":
-            service._final(job, "rejected", ("busy", f"the request queue is full ({service.inbox.queue_size} waiting)"))
-        elif result == "closed":
-            service._final(job, "shutdown", ("shutdown", payloads.ERROR_DESCRIPTIONS["shutdown"]))
+        if service._pin_frames(job, request):  # else refused there, on the answer topic
+            service._submit(job)
 
 
 def _version() -> str | None:

@@ -323,6 +323,10 @@ class Service:
             return
         if request.camera is not None and not self._pin_frames(job, request):
             return
+        self._submit(job)
+
+    def _submit(self, job: Job) -> None:
+        """Queue the job, or give it its final when the queue is full or closed."""
         result = self.inbox.submit(job)
         if result == "busy":
             self._final(job, "rejected", ("busy", f"the request queue is full ({self.inbox.queue_size} waiting)"))

@@ -165,3 +165,30 @@ def test_a_cancelled_turn_is_not_recorded(make_model):
     tokens, done = run(engine, Prompt(QUESTIONS[1], conversation="c1"), max_tokens=4, ignore_stop=True)
     assert tokens == reference[1][0] and done.extra["turn"] == 2
     assert done.timings["history_rows"] == reference[1][1].timings["history_rows"]
+
+
+def test_a_typed_turn_in_a_conversation_keeps_the_rows_consistent(make_model):
+    """A typed answer ends without running the layers for its last token; the next turn
+    prefills that row, and answers as a full prefill would."""
+    from protocol.formats import parse_format
+
+    boolean = parse_format({"type": "boolean"})
+
+    def talk(engine, between=None):
+        results = [run(engine, Prompt(QUESTIONS[0], images=[image(5)], image_key="cam:1", conversation="c1"),
+                       max_tokens=4, ignore_stop=True)]
+        if between:
+            between(engine)
+        results.append(run(engine, Prompt("Is it red?", conversation="c1"), max_tokens=8, format=boolean))
+        if between:
+            between(engine)
+        results.append(run(engine, Prompt(QUESTIONS[2], conversation="c1"), max_tokens=4, ignore_stop=True))
+        return results
+
+    warm = talk(Engine(make_model()))
+    cold = talk(Engine(make_model(), conversation_limits=ConversationLimits(max_bytes=1)), between=unrelated)
+    assert [tokens for tokens, _ in warm] == [tokens for tokens, _ in cold]
+    typed, last = warm[1][1], warm[2][1]
+    assert isinstance(typed.extra["value"], bool) and typed.extra["turn"] == 2
+    cached = typed.prompt_tokens + typed.completion_tokens - 1  # the answer's last token never went through the layers
+    assert last.timings["history_rows"] == cached and last.timings["prefill_rows"] == last.prompt_tokens - cached

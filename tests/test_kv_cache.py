@@ -199,3 +199,17 @@ def test_prefix_store_evicts_least_recently_used():
     assert store.find("a", [1, 2, 3]) is not None and store.find("c", [1, 2, 3]) is not None
     with pytest.raises(ValueError):
         store.put("d", [1], snap)
+
+
+def test_rewind_forgets_the_rows_after_a_length_and_blocks_their_slots():
+    cache = make_cache()
+    fill(cache, 5, seed=1)
+    kept = cache.keys[:, 0, :3].copy()
+    cache.rewind(3)
+    assert cache.position == 3
+    assert_mask_matches_position(cache)
+    np.testing.assert_array_equal(cache.keys[:, 0, :3], kept)
+    fill(cache, 2, seed=7)  # writing goes on at the rewound position
+    np.testing.assert_array_equal(cache.keys[0, 0, 3:5], rows(2, 7)[0])
+    with pytest.raises(CacheFullError):
+        cache.rewind(6)
