@@ -89,3 +89,18 @@ def test_console_script_runs(tiny_qwen2, tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["usage"]["completion_tokens"] >= 0
+
+
+def test_ask_with_a_format_ends_with_value_and_confidence(capsys, tiny_qwen2):
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format",
+                         '{"type": "integer", "minimum": 0, "maximum": 20}', "--json", "How many?")
+    assert code == 0, err
+    final = json.loads(out.splitlines()[-1])
+    assert final["finish_reason"] == "stop" and json.loads(final["text"]) == final["value"]
+    assert type(final["value"]) is int and 0 <= final["value"] <= 20 and 0 <= final["confidence"] <= 1
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format", '{"type": "boolean", "pattern": "y"}',
+                         "--json", "Yes?")
+    assert code == 2 and "--format: pattern: unsupported keyword" in err
+    assert json.loads(out.splitlines()[-1])["error"]["code"] == "bad_request"
+    code, _, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format", "{boolean}", "Yes?")
+    assert code == 2 and "--format: not JSON" in err

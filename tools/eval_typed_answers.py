@@ -109,7 +109,8 @@ def _measure(service, client, num_scenes: int, first_seed: int) -> dict[str, lis
         results["boolean"].append(_typed(seed, final, BOOLEAN, kind in kinds))
         unique = [k for k in kinds if kinds.count(k) == 1]
         if unique:
-            shape = next(s for s in scene.shapes if s.kind == rng.choice(unique))
+            wanted = rng.choice(unique)
+            shape = next(s for s in scene.shapes if s.kind == wanted)
             final = client.ask({"text": f"What colour is the {shape.kind}?", "camera": CAMERA, "format": COLOURS})
             results["enum"].append(_typed(seed, final, COLOURS, shape.colour))
         final = client.ask({"text": "How many shapes are there?", "camera": CAMERA, "format": COUNT})
@@ -142,7 +143,8 @@ def _conversation(client, seed: int, scene, rng: random.Random) -> dict:
     kinds = [shape.kind for shape in scene.shapes]
     unique = [k for k in kinds if kinds.count(k) == 1]
     if unique:
-        shape = next(s for s in scene.shapes if s.kind == rng.choice(unique))
+        wanted = rng.choice(unique)
+        shape = next(s for s in scene.shapes if s.kind == wanted)
         third, third_truth = f"What colour is the {shape.kind}?", shape.colour
     else:
         kind = rng.choice(scenes.KINDS)
