@@ -286,6 +286,14 @@ class ConstrainedAnswer:
     def value(self) -> Any:
         return self.language.value(self.prefix)
 
+    def final_fields(self, finish: str, timings: dict[str, Any]) -> dict[str, Any]:
+        """What the final adds: value and confidence when the answer ended (`stop`), notes."""
+        timings["format_forced_tokens"] = self.num_forced
+        fields: dict[str, Any] = {"notes": list(self.notes)} if self.notes else {}
+        if finish == "stop" and self.complete:
+            fields.update(value=self.value(), confidence=self.confidence())
+        return fields
+
     def confidence(self) -> float | None:
         """The chosen value's probability among the allowed answers (see the module doc)."""
         if self._unscored:

@@ -116,15 +116,19 @@ class TurnPlan:
     dropped_turns: int = 0
     features: np.ndarray | None = None  # this turn's image feature rows, once encoded (set by the engine)
 
-    def row_limit(self, capacity: int, limits: ConversationLimits) -> int:
-        return min(capacity, limits.max_tokens or capacity)
+    limit_tokens: int | None = None  # ConversationLimits.max_tokens
 
-    def check_fits(self, encoded: EncodedPrompt, capacity: int, limits: ConversationLimits) -> None:
-        """PromptTooLong unless the turn's prompt and one answer token fit the conversation's rows."""
-        limit = self.row_limit(capacity, limits)
+    def row_limit(self, capacity: int) -> int:
+        return min(capacity, self.limit_tokens or capacity)
+
+    def check_fits(self, encoded: EncodedPrompt, capacity: int) -> int:
+        """The rows the conversation may fill; PromptTooLong unless the turn's prompt and
+        one answer token fit them."""
+        limit = self.row_limit(capacity)
         if len(encoded.ids) + 1 > limit:
             raise PromptTooLong(f"the conversation's prompt is {len(encoded.ids)} tokens but it may fill only {limit}"
                                 " rows (max_tokens, or the KV cache) and one must remain for the answer")
+        return limit
 
 
 class ConversationStore:
@@ -249,10 +253,11 @@ class ConversationStore:
             raise ConversationError("system: a conversation keeps the system prompt of its first turn;"
                                     " send the same one (or none) or reset the conversation")
         question, num_images = prompt.text, len(prompt.images)
-        plan = TurnPlan(conversation, None, question=question, num_images=num_images, notes=notes)
+        plan = TurnPlan(conversation, None, question=question, num_images=num_images, notes=notes,
+                        limit_tokens=self.limits.max_tokens)
         if not conversation.turns:
             return plan
-        limit = plan.row_limit(capacity, self.limits)
+        limit = plan.row_limit(capacity)
         room = min(max_tokens, self.limits.answer_room)
         parts = _turn_parts(template, conversation.turns[-1].num_images, num_images, image_tokens, conversation.system)
         new_ids, new_image_offsets = _later_turn(template, parts, question)
@@ -270,7 +275,7 @@ class ConversationStore:
             plan.notes.append(f"the oldest {plan.dropped_turns} turn(s) were dropped and the rest prefilled again: {reason}")
         ids = list(history) + new_ids
         plan.encoded = EncodedPrompt(ids, len(ids), np.asarray(new_image_offsets, np.int64) + len(history))
-        plan.check_fits(plan.encoded, capacity, self.limits)
+        plan.check_fits(plan.encoded, capacity)
         plan.kept, plan.placement, plan.turn_start = kept, placement, len(history)
         if not plan.dropped_turns and conversation.valid_rows > 0:
             plan.start = conversation.valid_rows
@@ -280,10 +285,21 @@ class ConversationStore:
         return plan
 
     def finish(self, plan: TurnPlan, encoded: EncodedPrompt, answer_ids: Sequence[int], answer: str,
-               cache_rows: int, completed: bool) -> int:
+               cache_rows: int, completed: bool) -> dict[str, Any]:
         """Record the turn when it `completed` (stop or length); either way the cache now
         holds the conversation's first `cache_rows` rows (or, when the turn did not
-        complete, those before the turn). Returns the turn's number."""
+        complete, those before the turn). Returns what the final adds: conversation,
+        turn, dropped_turns and notes (when there are any)."""
+        fields: dict[str, Any] = {"conversation": plan.conversation.conversation_id,
+                                  "turn": self._record(plan, encoded, answer_ids, answer, cache_rows, completed)}
+        if plan.dropped_turns:
+            fields["dropped_turns"] = plan.dropped_turns
+        if plan.notes:
+            fields["notes"] = list(plan.notes)
+        return fields
+
+    def _record(self, plan: TurnPlan, encoded: EncodedPrompt, answer_ids: Sequence[int], answer: str,
+                cache_rows: int, completed: bool) -> int:
         conversation = plan.conversation
         conversation_id = conversation.conversation_id
         conversation.last_used = self.clock()

@@ -17,11 +17,14 @@ next token's embedding row (greedy reads the logits in place).
    splice each image's vision features over its context rows; a follow-up either
    resumes at the snapshot's end or, when its measured graph times say that is cheaper,
    restores only up to a chunk boundary and replays the rest of the prefix from the
-   snapshot's saved input rows (`prefix_replay`);
+   snapshot's saved input rows (`prefix_replay`); a later turn of a conversation
+   keeps (or restores) the conversation's rows and prefills only its own
+   (npu.engine.conversation);
 3. prefill (see `plan_prefill`): group 1 for the first chunk, a history group for a
    later chunk whose start equals that group's history length, the decode group one
    token at a time for everything else;
-4. decode: layers -> post -> sampling, until a stop token, the token budget (max_tokens,
+4. decode: layers -> post -> sampling (or, with a format, the choice among the tokens it
+   allows: npu.engine.constrain), until a stop token, the token budget (max_tokens,
    cut to what the cache holds: finish "length") or `should_stop()` (checked before
    every graph call: finish "cancelled");
 5. yield a `TokenEvent` per answer token (UTF-8-safe text deltas; stop tokens are not
@@ -204,15 +207,10 @@ class Engine:
         question = prompt.text
         if options.format is not None:  # the model is told the form too (npu.engine.formats)
             prompt = replace(prompt, text=with_hint(question, options.format))
-        plan = rows = None
-        if prompt.conversation is not None:
-            plan = self.conversations.plan(prompt, self.model.template, self.shapes.image_tokens, self.shapes.capacity,
-                                           options.max_tokens)
-            rows = plan.row_limit(self.shapes.capacity, self.conversations.limits)
+        plan = None if prompt.conversation is None else self.conversations.plan(
+            prompt, self.model.template, self.shapes.image_tokens, self.shapes.capacity, options.max_tokens)
         encoded = plan.encoded if plan is not None and plan.encoded is not None else self._encode(prompt)
-        if plan is not None:
-            plan.check_fits(encoded, self.shapes.capacity, self.conversations.limits)
-        rows = rows or self.shapes.capacity
+        rows = self.shapes.capacity if plan is None else plan.check_fits(encoded, self.shapes.capacity)
         check_fits(encoded, rows)
         num_prompt = len(encoded.ids)
         budget = min(options.max_tokens, rows - num_prompt)
@@ -263,15 +261,12 @@ class Engine:
             if steps and decode_s > 0:
                 timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
         text = "".join(pieces) + detok.flush()
-        extra = _typed_fields(typed, finish, timings)
+        extra = {} if typed is None else typed.final_fields(finish, timings)
         if plan is not None:
             turn = self.conversations.finish(plan, encoded, answer_ids, text, self.cache.position,
                                              finish in ("stop", "length"))
-            extra.update(conversation=prompt.conversation, turn=turn)
-            if plan.dropped_turns:
-                extra["dropped_turns"] = plan.dropped_turns
-            if plan.notes:
-                extra["notes"] = plan.notes + extra.get("notes", [])
+            notes = turn.pop("notes", []) + extra.pop("notes", [])
+            extra.update(turn, **({"notes": notes} if notes else {}))
         yield DoneEvent(text, finish, num_prompt, len(pieces), timings, extra)
 
     def forget_conversation(self, conversation_id: str) -> bool:
@@ -442,16 +437,6 @@ class Engine:
 def _never() -> bool:
     return False
 
-
-def _typed_fields(typed: ConstrainedAnswer | None, finish: str, timings: dict[str, Any]) -> dict[str, Any]:
-    """What a typed answer adds to the final: its value and confidence once it ended."""
-    if typed is None:
-        return {}
-    timings["format_forced_tokens"] = typed.num_forced
-    fields: dict[str, Any] = {"notes": list(typed.notes)} if typed.notes else {}
-    if finish == "stop" and typed.complete:
-        fields.update(value=typed.value(), confidence=typed.confidence())
-    return fields
 
 
 def _ms(seconds: float) -> float:
