@@ -192,3 +192,27 @@ def test_a_typed_turn_in_a_conversation_keeps_the_rows_consistent(make_model):
     assert isinstance(typed.extra["value"], bool) and typed.extra["turn"] == 2
     cached = typed.prompt_tokens + typed.completion_tokens - 1  # the answer's last token never went through the layers
     assert last.timings["history_rows"] == cached and last.timings["prefill_rows"] == last.prompt_tokens - cached
+
+
+def test_a_later_turn_may_bring_an_image_of_its_own(make_model):
+    def talk(engine, between=None):
+        out = [run(engine, Prompt(QUESTIONS[0], images=[image(5)], image_key="cam:1", conversation="c1"),
+                   max_tokens=3, ignore_stop=True)]
+        for number, images in ((1, [image(8)]), (2, [])):
+            if between:
+                between(engine)
+            out.append(run(engine, Prompt(QUESTIONS[number], images=images, conversation="c1"), max_tokens=3,
+                           ignore_stop=True))
+        return out
+
+    model, cold_model = make_model(), make_model()
+    warm = talk(Engine(model))
+    cold = talk(Engine(cold_model, conversation_limits=ConversationLimits(max_bytes=1)), between=unrelated)
+    assert [tokens for tokens, _ in warm] == [tokens for tokens, _ in cold]
+    assert warm[1][1].timings["images_encoded"] == 1 and warm[2][1].timings["images_encoded"] == 0
+    assert model.vision.calls == cold_model.vision.calls == 2  # each image once; stored features after that
+    assert warm[1][1].prompt_tokens - warm[0][1].prompt_tokens > engine_image_tokens(model)
+
+
+def engine_image_tokens(model) -> int:
+    return Engine(model).shapes.image_tokens
