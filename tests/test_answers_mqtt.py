@@ -206,6 +206,13 @@ def test_a_watch_flips_false_true_false_with_one_event_per_change(daemon):
     finally:
         watch_config(d, name, b"")
     wait_for(lambda: d.service.watches.get(name) is None, what="the watch to be deleted")
+    d.client.next(10, d.topics.watch(name))  # the empty retained message that clears the state
+    late = Collector(d.client.client.host, d.client.client.port, [d.topics.watch(name)])
+    try:
+        with pytest.raises(TimeoutError):
+            late.next(1.0)  # no retained state left
+    finally:
+        late.close()
 
 
 def test_home_assistant_discovery_for_watches_frames_and_dashboard_questions(daemon, mosquitto):
