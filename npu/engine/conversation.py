@@ -242,8 +242,8 @@ class ConversationStore:
                 raise ConversationLimit(
                     f"there are already {len(self._conversations)} conversations, the limit (max_conversations): reset"
                     f" one, or wait until one has been idle for idle_s ({self.limits.idle_s:g} s)")
-            if conversation_id in self._forgotten:
-                notes.append(f"conversation {conversation_id!r} was forgotten because {self._forgotten.pop(conversation_id)};"
+            if conversation_id in self._forgotten:  # told once, when this turn is recorded
+                notes.append(f"conversation {conversation_id!r} was forgotten because {self._forgotten[conversation_id]};"
                              " it starts again at turn 1")
             conversation = Conversation(conversation_id, prompt.system)
         elif conversation.num_turns >= self.limits.max_turns:
@@ -316,6 +316,7 @@ class ConversationStore:
         turns.append(TurnRecord(plan.question, plan.num_images, list(answer_ids), answer, plan.features,
                                 plan.turn_start, np.asarray(encoded.context_rows, np.int64)))
         conversation.turns = turns
+        self._forgotten.pop(conversation_id, None)
         conversation.ids = list(encoded.ids) + list(answer_ids)
         conversation.valid_rows = min(cache_rows, len(conversation.ids))
         conversation.snapshot = None  # the cache holds it now
