@@ -13,11 +13,11 @@ from typing import Any
 from daemon.ha import discovery_messages, removal
 from daemon.logs import get_logger
 from daemon.mqtt import Incoming
-from daemon.scheduler import Job, Reply
+from daemon.scheduler import Job
 from daemon.watches import Change
 from protocol import codec, payloads
 from protocol.codec import ProtocolError
-from protocol.topics import SPEC
+from protocol.requests import Reply
 
 log = get_logger("vlmd.home")
 
@@ -58,8 +58,8 @@ class Home:
     def watch_changed(self, change: Change) -> None:
         service = self.service
         log.info("watch " + ("deleted" if change.deleted else "defined"), watch=change.name)
-        if change.deleted and service.client is not None:  # its retained state goes too
-            service.client.publish(service.topics.watch(change.name), b"", SPEC["watch"].qos, True)
+        if change.deleted and service.responder is not None:  # its retained state goes too
+            service.responder.clear_watch(change.name)
         if service.client is not None and service.client.connected:
             self.publish_discovery()
         service.inbox.wake()
@@ -77,7 +77,8 @@ class Home:
         job = Job("ask", request.id, service.clock(), camera=camera, request=request,
                   reply=Reply(service.topics.dashboard_answer(camera), None, stream=False, retain=True))
         if service._pin_frames(job, request):  # else refused there, on the answer topic
-            service._submit(job)
+            service.journal.accepted(job, service.wall_clock(), None)
+            service._enqueue(job)
 
 
 def _version() -> str | None:

@@ -15,7 +15,7 @@ nothing slower.
 
 from __future__ import annotations
 
-import signal
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -27,14 +27,18 @@ from daemon.ha import birth_topic
 from daemon.home import Home
 from daemon.inbox import Inbox
 from daemon.logs import get_logger
-from daemon.mqtt import ClientSettings, Incoming, MqttClient, TlsSettings
-from daemon.scheduler import CaptionPolicy, Job, Reply, Scheduler
+from daemon import settings
+from daemon.mqtt import Incoming, MqttClient
+from daemon.journal import Journal, Recovery, open_journal
+from daemon.recovery import Restarted, revive
+from daemon.scheduler import Job, Scheduler
+from daemon.responder import Responder, RuntimeStats
 from daemon.watches import WatchLimits, WatchRegistry
-from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+from daemon.worker import Worker
 from npu.board.cmm import read_cmm_info
 from protocol import codec, payloads
-from protocol.codec import ProtocolError
-from protocol.topics import SPEC, TopicError, Topics, check_publish_topic
+from protocol.requests import Refused, receive_ask, receive_cancel
+from protocol.topics import SPEC, Topics
 
 log = get_logger("vlmd.service")
 
@@ -69,9 +73,11 @@ class Service:
         self.config = config
         self.engine_factory = engine_factory
         self.clock, self.wall_clock = clock, wall_clock
-        self.topics = _topics(config)
-        self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock)
-        self.scheduler = Scheduler({name: _caption_policy(c) for name, c in config.cameras.items()})
+        self.topics = settings.topics(config)
+        self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock,
+                           max_total_bytes=config.frames.max_total_bytes)
+        self.inbox.configured = frozenset(config.cameras)
+        self.scheduler = Scheduler(settings.caption_policies(config))
         self.watches = WatchRegistry(WatchLimits(config.watch_limits.max_watches, config.watch_limits.min_interval_s),
                                      known_camera=lambda camera: camera in self.config.cameras
                                      or self.inbox.has_camera(camera))
@@ -79,10 +85,7 @@ class Service:
         self.home = Home(self)
         self._num_camera_refusals = 0
         self.stats = RuntimeStats()
-        self.limits = payloads.AskLimits(
-            max_text_chars=config.requests.max_text_chars, max_frames=min(config.requests.max_frames, config.frames.history),
-            max_tokens=config.requests.max_tokens_limit,
-        )
+        self.limits = settings.ask_limits(config)
         self.broker: Any = None  # the embedded broker, when one was started
         self.client: MqttClient | None = None
         self.worker: Worker | None = None
@@ -92,6 +95,8 @@ class Service:
         self._stopped = threading.Event()
         self.started_at = clock()
         self._next_stats = 0.0
+        self.journal = Journal(None)  # the id window only, until start() opens the file
+        self._recovery: Recovery | None = None  # owed by an earlier run: settled on the first connection
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -99,15 +104,17 @@ class Service:
         """Start the broker (if none is configured), load the engine, connect, start the worker."""
         url, protocol = self._broker_url()
         engine = self.engine_factory(self.config)
+        self.journal = open_journal(self.config, os.environ, self.wall_clock)
+        self._recovery = self.journal.recover()
         self.client = MqttClient(
-            self._client_settings(url, protocol),
+            settings.client_settings(self.config, url, protocol),
             will=(self.topics.status(), payloads.STATUS_OFFLINE.encode(), SPEC["status"].qos, SPEC["status"].retain),
             on_message=self._on_message,
             on_connected=self._on_connected,
         )
-        self.responder = Responder(self.client, self.topics, self.stats, self.wall_clock)
+        self.responder = Responder(self.client, self.topics, self.stats, self.wall_clock, self.journal)
         self.worker = Worker(
-            engine, self.inbox, self.scheduler, self.responder, _worker_limits(self.config), self.clock,
+            engine, self.inbox, self.scheduler, self.responder, settings.worker_limits(self.config), self.clock,
             watches=self.watches,
         )
         self._worker_thread = threading.Thread(
@@ -137,6 +144,7 @@ class Service:
             self.client.stop(last=status)
         if self.broker is not None:
             self.broker.stop()
+        self.journal.close()
         self._stopped.set()
         log.info("service stopped")
 
@@ -166,10 +174,12 @@ class Service:
 
     def reload(self, config: Config) -> str:
         """Apply `config`'s cameras (caption settings, source topics) without touching
-        the model or the connection; other changed sections are logged as needing a
-        restart and ignored. Returns a one-line summary. Raises TopicError (nothing
-        applied) when the new source topics cannot be used."""
-        topics = _topics(config)  # validates before anything changes
+        the model or the connection; other changed sections (device id, root, fleet:
+        the subscriptions stay on the running root) are logged as needing a restart and
+        ignored. Returns a one-line summary. Raises TopicError (nothing applied) when
+        the new source topics cannot be used."""
+        # the running root and fleet topic, the new camera sources; validated before anything changes
+        topics = Topics(self.topics.root, settings.frame_sources(config), self.topics.fleet_ask_topic)
         old_sources, new_sources = set(self.topics.frame_sources), set(topics.frame_sources)
         ignored = [name for name in Config.model_fields if name not in ("cameras", "watches")
                    and getattr(config, name) != getattr(self.config, name)]
@@ -182,7 +192,8 @@ class Service:
         self.topics = topics
         if self.responder is not None:
             self.responder.topics = topics
-        self.scheduler.captions = {name: _caption_policy(c) for name, c in config.cameras.items()}
+        self.scheduler.captions = settings.caption_policies(config)
+        self.inbox.configured = frozenset(config.cameras)
         if self.client is not None:
             self.client.unsubscribe(sorted(old_sources - new_sources))
             self.client.subscribe([(topic, SPEC["frame"].qos) for topic in sorted(new_sources - old_sources)])
@@ -194,8 +205,14 @@ class Service:
         self.inbox.wake()  # a caption may be due now
         return summary
 
+    def _expire_cameras(self) -> None:
+        expired = self.inbox.expire_cameras(self.config.frames.unknown_camera_idle_s, keep=self.config.cameras)
+        if expired:
+            log.info("idle unconfigured cameras forgotten", cameras=expired[:10], count=len(expired))
+
     def tick(self) -> None:
-        """Main-loop duties: publish stats when due."""
+        """Main-loop duties: forget idle unconfigured cameras, publish stats when due."""
+        self._expire_cameras()
         now = self.clock()
         if now >= self._next_stats and self.client is not None and self.client.connected:
             self._next_stats = now + self.config.stats.interval_s
@@ -219,11 +236,11 @@ class Service:
             ts=self.wall_clock(), uptime_s=max(0.0, self.clock() - self.started_at), queue_depth=self.inbox.depth,
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
-            running=self.inbox.running is not None, cmm=cmm.describe() if cmm is not None else None,
-            conversations=conversations, watches=watches,
+            running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
+            cmm=cmm.describe() if cmm is not None else None, conversations=conversations, watches=watches,
         )
 
-    # -- broker and client settings ---------------------------------------------------
+    # -- the broker -------------------------------------------------------------------
 
     def _broker_url(self) -> tuple[str, str]:
         if self.config.mqtt.broker:
@@ -235,19 +252,15 @@ class Service:
         log.info("embedded broker started", url=self.broker.url)
         return self.broker.url, "3.1.1"  # amqtt speaks MQTT 3.1.1 only
 
-    def _client_settings(self, url: str, protocol: str) -> ClientSettings:
-        m = self.config.mqtt
-        tls = m.tls
-        return ClientSettings(
-            url=url, client_id=m.client_id, username=m.username, password=m.password_value() or "",
-            keepalive_s=m.keepalive_s, protocol=protocol, persistent_session=m.persistent_session,
-            reconnect_min_s=m.reconnect_min_s, reconnect_max_s=m.reconnect_max_s,
-            tls=TlsSettings(str(tls.ca_file or ""), str(tls.cert_file or ""), str(tls.key_file or ""), tls.insecure),
-        )
-
     # -- paho thread: handlers (never block, never raise: MqttClient logs what escapes) --
 
     def _on_connected(self) -> None:
+        if self._recovery is not None:  # before any message of this connection is handled
+            recovery, self._recovery = self._recovery, None
+            try:
+                self._settle(recovery)
+            except Exception:  # what is owed must not cost the connection its subscriptions
+                log.exception("journal recovery failed")
         subscriptions = self.topics.subscriptions()
         if self.config.fleet.enabled:
             if self.client.is_v5:
@@ -300,7 +313,8 @@ class Service:
         cameras = self.config.cameras
         if camera in cameras or self.inbox.has_camera(camera):
             return True
-        unconfigured = sum(name not in cameras for name in self.inbox.camera_names())  # only for a new name
+        self._expire_cameras()  # only for a new name: idle ones make room
+        unconfigured = sum(name not in cameras for name in self.inbox.camera_names())
         if unconfigured < self.config.frames.max_cameras:
             return True
         self._num_camera_refusals += 1
@@ -310,39 +324,59 @@ class Service:
         return False
 
     def _on_ask(self, message: Incoming) -> None:
-        now = self.clock()
-        try:
-            request = codec.decode_ask(message.payload, self.config.requests.max_payload_bytes, self.limits)
-        except ProtocolError as exc:
-            self._refuse(message, exc)
+        """Receive (protocol.requests validates and resolves the reply path), journal,
+        enqueue. The PUBACK goes out after this returns (MqttClient), so a crash before
+        the journal write makes the broker deliver the question again."""
+        now, wall_now = self.clock(), self.wall_clock()
+        received = receive_ask(message.payload, self.topics, self.config.requests.max_payload_bytes, self.limits,
+                               message.response_topic, message.correlation_data)
+        if isinstance(received, Refused):
+            self._refuse(received, message.topic)
             return
-        if request.id is None:
-            request = request.with_id(payloads.new_request_id())
-        reply = Reply(
-            topic=request.reply_to or _usable(message.response_topic) or self.topics.answer(request.id),
-            correlation_data=message.correlation_data, stream=request.stream,
-        )
+        request = received.request
+        if self._seen(request.id, message.redelivered):
+            return
         deadline = None if request.expires_ms is None else now + request.expires_ms / 1000.0
-        job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=reply)
-        if self._is_input_topic(reply.topic):  # replies there would come back to us as input
-            job.reply = Reply(self.topics.answer(request.id), message.correlation_data, stream=False)
-            self._final(job, "rejected", ("bad_request", f"reply_to: {reply.topic!r} is one of vlmd's input topics"))
-            return
+        job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=received.reply)
         if request.camera is not None and not self._pin_frames(job, request):
             return
-        self._submit(job)
+        expires_ts = None if request.expires_ms is None else wall_now + request.expires_ms / 1000.0
+        self.journal.accepted(job, wall_now, expires_ts)
+        self._enqueue(job)
 
-    def _submit(self, job: Job) -> None:
-        """Queue the job, or give it its final when the queue is full or closed."""
+    def _enqueue(self, job: Job) -> None:
         result = self.inbox.submit(job)
         if result == "busy":
             self._final(job, "rejected", ("busy", f"the request queue is full ({self.inbox.queue_size} waiting)"))
         elif result == "closed":
             self._final(job, "shutdown", ("shutdown", payloads.ERROR_DESCRIPTIONS["shutdown"]))
 
-    def _is_input_topic(self, topic: str) -> bool:
-        route = self.topics.parse(topic)
-        return route is not None and route.kind in ("ask", "fleet_ask", "cancel", "frame")
+    def _seen(self, request_id: str, redelivered: bool) -> bool:
+        """A request id within the id window is not run again (QoS 1 is at-least-once, and
+        reconnecting clients retransmit): still running, nothing; finished, its final again."""
+        seen = self.journal.lookup(request_id)
+        if seen is None:
+            return False
+        log.info("request id seen before: not run again", request_id=request_id, redelivered=redelivered,
+                 state="in progress" if seen == "in_progress" else "finished")
+        if seen != "in_progress":
+            self.responder.republish(seen)
+        return True
+
+    def _settle(self, recovery: Recovery) -> None:
+        """What an earlier run owed: its unacknowledged finals again, its unanswered
+        requests run again or failed as `restarted`."""
+        for final in recovery.unacknowledged:
+            self.responder.republish(final)
+        now, wall_now = self.clock(), self.wall_clock()
+        for pending in recovery.pending:
+            revived = revive(pending, self.inbox, self.limits, now, wall_now)
+            if isinstance(revived, Restarted):
+                self._final(revived.job, "failed", ("restarted", revived.why))
+            else:
+                self._enqueue(revived)
+        log.info("journal recovered", republished=len(recovery.unacknowledged), pending=len(recovery.pending),
+                 discarded_bytes=recovery.discarded_bytes)
 
     def _pin_frames(self, job: Job, request: payloads.AskRequest) -> bool:
         """Attach the camera frames the question is about; refuse it when there are none."""
@@ -357,23 +391,19 @@ class Service:
         job.frames = frames
         return True
 
-    def _refuse(self, message: Incoming, exc: ProtocolError) -> None:
+    def _refuse(self, refused: Refused, topic: str) -> None:
         """A refused ask: a final `rejected` where the client listens, else <root>/error."""
-        default = self.topics.answer(exc.request_id) if exc.request_id else None
-        topic = exc.reply_to or _usable(message.response_topic) or default
-        log.info("ask refused", code=exc.code, message=exc.message, request_id=exc.request_id)
-        if topic is None:
-            self.responder.error(exc.code, exc.message, message.topic, exc.request_id)
+        log.info("ask refused", code=refused.code, message=refused.message, request_id=refused.request_id)
+        if refused.reply is None:
+            self.responder.error(refused.code, refused.message, topic, refused.request_id)
             return
-        job = Job("ask", exc.request_id or payloads.new_request_id(), self.clock(),
-                  reply=Reply(topic, message.correlation_data, stream=False))
-        self._final(job, "rejected", (exc.code, exc.message))
+        job = Job("ask", refused.request_id or payloads.new_request_id(), self.clock(), reply=refused.reply)
+        self._final(job, "rejected", (refused.code, refused.message))
 
     def _on_cancel(self, message: Incoming) -> None:
-        try:
-            request = codec.decode_cancel(message.payload)
-        except ProtocolError as exc:
-            self.responder.error(exc.code, exc.message, message.topic)
+        request = receive_cancel(message.payload)
+        if isinstance(request, Refused):
+            self.responder.error(request.code, request.message, message.topic)
             return
         where, job = self.inbox.cancel(request.id)
         log.info("cancel", request_id=request.id, where=where)
@@ -383,35 +413,6 @@ class Service:
     def _final(self, job: Job, reason: str, error: tuple[str, str]) -> None:
         self.responder.final(job, reason, error=error)
 
-
-def _usable(response_topic: str | None) -> str | None:
-    """An MQTT 5 response topic we can publish to, else None (then the default applies)."""
-    if response_topic is None:
-        return None
-    try:
-        return check_publish_topic(response_topic)
-    except TopicError:
-        log.info("unusable response topic ignored", response_topic=response_topic)
-        return None
-
-
-def _topics(config: Config) -> Topics:
-    return Topics(
-        config.root,
-        frame_sources={c.topic: name for name, c in config.cameras.items() if c.topic},
-        fleet_ask_topic=config.fleet.ask_topic if config.fleet.enabled else None,
-    )
-
-
-def _caption_policy(camera) -> CaptionPolicy:
-    return CaptionPolicy(camera.caption, camera.interval_s, camera.prompt, camera.max_tokens, camera.min_change)
-
-
-def _worker_limits(config: Config) -> WorkerLimits:
-    return WorkerLimits(
-        default_max_tokens=config.requests.default_max_tokens, frame_max_bytes=config.frames.max_bytes,
-        frame_max_pixels=config.frames.max_pixels, max_consecutive_failures=config.shutdown.max_consecutive_failures,
-    )
 
 
 # -- the process main loop --------------------------------------------------------------

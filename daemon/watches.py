@@ -28,15 +28,12 @@ import numpy as np
 from daemon.frame_change import changed, thumbnail
 from daemon.logs import get_logger
 from daemon.scheduler import CameraView
-from protocol import codec
+from npu.engine import DoneEvent, GenerationOptions, Prompt, RequestError
 from protocol.codec import ProtocolError
 from protocol.frames import FrameError
-from protocol.topics import SPEC
 from protocol.watches import WatchDefinition, WatchEvent, WatchState, decode_watch
 
 log = get_logger("vlmd.watches")
-
-REQUEST_ERROR_CODES = ("too_long", "bad_image", "image_too_large", "bad_request", "limit")
 
 
 @dataclass
@@ -203,10 +200,8 @@ class WatchRunner:
     registry: WatchRegistry
     engine: Any
     inbox: Any
-    responder: Any  # daemon.worker.Responder: publisher, topics, wall clock
+    responder: Any  # daemon.responder.Responder: publishes the states and events
     decode: Callable[[bytes], np.ndarray]
-    prompt_type: Any
-    options_type: Any
     min_change: Callable[[str], float] = lambda camera: 0.02
     max_tokens: int = 64
     should_stop: Callable[[], bool] = lambda: False
@@ -240,37 +235,30 @@ class WatchRunner:
 
     def _answer(self, watch: Watch, frame: Any, rgb: np.ndarray) -> Any | None:
         definition = watch.definition
-        prompt = self.prompt_type(text=definition.question, images=[rgb], image_key=f"{watch.camera}:{frame.seq}",
-                                  system=None)
-        options = self.options_type(max_tokens=self.max_tokens, format=definition.format)
+        prompt = Prompt(text=definition.question, images=[rgb], image_key=f"{watch.camera}:{frame.seq}", system=None)
+        options = GenerationOptions(max_tokens=self.max_tokens, format=definition.format)
         try:
             for event in self.engine.generate(prompt, options, should_stop=self.should_stop):
-                if hasattr(event, "finish_reason"):
+                if isinstance(event, DoneEvent):
                     if event.finish_reason == "stop" and "value" in event.extra:
                         self.counts["answered"] += 1
                         return event
                     log.info("watch answer not finished", watch=watch.name, finish_reason=event.finish_reason)
                     return None
-        except Exception as exc:
-            if getattr(exc, "code", None) not in REQUEST_ERROR_CODES:
-                raise  # an engine failure: the worker counts it
-            log.warning("watch refused by the engine", watch=watch.name, code=exc.code, error=str(exc))
+        except RequestError as exc:  # what the watch asks, not the engine: logged, never a failure
+            log.warning("watch refused by the engine", watch=watch.name, code=exc.code, error=exc.message)
             self.counts["failed"] += 1
         return None
 
     def _publish(self, watch: Watch, value: Any, confidence: float | None, frame_ts: float) -> None:
-        """The event first (when the value changed), then the retained state: a client that
-        sees the new state has had its event."""
         now = self.responder.wall_clock()
         previous = observe(watch, value, confidence, now)
-        topics, publisher = self.responder.topics, self.responder.publisher
+        event = None
         if previous is not None and previous is not UNSET:
             self.counts["changes"] += 1
             event = WatchEvent(name=watch.name, camera=watch.camera, value=watch.value, previous=previous,
                                confidence=confidence, ts=now, frame_ts=frame_ts)
-            spec = SPEC["watch_event"]
-            publisher.publish(topics.watch_event(watch.name), codec.encode(event), spec.qos, spec.retain)
             log.info("watch changed", watch=watch.name, value=watch.value, previous=previous)
         state = WatchState(name=watch.name, camera=watch.camera, value=watch.value, confidence=watch.confidence,
                            since=watch.since, updated=now, frame_ts=frame_ts)
-        publisher.publish(topics.watch(watch.name), codec.encode(state), SPEC["watch"].qos, SPEC["watch"].retain)
+        self.responder.watch(state, event)

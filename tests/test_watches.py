@@ -11,7 +11,8 @@ import pytest
 from daemon.inbox import Inbox
 from daemon.scheduler import CameraView, CaptionPolicy, Scheduler
 from daemon.watches import UNSET, Watch, WatchLimits, WatchRegistry, due_watch, observe
-from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+from daemon.responder import Responder, RuntimeStats
+from daemon.worker import Worker, WorkerLimits
 from protocol.codec import ProtocolError
 from protocol.topics import Topics
 from protocol.watches import WatchDefinition
@@ -124,6 +125,12 @@ class TypedFakeEngine:
     def __init__(self):
         self.prompts, self.options = [], []
 
+    def forget_conversation(self, conversation_id):
+        return False
+
+    def conversation_stats(self):
+        return {}
+
     def generate(self, prompt, options=None, should_stop=None):
         from npu.engine import DoneEvent, TokenEvent
 
@@ -188,8 +195,9 @@ def test_a_watch_flips_with_one_event_per_change_and_skips_unchanged_frames(rig)
 
 
 def test_a_question_waiting_goes_before_a_due_watch(rig):
-    from daemon.scheduler import Job, Reply
+    from daemon.scheduler import Job
     from protocol.payloads import AskRequest
+    from protocol.requests import Reply
 
     rig.inbox.put_frame("door", png_bytes((20, 20, 20)))
     request = AskRequest.model_validate({"id": "q1", "text": "hello"})

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from npu.engine.format_language import Language, compile_language
-from npu.engine.prompt import EngineError
+from npu.engine.prompt import NumericError, RequestError
 from npu.engine.yes_no import question_language
 
 END = None  # the "next prefix" of a stop token
@@ -50,13 +50,13 @@ _INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _INDEXES_LOCK = threading.Lock()
 
 
-class FormatError(EngineError):
+class FormatError(RequestError):
     """A format the engine cannot decode (validated formats reach here only by a bug)."""
 
     code = "bad_request"
 
 
-class FormatTooLong(EngineError):
+class FormatTooLong(RequestError):
     """The shortest answer of the format does not fit the tokens left for the answer."""
 
     code = "too_long"
@@ -257,6 +257,9 @@ class ConstrainedAnswer:
             self._unscored = True
             chosen = int(candidates[0])
         else:
+            if not np.isfinite(values).all():  # one bad logit among the allowed makes the choice meaningless
+                raise NumericError("the model produced a non-finite logit among the format's allowed tokens:"
+                                   " a numeric overflow in the graphs")
             chosen = int(sampler.sample_candidates(values, ids[candidates], history))
             self._steps.append((self.prefix, [nexts[i] for i in candidates], _softmax(values)))
         index = next(i for i in candidates if int(ids[i]) == chosen)

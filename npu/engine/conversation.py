@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from npu.engine.kv_cache import KVCache, KVSnapshot
-from npu.engine.prompt import EncodedPrompt, EngineError, Prompt, PromptTooLong
+from npu.engine.prompt import EncodedPrompt, EngineError, Prompt, PromptTooLong, RequestError
 from npu.text.template import Turn
 
 # Stand-ins rendered in place of the texts, to cut a rendered conversation into parts.
@@ -41,13 +41,13 @@ _ANSWER = "\ue000vlmd-answer\ue000"
 _MAX_FORGOTTEN = 256  # ids remembered as forgotten, so a late turn can be told why
 
 
-class ConversationLimit(EngineError):
+class ConversationLimit(RequestError):
     """Too many conversations or turns: refused, naming the limit."""
 
     code = "limit"
 
 
-class ConversationError(EngineError):
+class ConversationError(RequestError):
     code = "bad_request"
 
 
