@@ -171,7 +171,8 @@ class Worker:
                 reason = stopped_for[0] if event.finish_reason == "cancelled" and stopped_for else event.finish_reason
                 error = None if reason in ("stop", "length") else (reason, _STOP_MESSAGES.get(reason, reason))
                 self.responder.stats.timings(event.timings)
-                self.responder.stats.conversations = self.engine.conversation_stats()
+                if job.request.conversation is not None:  # engines without conversations need no such method
+                    self.responder.stats.conversations = self.engine.conversation_stats()
                 self.responder.final(
                     job, reason, text=event.text, seq=progress.seq, error=error,
                     usage=(event.prompt_tokens, event.completion_tokens), timings=event.timings, extra=event.extra,
