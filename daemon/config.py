@@ -151,6 +151,20 @@ class EmbeddedBrokerConfig(_Section):
     port: int = Field(1883, ge=0, le=65535, description="port of the embedded broker; 0 = any free port")
 
 
+class SamplingConfig(_Section):
+    temperature: float | None = Field(None, ge=0, description="default temperature when a request gives none; empty = the package's (else 0, greedy)")
+    top_k: int | None = Field(None, ge=0, description="default top-k; empty = the package's (else 0, off)")
+    top_p: float | None = Field(None, gt=0, le=1, description="default top-p; empty = the package's (else 1, off)")
+    repetition_penalty: float | None = Field(None, gt=0, description="default repetition penalty; empty = the package's (else 1, off)")
+
+    # an effective config written back as TOML keeps an unset default as "" (TOML has no null)
+    _empty_is_none = field_validator("temperature", "top_k", "top_p", "repetition_penalty", mode="before")(_optional_path)
+
+    def overrides(self) -> dict[str, float | int]:
+        """The defaults this config sets (over the package's sampling defaults)."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
 class ModelConfig(_Section):
     path: Path | None = Field(None, description="model directory (or an M5Stack mode_<model>.json); empty = the demo model shipped with vlmd")
     backend: Literal["auto", "reference", "axengine"] = Field("auto", description="auto: axengine when the model is compiled, else reference")
@@ -163,6 +177,8 @@ class ModelConfig(_Section):
     kv_capacity: int = Field(1023, gt=0, description="KV cache rows (reference backend only)")
     prefill_chunk: int = Field(128, gt=0, description="prefill chunk length (reference backend only)")
     history_groups: int = Field(0, ge=0, description="extra prefill groups with history (reference backend only)")
+    resize: Literal["auto", "bicubic", "bilinear", "pil-bilinear"] = Field("auto", description="how frames are resized to the vision graph: auto = as the checkpoint's image processor says, else InternVL's bicubic; bilinear = the board runtimes' plain cv::resize")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="sampling defaults for requests that give none (over the package's mode file / post_config.json)")
 
     _empty_is_none = field_validator("path", mode="before")(_optional_path)
 

@@ -55,7 +55,7 @@ def load_engine(config: Config) -> Any:
     model = load_model(
         m.path, backend=m.backend, precision=m.precision, kv_capacity=m.kv_capacity,
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
-        data_path=m.data_path,
+        data_path=m.data_path, resize=None if m.resize == "auto" else m.resize, sampling=m.sampling.overrides(),
     )
     facts = model.describe()
     log.info("model loaded", name=facts["name"], backend=facts["backend"], data_path=facts["data_path"]["data_path"],

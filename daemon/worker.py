@@ -158,6 +158,11 @@ class Worker:
             "seed": request.seed,
             "format": request.format,
         }
+        # The model's sampling defaults (its package's, then config's) stand in for the fields
+        # the request did not send.
+        defaults = getattr(getattr(self.engine, "model", None), "sampling_defaults", None) or {}
+        sent = getattr(request, "model_fields_set", values.keys())
+        values.update({k: v for k, v in defaults.items() if k in values and k not in sent})
         return GenerationOptions(**{k: v for k, v in values.items() if v is not None})
 
     def _generate(self, job: Job, prompt: Prompt, options: GenerationOptions, progress: _Progress) -> None:

@@ -1,10 +1,17 @@
-"""Board-format token embeddings: export from a checkpoint, and the one mmap reader.
+"""Token embeddings as packages ship them: export from a checkpoint, and the one mmap reader.
 
-The board ships `model.embed_tokens.weight.bfloat16.bin`: raw little-endian bf16,
-row-major [vocab, hidden], no header. Every backend (board, reference) reads token
-rows from such a file through `Embeddings`; for a Hugging Face checkpoint,
-`cached_embeddings_file` exports it once into a cache directory keyed by the
-checkpoint's path and its weight files' sizes and mtimes.
+Two formats:
+
+- `model.embed_tokens.weight.bfloat16.bin` (AXERA's C++ runtimes, M5Stack packages):
+  raw little-endian bf16, row-major [vocab, hidden], no header;
+- `model.embed_tokens.weight.npy` (AXERA's Python runners, e.g. AXERA-TECH/InternVL3-2B.axera
+  python/infer.py `np.load(f"{axmodel_path}/model.embed_tokens.weight.npy")`): a NumPy
+  array [vocab, hidden], float32 there. It is memory-mapped (np.load mmap_mode="r") and
+  only the rows looked up are converted, never the whole table.
+
+Every backend (board, reference) reads token rows through `Embeddings`; for a Hugging
+Face checkpoint, `cached_embeddings_file` exports the .bin once into a cache directory
+keyed by the checkpoint's path and its weight files' sizes and mtimes.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from npu.reference.checkpoint import checkpoint_files, load_checkpoint
-from npu.session import BF16
+from npu.session import BF16, dtype_name
 
 EMBEDDINGS_FILE = "model.embed_tokens.weight.bfloat16.bin"
 _EXPORT_ROWS = 8192  # rows converted per step, so export never holds a float32 copy of the table
@@ -27,20 +34,36 @@ class EmbeddingsError(ValueError):
     """An embeddings file that does not fit the model, or a token id outside the vocabulary."""
 
 
+def open_table(path: str | Path, hidden: int) -> np.ndarray:
+    """The file's [rows, hidden] table, memory-mapped read-only: a .npy array as stored, any
+    other file as raw bf16 rows. EmbeddingsError when it cannot be [rows, hidden]."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            table = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise EmbeddingsError(f"{path}: not a readable .npy array ({exc})") from exc
+        if table.ndim != 2 or table.shape[1] != hidden or not np.issubdtype(table.dtype, np.floating):
+            raise EmbeddingsError(f"{path}: {dtype_name(table.dtype)} {list(table.shape)}, expected a float"
+                                  f" [vocab, {hidden}] table")
+        return table
+    size = path.stat().st_size
+    row_bytes = hidden * BF16.itemsize
+    if size == 0 or size % row_bytes:
+        raise EmbeddingsError(f"{path}: {size} bytes is not a whole number of bf16 rows of hidden {hidden}"
+                              " (raw bf16 [vocab, hidden], no header)")
+    return np.memmap(path, dtype=BF16, mode="r", shape=(size // row_bytes, hidden))  # (vocab, hidden)
+
+
 class Embeddings:
-    """Read-only mmap of a board-format embeddings file [vocab, hidden] bf16."""
+    """Read-only mmap of an embeddings file [vocab, hidden] (raw bf16 .bin, or .npy)."""
 
     def __init__(self, path: str | Path, vocab: int, hidden: int):
         self.path = Path(path)
         self.vocab, self.hidden = vocab, hidden
-        expected = vocab * hidden * BF16.itemsize
-        size = self.path.stat().st_size
-        if size != expected:
-            raise EmbeddingsError(
-                f"{self.path}: {size} bytes, expected {expected}"
-                f" (= vocab {vocab} x hidden {hidden} x 2: raw bf16, no header)"
-            )
-        self.table = np.memmap(self.path, dtype=BF16, mode="r", shape=(vocab, hidden))  # (vocab, hidden)
+        self.table = open_table(self.path, hidden)  # (rows, hidden)
+        if self.table.shape[0] != vocab:
+            raise EmbeddingsError(f"{self.path}: {self.table.shape[0]} rows of hidden {hidden}, expected vocab {vocab}")
 
     def lookup(self, ids: Sequence[int] | np.ndarray, out: np.ndarray) -> np.ndarray:
         """Fill out[i] with the row of ids[i]; `out` is [len(ids), hidden], bf16 or float32."""
@@ -50,11 +73,11 @@ class Embeddings:
         if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab):
             bad = ids[(ids < 0) | (ids >= self.vocab)][0]
             raise EmbeddingsError(f"token id {int(bad)} is outside the vocabulary 0..{self.vocab - 1}")
-        if out.dtype == BF16:
+        if out.dtype == self.table.dtype:
             np.take(self.table, ids, axis=0, out=out)
-        else:
+        else:  # converted row by row, straight from the mapped file
             for row, token_id in enumerate(ids):
-                out[row] = self.table[token_id]
+                np.copyto(out[row], self.table[token_id], casting="unsafe")
         return out
 
 

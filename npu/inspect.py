@@ -2,10 +2,12 @@
 
 `inspect_model(path)` reports the layout and its files, every graph's shape groups, the
 shapes the engine would read (npu.shapes), the embedding rows, the tokenizer's special
-ids, the chat template and where it came from, and a list of problems (empty: the engine
-would load it). For compiled graphs it also reports the installed pyaxengine (version,
-shape groups, libax_engine version), the device memory (free before and after loading,
-the model's estimate) and the data path the engine would use, with the reason. A Hugging Face checkpoint is inspected through the reference graphs the
+ids, the chat template and where it came from (config.json `template`, the checkpoint's
+Jinja chat template, or the family a package's name implies), the package's sampling
+defaults and image preprocessing, and a list of problems (empty: the engine would load it).
+For compiled graphs it also reports the installed pyaxengine (version, shape groups,
+libax_engine version), the device memory (free before and after loading, the model's
+estimate) and the data path the engine would use, with the reason. A Hugging Face checkpoint is inspected through the reference graphs the
 reference backend would build from it.
 """
 
@@ -15,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from npu.board.data_path import select_data_path
-from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, open_board_graphs, template_config
+from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, layout_template, open_board_graphs
 from npu.board.layout import ModelLayout, detect_layout
 from npu.errors import ModelError
+from npu.image import ImagePreprocess
 from npu.reference import build_reference_sessions
 from npu.session import SessionError
 from npu.shapes import GraphShapes, ShapeError, read_shapes
-from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>")
@@ -33,8 +35,10 @@ def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
     layout = detect_layout(path)
     problems = list(layout.problems)
     report: dict[str, Any] = {"path": str(layout.root), "layout": layout.kind, "notes": list(layout.notes),
-                              "template": layout.template, "template_source": layout.template_source,
-                              "files": _files(layout)}
+                              "template": layout.template or ("chat_template" if layout.chat_template else None),
+                              "template_source": layout.template_source, "files": _files(layout),
+                              "sampling_defaults": dict(layout.sampling), "sampling_source": layout.sampling_source,
+                              "image_preprocess": _preprocess(layout)}
     try:
         graphs = _reference_graphs(layout, precision) if layout.kind == "hf" else \
             open_board_graphs(layout, provider, device_id)
@@ -79,6 +83,13 @@ def _files(layout: ModelLayout) -> dict[str, str | None]:
     return files
 
 
+def _preprocess(layout: ModelLayout) -> dict[str, Any]:
+    preprocess = (ImagePreprocess.from_image_processor(layout.image_processor) if layout.image_processor
+                  else ImagePreprocess())
+    return {"resize": preprocess.resize, "mean": list(preprocess.mean), "std": list(preprocess.std),
+            "source": preprocess.source}
+
+
 def _reference_graphs(layout: ModelLayout, precision: str) -> BoardGraphs:
     built = build_reference_sessions(layout.root, precision=precision)
     return BoardGraphs(built.vision, list(built.layers), built.post)
@@ -102,10 +113,10 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     image_id = special["<IMG_CONTEXT>"]
     if layout.image_context_id is not None and layout.image_context_id != image_id:
         problems.append(f"the package declares image token id {layout.image_context_id}, the tokenizer has {image_id}")
-    if layout.template is None and shapes.image_tokens:
+    if layout.template is None and layout.chat_template is None and shapes.image_tokens:
         problems.append("no chat template for a vision model: " + layout.template_source)
     try:
-        template = ChatTemplate.from_checkpoint(template_config(layout), tokenizer)
+        template = layout_template(layout, tokenizer)
     except ValueError as exc:
         problems.append(str(exc))
         return report
@@ -126,6 +137,12 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"model     {report['path']}", f"layout    {report['layout']}"]
     lines += [f"          {note}" for note in report.get("notes", [])]
     lines.append(f"template  {report.get('template')} ({report.get('template_source')})")
+    if report.get("sampling_defaults"):
+        lines.append(f"sampling  {report['sampling_defaults']} ({report.get('sampling_source')})")
+    preprocess = report.get("image_preprocess") or {}
+    if preprocess:
+        lines.append(f"images    resize {preprocess['resize']}, mean {preprocess['mean']}, std {preprocess['std']}"
+                     f" ({preprocess['source']})")
     lines += [f"file      {key:<10} {value}" for key, value in report.get("files", {}).items()]
     for graph in report.get("graphs", []):
         lines.append(f"graph     {graph['name']}" + (f"  [{graph['file']}]" if graph["file"] else ""))
@@ -136,10 +153,11 @@ def format_report(report: dict[str, Any]) -> str:
     if facts:
         lines.append(f"layers    {facts['n_layers']} (layer1.. same groups as layer0)")
         lines.append(f"hidden {facts['hidden']}  kv_dim {facts['kv_dim']}  KV capacity {facts['kv_capacity']}"
-                     f"  prefill chunk {facts['prefill_chunk']}  history groups {facts['history_groups']}")
+                     f"  prefill chunk {facts['prefill_chunk']}  history groups {facts['history_groups']}"
+                     + (f" {facts['history_lengths']}" if facts.get("history_lengths") else ""))
         lines.append(f"dtype {facts['float_dtype']}  vocab {facts['vocab']}  post top-k {facts['post_topk']}"
                      f"  image tokens {facts['image_tokens']}  image size {_size(facts['image_size'])}"
-                     f"  vision dtype {facts['vision_dtype']}")
+                     f"  vision dtype {facts['vision_dtype']}  vision input {facts.get('vision_input')}")
         lines.append(f"embedding rows {report.get('embedding_rows')}")
     lines += _board_lines(report)
     tokenizer = report.get("tokenizer") or {}
@@ -154,6 +172,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("problems  none" if not problems else f"problems  {len(problems)}:")
     lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)
+
+
+def _size(size: list[int] | None) -> str:
+    return "none" if size is None else f"{size[0]}x{size[1]}"
 
 
 def _board_lines(report: dict[str, Any]) -> list[str]:

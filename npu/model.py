@@ -12,23 +12,30 @@ sessions with the requested backend:
   npu/board/data_path.py) is chosen here: `Model.data_path`.
 
 The shapes are read from the sessions by `npu.shapes.read_shapes` (re-exported here).
-Nothing here knows MQTT or the engine's run state.
+What the package says besides its graphs goes with them: the chat template it defines,
+its image preprocessing (`Model.preprocess`: resize method, mean/std) and its sampling
+defaults (`Model.sampling_defaults`: StackFlow mode-file and AXERA post_config.json
+values, which callers apply when a request gives none). Nothing here knows MQTT or the
+engine's run state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from npu.board.data_path import DATA_PATHS, select_data_path
-from npu.board.graphs import BoardModelError, check_embeddings, open_board_graphs, template_config
+from npu.board.graphs import BoardModelError, check_embeddings, layout_template, open_board_graphs
 from npu.board.layout import LayoutError, ModelLayout, detect_layout
 from npu.embeddings import Embeddings, cached_embeddings_file
 from npu.errors import ModelError
+from npu.image import RESIZE_METHODS, ImagePreprocess
 from npu.reference import build_reference_sessions
 from npu.session import Session, SessionError, dtype_name
 from npu.shapes import GraphShapes, ShapeError, read_shapes
+from npu.text.jinja_template import JinjaChatTemplate
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
 
@@ -49,7 +56,7 @@ class Model:
     post: Session
     embeddings: Any  # npu.embeddings.Embeddings (or anything with lookup(ids, out))
     tokenizer: Tokenizer
-    template: ChatTemplate
+    template: ChatTemplate | JinjaChatTemplate
     name: str = "model"
     backend: str = "reference"
     precision: str | None = None
@@ -59,6 +66,10 @@ class Model:
     # layer stack; None on the reference backend (host arrays, sessions' run).
     data_path: Any = None
     cmm: dict[str, Any] | None = None  # device memory before/after loading and the estimate (boards)
+    preprocess: ImagePreprocess = field(default_factory=ImagePreprocess)
+    # GenerationOptions fields to use when a request gives none (the package's, then config's)
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    template_source: str = ""
 
     def shapes(self) -> GraphShapes:
         return read_shapes(self)
@@ -69,11 +80,14 @@ class Model:
         return {
             "name": self.name, "source": str(self.source) if self.source else None, "backend": self.backend,
             "precision": self.precision, "template": getattr(self.template, "name", None),
+            "template_source": self.template_source, "sampling_defaults": dict(self.sampling_defaults),
+            "resize": self.preprocess.resize,
             "layers": s.n_layers, "hidden": s.hidden, "kv_capacity": s.capacity, "kv_dim": s.kv_dim,
             "prefill_chunk": s.chunk, "history_lengths": sorted(s.history_groups),
             "dtype": dtype_name(s.act_dtype), "vocab": s.vocab, "post_topk": s.topk_ids_index is not None,
             "vision": None if self.vision is None else {
-                "size": list(s.vision_size), "image_tokens": s.image_tokens, "dtype": dtype_name(s.vision_dtype)},
+                "size": list(s.vision_size), "image_tokens": s.image_tokens, "dtype": dtype_name(s.vision_dtype),
+                "input": s.vision_layout},
             "data_path": self.data_path.describe() if self.data_path is not None else
             {"data_path": "host", "reason": f"{self.backend} backend: no device memory"},
             "cmm": self.cmm, "notes": list(self.notes),
@@ -82,13 +96,17 @@ class Model:
 
 def load_model(path: str | Path | None = None, backend: str = "auto", precision: str = "bf16",
                kv_capacity: int = 1023, prefill_chunk: int = 128, history_groups: int = 0,
-               provider: str = "auto", device_id: int = 0, data_path: str = "auto") -> Model:
+               provider: str = "auto", device_id: int = 0, history_lengths: Sequence[int] | None = None,
+               resize: str | None = None, sampling: dict[str, Any] | None = None, data_path: str = "auto") -> Model:
     """Load the model at `path` (None: the demo model shipped with vlmd).
 
-    `kv_capacity`, `prefill_chunk` and `history_groups` shape the reference graphs of a
-    Hugging Face checkpoint (as `llm_build` options would); compiled graphs carry their
-    own. `provider` picks the axengine execution provider; `device_id` the AXCL card;
-    `data_path` ("auto", "zero-copy", "public") how compiled graphs are fed.
+    `kv_capacity`, `prefill_chunk` and `history_groups` (or explicit `history_lengths`)
+    shape the reference graphs of a Hugging Face checkpoint (as `llm_build` options
+    would); compiled graphs carry their own. `provider` picks the axengine execution
+    provider; `device_id` the AXCL card; `data_path` ("auto", "zero-copy", "public") how
+    compiled graphs are fed. `resize` overrides how frames are resized
+    (npu.image.RESIZE_METHODS; None: as the checkpoint's image processor says, else
+    InternVL's bicubic); `sampling` overrides the package's sampling defaults.
     """
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -96,6 +114,8 @@ def load_model(path: str | Path | None = None, backend: str = "auto", precision:
         raise ModelError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if data_path not in DATA_PATHS:
         raise ModelError(f"unknown data path {data_path!r}: use one of {', '.join(DATA_PATHS)}")
+    if resize is not None and resize not in RESIZE_METHODS:
+        raise ModelError(f"unknown resize method {resize!r}: use one of {', '.join(RESIZE_METHODS)}")
     if path is None:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             raise ModelError(f"no --model given and the demo model is not installed at {DEMO_MODEL_DIR}:"
@@ -109,24 +129,50 @@ def load_model(path: str | Path | None = None, backend: str = "auto", precision:
         if backend == "axengine":
             raise ModelError(f"{layout.root} is a Hugging Face checkpoint: axengine runs compiled .axmodel graphs;"
                              " use backend 'reference' (or convert it with Pulsar2)")
-        return _load_reference(layout, precision, kv_capacity, prefill_chunk, history_groups)
-    if backend == "reference":
+        model = _load_reference(layout, precision, kv_capacity, prefill_chunk, history_groups, history_lengths)
+    elif backend == "reference":
         raise ModelError(f"{layout.root} holds compiled graphs ({layout.kind} layout): the reference backend needs"
                          " the Hugging Face checkpoint; use backend 'axengine' on a board")
-    return _load_board(layout, provider, device_id, data_path)
+    else:
+        model = _load_board(layout, provider, device_id, data_path)
+    model.preprocess = _preprocess(layout, resize)
+    model.sampling_defaults = {**layout.sampling, **(sampling or {})}
+    model.template_source = layout.template_source
+    if layout.sampling:
+        model.notes += (f"sampling defaults {layout.sampling} from {layout.sampling_source}",)
+    return model
+
+
+def _preprocess(layout: ModelLayout, resize: str | None) -> ImagePreprocess:
+    if layout.image_processor:
+        return ImagePreprocess.from_image_processor(layout.image_processor, resize)
+    if resize is not None:
+        return ImagePreprocess(resize, source="configured")
+    return ImagePreprocess()
+
+
+def _template(layout: ModelLayout, tokenizer: Tokenizer) -> ChatTemplate | JinjaChatTemplate:
+    try:
+        return layout_template(layout, tokenizer)
+    except ValueError as exc:
+        raise ModelError(f"{layout.root}: {exc}") from exc
 
 
 def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefill_chunk: int,
-                    history_groups: int) -> Model:
+                    history_groups: int, history_lengths: Sequence[int] | None) -> Model:
     root = Path(layout.root)
-    built = build_reference_sessions(root, precision=precision, kv_capacity=kv_capacity,
-                                     prefill_chunk=prefill_chunk, history_groups=history_groups)
+    try:
+        built = build_reference_sessions(root, precision=precision, kv_capacity=kv_capacity,
+                                         prefill_chunk=prefill_chunk, history_groups=history_groups,
+                                         history_lengths=history_lengths)
+    except ValueError as exc:
+        raise ModelError(f"{root}: {exc}") from exc
     tokenizer = Tokenizer.from_dir(root)
-    template = ChatTemplate.from_checkpoint(layout.config, tokenizer)
+    template = _template(layout, tokenizer)
     embeddings = Embeddings(cached_embeddings_file(root), built.blueprint.vocab, built.blueprint.hidden)
     return Model(built.vision, list(built.layers), built.post, embeddings, tokenizer, template,
                  name=root.name, backend="reference", precision=precision, source=root,
-                 notes=tuple(layout.notes))
+                 notes=tuple(layout.notes) + (f"template {template.name}: {layout.template_source}",))
 
 
 def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: str) -> Model:
@@ -146,7 +192,7 @@ def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: s
     if problems:
         raise BoardModelError(f"{layout.root}: " + "; ".join(problems) + f" (see `vlmd model inspect {layout.root}`)")
     tokenizer = Tokenizer.from_dir(layout.tokenizer_dir)
-    template = ChatTemplate.from_checkpoint(template_config(layout), tokenizer)
+    template = _template(layout, tokenizer)
     embeddings = Embeddings(layout.embeddings, rows, shapes.hidden)
     notes = layout.notes + (f"template {template.name}: {layout.template_source}",)
     path = select_data_path(graphs.layers, graphs.post, shapes, data_path)

@@ -61,7 +61,10 @@ class GraphShapes:
     vision_input_name: str | None = None
     vision_size: tuple[int, int] | None = None  # (height, width)
     image_tokens: int = 0
-    vision_dtype: np.dtype | None = None
+    vision_dtype: np.dtype | None = None  # the features' dtype
+    # "nhwc": uint8 [1,H,W,3], normalised inside the graph; "nchw": float32 [1,3,H,W],
+    # normalised by the host (AXERA's InternVL3 builds)
+    vision_layout: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able facts `vlmd model inspect` and the daemon's start line report."""
@@ -72,6 +75,7 @@ class GraphShapes:
             "vocab": self.vocab, "post_topk": self.post_topk, "image_tokens": self.image_tokens,
             "image_size": None if self.vision_size is None else list(self.vision_size),
             "vision_dtype": None if self.vision_dtype is None else dtype_name(self.vision_dtype),
+            "vision_input": {"nhwc": "uint8 NHWC", "nchw": "float32 NCHW"}.get(self.vision_layout),
         }
 
 
@@ -116,9 +120,14 @@ def read_shapes(graphs: Any) -> GraphShapes:
             chunk, first_kv = rows, inputs["K_cache"].shape
             continue
         history_len = inputs["K_cache"].shape[1]
+        if history_len > capacity:
+            problems.append(f"{layer0.name} group {group}: history of {history_len} rows exceeds the"
+                            f" {capacity}-row KV cache")
         if rows != chunk or inputs["mask"].shape != (1, chunk, history_len + chunk):
             problems.append(f"{layer0.name} group {group}: input {list(inputs['input'].shape)} / mask"
                             f" {list(inputs['mask'].shape)} do not fit chunk {chunk} after {history_len} rows")
+        if history_len in history:
+            problems.append(f"{layer0.name} groups {history[history_len]} and {group} both have {history_len} history rows")
         history[history_len] = group
     post = _post_shapes(graphs.post, hidden, problems)
     vision = _vision_shapes(graphs.vision, hidden, problems) if graphs.vision is not None else {}
@@ -153,14 +162,21 @@ def _post_shapes(post: Session, hidden: int, problems: list[str]) -> dict[str, A
 
 
 def _vision_shapes(vision: Session, hidden: int, problems: list[str]) -> dict[str, Any]:
+    """Either convention the published builds use, told apart as StackFlow's runtime does (where
+    the 3 channels are): uint8 [1,H,W,3], or float32 [1,3,H,W] normalised on the host."""
     image_in, features = vision.inputs(0)[0], vision.outputs(0)[0]
-    if image_in.dtype != np.uint8 or len(image_in.shape) != 4 or image_in.shape[0] != 1 or image_in.shape[3] != 3:
-        problems.append(f"vision input {image_in.describe()} is not uint8 [1, H, W, 3]")
+    shape = image_in.shape
+    if len(shape) == 4 and shape[0] == 1 and shape[3] == 3 and image_in.dtype == np.uint8:
+        layout, size = "nhwc", (shape[1], shape[2])
+    elif len(shape) == 4 and shape[0] == 1 and shape[1] == 3 and image_in.dtype == np.float32:
+        layout, size = "nchw", (shape[2], shape[3])
+    else:
+        problems.append(f"vision input {image_in.describe()} is neither uint8 [1, H, W, 3] nor float32 [1, 3, H, W]")
         return {}
     if len(features.shape) != 3 or features.shape[2] != hidden:
         problems.append(f"vision output {features.describe()} is not [1, tokens, {hidden}]")
         return {}
     if features.dtype not in FEATURE_DTYPES:
         problems.append(f"vision output dtype {dtype_name(features.dtype)}: expected bfloat16 or float32")
-    return {"vision_input_name": image_in.name, "vision_size": (image_in.shape[1], image_in.shape[2]),
-            "image_tokens": features.shape[1], "vision_dtype": features.dtype}
+    return {"vision_input_name": image_in.name, "vision_size": size, "image_tokens": features.shape[1],
+            "vision_dtype": features.dtype, "vision_layout": layout}

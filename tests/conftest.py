@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures_models",
     "tests.fixtures_broker",
     "tests.fixtures_board",
+    "tests.fixtures_published",
     "tests.fixtures_tokenizer",
     "tests.fixtures_daemon",
     "tests.fixtures_tls",

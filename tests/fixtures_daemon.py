@@ -208,10 +208,10 @@ def wait_frames(service: Service, camera: str, count: int) -> None:
 class Daemon:
     """A started Service plus a test client subscribed to everything under its root."""
 
-    def __init__(self, broker, engine=None, v5=True, **overrides):
+    def __init__(self, broker, engine=None, v5=True, clock=time.monotonic, **overrides):
         self.engine = engine or FakeEngine()
         self.config = make_config(broker.url, **overrides)
-        self.service = Service(self.config, engine_factory=lambda config: self.engine)
+        self.service = Service(self.config, engine_factory=lambda config: self.engine, clock=clock)
         self.root = self.config.root
         self.topics = self.service.topics
         self.client = Collector(broker.host, broker.port, [self.root + "/#"], v5=v5)

@@ -47,7 +47,10 @@ from tests.model_dims import (  # noqa: F401  (re-exported: callers use model_fa
     TEMPLATE,
     random_image,
 )
-from tests.tokenizer_files import INTERNVL2_VOCAB_SIZE, write_internvl2_tokenizer
+from tests.tokenizer_files import (
+    INTERNVL2_5_ADDED_TOKENS, INTERNVL2_5_VOCAB_SIZE, INTERNVL2_ADDED_TOKENS, INTERNVL2_VOCAB_SIZE,
+    write_internvl2_tokenizer,
+)
 
 TEXT_DIMS = dict(
     hidden_size=64,
@@ -74,6 +77,37 @@ VISION_DIMS = dict(
     hidden_act="gelu",
     use_mean_pooling=True,
 )
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model family changes in a checkpoint: its tokenizer's added tokens (and so the
+    vocabulary and the image token id) and InternVL's `template` name."""
+
+    name: str
+    vocab_size: int
+    added_tokens: dict[str, int]
+    template: str
+
+    @property
+    def image_token_id(self) -> int:
+        return self.added_tokens["<IMG_CONTEXT>"]
+
+
+FAMILIES = {
+    "internvl2": Family("internvl2", INTERNVL2_VOCAB_SIZE, INTERNVL2_ADDED_TOKENS, "Hermes-2"),
+    # InternVL2.5 and InternVL3 (both Qwen2.5-based, template internvl2_5)
+    "internvl2_5": Family("internvl2_5", INTERNVL2_5_VOCAB_SIZE, INTERNVL2_5_ADDED_TOKENS, "internvl2_5"),
+}
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The family of a model made by `make_internvl` (told by its vocabulary)."""
+    return next(f for f in FAMILIES.values() if f.vocab_size == model.config.text_config.vocab_size)
+
+
+def n_image_tokens(image_size: int) -> int:
+    return int((image_size // PATCH) ** 2 * DOWNSAMPLE**2)
 
 
 @dataclass(frozen=True)
@@ -137,31 +171,33 @@ def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _internvl_config(**vision_overrides):
+def _internvl_config(family: Family = FAMILIES["internvl2"], image_size: int = IMAGE_SIZE, **vision_overrides):
     from transformers import InternVLConfig
 
-    text = dict(TEXT_DIMS, model_type="qwen2", rope_theta=ROPE_THETA)
+    text = dict(TEXT_DIMS, model_type="qwen2", rope_theta=ROPE_THETA, vocab_size=family.vocab_size)
     return InternVLConfig(
-        vision_config=dict(VISION_DIMS, **vision_overrides),
+        vision_config=dict(VISION_DIMS, image_size=image_size, **vision_overrides),
         text_config=text,
         downsample_ratio=DOWNSAMPLE,
-        image_token_id=IMAGE_TOKEN_ID,
-        image_seq_length=N_IMAGE_TOKENS,
+        image_token_id=family.image_token_id,
+        image_seq_length=n_image_tokens(image_size),
         vision_feature_layer=-1,
         tie_word_embeddings=True,
     )
 
 
-def make_internvl(seed: int, **vision_overrides) -> torch.nn.Module:
+def make_internvl(seed: int, family: str = "internvl2", image_size: int = IMAGE_SIZE, **vision_overrides) -> torch.nn.Module:
     """The float32 eager InternVL model the builders save, before any bf16 rounding.
 
     The same seed gives the same weights (perturbed as the module docstring says);
-    `vision_overrides` change VISION_DIMS (e.g. norm_type, use_qk_norm). Tests that need
-    to alter the weights before saving (tests/test_parity.py) start from this.
+    `family` picks the vocabulary (FAMILIES), `image_size` the vision input (224, 364,
+    448: 64, 169, 256 image tokens); `vision_overrides` change VISION_DIMS (e.g.
+    norm_type, use_qk_norm). Tests that need to alter the weights before saving
+    (tests/test_parity.py) start from this.
     """
     from transformers import InternVLForConditionalGeneration
 
-    config = _internvl_config(**vision_overrides)
+    config = _internvl_config(FAMILIES[family], image_size, **vision_overrides)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return _finish(InternVLForConditionalGeneration(config), seed)
@@ -179,20 +215,22 @@ def _make_qwen2(seed: int) -> torch.nn.Module:
 # ---------------------------------------------------------------- writers
 
 
-def _save_pretrained_bf16(model: torch.nn.Module, directory: Path) -> dict:
+def _save_pretrained_bf16(model: torch.nn.Module, directory: Path, template: str = TEMPLATE) -> dict:
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
-    config["template"] = TEMPLATE
+    config["template"] = template
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return config
 
 
-def build_internvl_native(directory: Path, seed: int = 0, **vision_overrides) -> TinyModel:
-    """Transformers-native InternVL checkpoint (as `save_pretrained` writes it) in `directory`."""
+def build_internvl_native(directory: Path, seed: int = 0, family: str = "internvl2", image_size: int = IMAGE_SIZE,
+                          **vision_overrides) -> TinyModel:
+    """Transformers-native InternVL checkpoint (as `save_pretrained` writes it) in `directory`,
+    with its family's tokenizer and `template`."""
     directory = Path(directory)
-    model = make_internvl(seed, **vision_overrides)
-    config = _save_pretrained_bf16(model, directory)
-    write_internvl2_tokenizer(directory)
+    model = make_internvl(seed, family, image_size, **vision_overrides)
+    config = _save_pretrained_bf16(model, directory, FAMILIES[family].template)
+    write_internvl2_tokenizer(directory, FAMILIES[family].added_tokens)
     return TinyModel(directory, "native", model, config)
 
 
@@ -238,20 +276,25 @@ def original_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _original_config(vision_config) -> dict:
+def original_config(model: torch.nn.Module) -> dict:
+    """The InternVLChatModel-style config.json (`llm_config`, `force_image_size`, `template`, ...)
+    of a model made by `make_internvl`, as OpenGVLab's repositories (and AXERA's copies) ship it."""
+    vision_config, family = model.config.vision_config, family_of(model)
     llm = dict(TEXT_DIMS, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
-               rope_theta=ROPE_THETA, torch_dtype="bfloat16", use_sliding_window=False)
+               rope_theta=ROPE_THETA, torch_dtype="bfloat16", use_sliding_window=False, vocab_size=family.vocab_size)
+    image_size = vision_config.image_size[0] if isinstance(vision_config.image_size, (list, tuple)) \
+        else vision_config.image_size
     vision = dict(
         architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=vision_config.hidden_size,
         num_hidden_layers=vision_config.num_hidden_layers, num_attention_heads=vision_config.num_attention_heads,
-        intermediate_size=vision_config.intermediate_size, image_size=IMAGE_SIZE, patch_size=PATCH,
+        intermediate_size=vision_config.intermediate_size, image_size=image_size, patch_size=PATCH,
         num_channels=3, hidden_act="gelu", norm_type=vision_config.norm_type, layer_norm_eps=1e-6, qkv_bias=True,
         qk_normalization=vision_config.use_qk_norm, use_flash_attn=False, drop_path_rate=0.0, initializer_factor=1.0,
     )
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "llm_config": llm,
-        "vision_config": vision, "force_image_size": IMAGE_SIZE, "downsample_ratio": DOWNSAMPLE,
-        "select_layer": -1, "ps_version": "v2", "template": TEMPLATE, "dynamic_image_size": False,
+        "vision_config": vision, "force_image_size": image_size, "downsample_ratio": DOWNSAMPLE,
+        "select_layer": -1, "ps_version": "v2", "template": family.template, "dynamic_image_size": False,
         "use_thumbnail": False, "max_dynamic_patch": 1, "min_dynamic_patch": 1, "torch_dtype": "bfloat16",
     }
 
@@ -276,7 +319,7 @@ def build_internvl_original(directory: Path, seed: int = 0, model: torch.nn.Modu
     directory.mkdir(parents=True, exist_ok=True)
     model = model if model is not None else make_internvl(seed)
     _write_sharded(original_state_dict(model), directory)
-    config = _original_config(model.config.vision_config)
+    config = original_config(model)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    write_internvl2_tokenizer(directory)
+    write_internvl2_tokenizer(directory, family_of(model).added_tokens)
     return TinyModel(directory, "original", model, config)

@@ -44,7 +44,7 @@ def test_inspect_explains_an_m5stack_package_as_json(axengine_standin, m5stack_b
     assert code == 0, out
     report = json.loads(out)
     assert report["layout"] == "m5stack"
-    assert report["template"] == "Hermes-2" and "assumed from the model name" in report["template_source"]
+    assert report["template"] == "Hermes-2" and "assumed from the package name" in report["template_source"]
     assert report["facts"]["n_layers"] == 2 and report["facts"]["image_tokens"] == 64
     assert report["embedding_rows"] == 151655
     assert report["tokenizer"]["image_context_tokens"] == 64

@@ -90,3 +90,31 @@ def test_lookup_is_row_selection(exported, ids):
     out = np.empty((len(ids), table.shape[1]), np.float32)
     Embeddings(exported, 151655, table.shape[1]).lookup(ids, out)
     np.testing.assert_array_equal(out, table[ids].astype(np.float32))
+
+
+def test_float32_npy_table_is_mapped_and_converted_row_by_row(tmp_path):
+    """AXERA's Python runners ship model.embed_tokens.weight.npy (float32): read it mapped,
+    converting only the rows looked up (no float32 or bf16 copy of the table)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((8192, 128)).astype(np.float32)  # (vocab, hidden), 4 MiB
+    path = tmp_path / "model.embed_tokens.weight.npy"
+    np.save(path, table)
+    ids = [0, 5, 8191, 5]
+    tracemalloc.start()
+    try:
+        embeddings = Embeddings(path, 8192, 128)
+        bf16_rows = embeddings.lookup(ids, np.empty((4, 128), BF16))
+        f32_rows = embeddings.lookup(ids, np.empty((4, 128), np.float32))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < table.nbytes // 8, peak
+    assert isinstance(embeddings.table, np.memmap)
+    np.testing.assert_array_equal(f32_rows, table[ids])
+    np.testing.assert_array_equal(bf16_rows, table[ids].astype(BF16))
+    with pytest.raises(EmbeddingsError, match="expected vocab 9000"):
+        Embeddings(path, 9000, 128)
+    with pytest.raises(EmbeddingsError, match=r"expected a float \[vocab, 64\]"):
+        Embeddings(path, 8192, 64)

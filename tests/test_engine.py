@@ -20,6 +20,7 @@ from npu.engine import (DoneEvent, Engine, EngineError, GenerationOptions, Image
                         plan_prefill)
 from npu.model import ModelError, read_shapes
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
+from npu.image import IMAGENET_MEAN, IMAGENET_STD
 from npu.session import BF16, TensorSpec, check_feed
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
@@ -174,11 +175,28 @@ class FakeVision:
 
     def run(self, feed, group=0):
         check_feed(self, feed, 0)
+        return self.features(feed["pixels"][0])
+
+    def features(self, pixels):
         self.calls += 1
-        quads = feed["pixels"][0].astype(np.float32).reshape(2, 14, 2, 14, 3).mean(axis=(1, 3)) / 64  # (2, 2, 3)
+        quads = pixels.astype(np.float32).reshape(2, 14, 2, 14, 3).mean(axis=(1, 3)) / 64  # (2, 2, 3)
         base = quads.reshape(IMAGE_TOKENS, 3)
         features = np.concatenate([base, base[:, :1] * np.arange(1, HIDDEN - 2)], axis=1) - 1  # (tokens, hidden)
         return [features[None].astype(self.dtype)]
+
+
+class FakeNormalisedVision(FakeVision):
+    """AXERA's InternVL3 convention: float32 NCHW pixels normalised on the host (ImageNet
+    mean/std); undoes the normalisation and computes what FakeVision computes."""
+
+    def inputs(self, group=0):
+        return [spec("image", (1, 3, VISION_SIDE, VISION_SIDE), np.float32)]
+
+    def run(self, feed, group=0):
+        check_feed(self, feed, 0)
+        mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+        pixels = (feed["image"][0].transpose(1, 2, 0) * std + mean) * 255  # (H, W, 3) back to 0..255
+        return self.features(np.rint(pixels).astype(np.uint8))
 
 
 class FakeEmbeddings:
@@ -242,13 +260,20 @@ LONG_QUESTION = "Describe the scene in detail, then list every object, its colou
 # ----------------------------------------------------------------------------- pure parts
 
 
-def test_plan_prefill_uses_first_chunk_history_groups_then_decode():
+def test_plan_prefill_picks_the_smallest_history_that_holds_the_cached_rows():
     history = {16: 2, 32: 3}
     assert plan_prefill(0, 40, 16, history) == [(1, 0, 16), (2, 16, 16), (3, 32, 8)]
     assert plan_prefill(0, 18, 16, {}) == [(1, 0, 16), (0, 16, 1), (0, 17, 1)]
     assert plan_prefill(0, 3, 0, {}) == [(0, 0, 1), (0, 1, 1), (0, 2, 1)]
-    # a follow-up continuing at row 14: decode rows up to the next chunk boundary with a group
-    assert plan_prefill(14, 40, 16, history) == [(0, 14, 1), (0, 15, 1), (2, 16, 16), (3, 32, 8)]
+    # a follow-up continuing at row 14: one chunk at 14 (history 16 holds 14 rows), the rest at 30
+    assert plan_prefill(14, 40, 16, history) == [(2, 14, 16), (3, 30, 10)]
+    # past the longest history: one row at a time
+    assert plan_prefill(33, 36, 16, history) == [(0, 33, 1), (0, 34, 1), (0, 35, 1)]
+    # histories in steps of four chunks (a 512-step build at chunk 128): every chunk still prefills
+    steps = {64: 2, 128: 3}
+    assert plan_prefill(0, 100, 16, steps) == [(1, 0, 16), (2, 16, 16), (2, 32, 16), (2, 48, 16), (2, 64, 16),
+                                              (3, 80, 16), (3, 96, 4)]
+    assert plan_prefill(130, 150, 16, steps) == [(0, row, 1) for row in range(130, 150)]
 
 
 def test_argmax_logits_reads_bf16_in_place_like_float_argmax():
@@ -298,19 +323,23 @@ def test_every_prefill_path_gives_the_same_tokens(make_model, dtype):
     """History groups, classic (remainder through decode) and decode-only builds agree."""
     prompt = Prompt(LONG_QUESTION, images=[image()])
     results, logits = {}, {}
-    for name, chunk, history in (("history", 16, (16, 32, 48, 64, 80)), ("classic", 16, ()),
-                                 ("decode-only", 0, ())):
+    for name, chunk, history in (("history", 16, (16, 32, 48, 64, 80)), ("steps", 16, (48, 96)),
+                                 ("classic", 16, ()), ("decode-only", 0, ())):
         model = make_model(chunk=chunk, history=history, dtype=dtype)
         tokens, done = run(Engine(model), prompt, max_tokens=10, ignore_stop=True)
         assert done.completion_tokens == 10 and done.finish_reason == "length"
         assert done.prompt_tokens % 16 != 0  # the last prompt chunk is a padded one
         results[name], logits[name] = tokens, np.stack(model.post.seen)
         groups = set(model.layers[0].calls)
-        assert groups == {"history": set(range(7)), "classic": {0, 1}, "decode-only": {0}}[name]
+        assert groups == {"history": set(range(7)), "steps": {0, 1, 2, 3}, "classic": {0, 1},
+                          "decode-only": {0}}[name]
+        if name == "steps":  # chunks at rows 16, 32, 48 against the 48-row history, later ones the 96-row one
+            n_chunks = -(-done.prompt_tokens // 16)
+            assert model.layers[0].calls[:n_chunks] == [1, 2, 2, 2, 3, 3, 3][:n_chunks]
     if dtype == F32:
-        assert results["history"] == results["classic"] == results["decode-only"]
-        np.testing.assert_allclose(logits["history"], logits["decode-only"], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(logits["classic"], logits["decode-only"], rtol=1e-4, atol=1e-4)
+        for name in ("history", "steps", "classic"):
+            assert results[name] == results["decode-only"], name
+            np.testing.assert_allclose(logits[name], logits["decode-only"], rtol=1e-4, atol=1e-4)
     else:  # bf16 rounding differs between chunked and one-row graphs: most tokens still agree
         assert sum(a == b for a, b in zip(results["history"], results["decode-only"])) >= 5
 
@@ -377,6 +406,19 @@ def test_image_features_replace_the_context_rows(make_model):
     a2, done = run(engine, Prompt("What is it?", images=[image(1)]), max_tokens=8, ignore_stop=True)
     assert a == a2 and a != b
     assert done.timings["images_encoded"] == 1 and done.prompt_tokens > IMAGE_TOKENS
+
+
+def test_float32_nchw_vision_graphs_get_host_normalised_pixels(make_model):
+    """A vision graph taking float32 [1,3,H,W] (normalised by the host) answers as the uint8
+    NHWC graph computing the same function does."""
+    nhwc = make_model()
+    nchw = make_model()
+    nchw.vision = FakeNormalisedVision(F32)
+    assert read_shapes(nchw).vision_layout == "nchw" and read_shapes(nhwc).vision_layout == "nhwc"
+    prompt = Prompt("What is it?", images=[image(1, size=(60, 90))])
+    a, _ = run(Engine(nhwc), prompt, max_tokens=8, ignore_stop=True)
+    b, done = run(Engine(nchw), prompt, max_tokens=8, ignore_stop=True)
+    assert a == b and done.timings["images_encoded"] == 1 and nchw.vision.calls == 1
 
 
 def test_several_images_each_run_the_vision_graph(make_model):
@@ -465,24 +507,32 @@ def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_templ
 # ----------------------------------------------------------------------------- follow-ups
 
 
-def test_follow_up_reuses_the_prefix_and_matches_a_cold_run(make_model):
-    model = make_model()
+@pytest.mark.parametrize("history", [(16, 32, 48, 64, 80, 96), (48, 96)], ids=["16-step", "48-step"])
+def test_follow_up_reuses_the_prefix_and_matches_a_cold_run(make_model, history):
+    model = make_model(history=history)
     engine = Engine(model, prefix_replay="never")  # the resume path; replay is tested below
-    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1")
+    system = "Answer in a few words."  # so the prefix does not end on a chunk boundary
+    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1", system=system)
     run(engine, first, max_tokens=4)
     assert model.vision.calls == 1 and len(engine.prefixes) == 1
     run(engine, Prompt("Another image.", images=[image(6)], image_key="cam1:2"), max_tokens=2)  # overwrites the cache
-    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1")
-    seen_before = len(model.post.seen)
+    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1", system=system)
+    resume = engine._encode(first).num_prefix_ids
+    assert resume % 16  # the snapshot does not end on a chunk boundary
+    seen_before, calls_before = len(model.post.seen), len(model.layers[0].calls)
     warm, done = run(engine, follow_up, max_tokens=10, ignore_stop=True)
     assert model.vision.calls == 2  # no vision run for the follow-up
     assert done.timings["prefix_reused"] is True and done.timings["images_encoded"] == 0
-    # the rest of the prompt went through decode up to a chunk boundary, then history groups
-    assert {0, 2, 3} <= set(model.layers[0].calls[-40:])
+    # the question's rows went in chunks from the snapshot's end, each through a history group
+    assert done.timings["prefill_rows"] == done.prompt_tokens - resume
+    n_chunks = -(-done.timings["prefill_rows"] // 16)
+    groups = model.layers[0].calls[calls_before:calls_before + n_chunks + 1]
+    assert min(groups[:n_chunks]) >= 2 and groups[n_chunks] == 0  # then the first decode step
 
-    cold_model = make_model()
+    cold_model = make_model(history=history)
     cold, cold_done = run(Engine(cold_model, max_prefixes=0), follow_up, max_tokens=10, ignore_stop=True)
     assert warm == cold and cold_done.timings["prefix_reused"] is False and cold_model.vision.calls == 1
+    assert 0 not in cold_model.layers[0].calls[:n_chunks]
     np.testing.assert_allclose(np.stack(model.post.seen[seen_before:]), np.stack(cold_model.post.seen),
                                rtol=1e-4, atol=1e-4)
 
@@ -522,6 +572,21 @@ def test_follow_up_plan_is_priced_with_measured_graph_times(make_model):
     assert model.vision.calls == 1
     with pytest.raises(ValueError, match="prefix_replay"):
         Engine(model, prefix_replay="sometimes")
+
+
+def test_given_prices_choose_the_plan_and_are_kept(make_model):
+    # A board's published prices (npu.engine.costs) decide, and measuring never overwrites them.
+    model = make_model(chunk=64, history=())
+    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1")
+    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1")
+    for prices, replays in (({0: 1.0, 1: 1e-3}, True), ({0: 1e-6, 1: 1.0}, False)):
+        engine = Engine(model, prices=prices)
+        run(engine, first, max_tokens=2)
+        prompt_len = engine.count_prompt_tokens(follow_up)
+        _, done = run(engine, follow_up, max_tokens=2)
+        expected = prompt_len if replays else prompt_len - engine._encode(first).num_prefix_ids
+        assert done.timings["prefix_reused"] and done.timings["prefill_rows"] == expected
+        assert engine.stack_seconds == prices
 
 
 def test_prefix_is_not_reused_across_keys_or_system_prompts(make_model):

@@ -110,12 +110,15 @@ def transformers_tokens(checkpoints):
 
 
 CASES = {
-    # name: (naming, with image, question, prefill_chunk, history_groups, kv_capacity)
-    "image": ("native", True, "What is in this picture?", 128, 0, 1023),
-    "image-original-naming": ("original", True, "What is in this picture?", 128, 0, 1023),
-    "text-only": ("native", False, "Tell me a short story about a lighthouse.", 128, 0, 1023),
-    "chunks-with-history": ("native", True, LONG_QUESTION, 16, 12, 256),
-    "chunks-classic-remainder-through-decode": ("original", True, LONG_QUESTION, 16, 0, 256),
+    # name: (naming, with image, question, prefill_chunk, history lengths, kv_capacity)
+    "image": ("native", True, "What is in this picture?", 128, (), 1023),
+    "image-original-naming": ("original", True, "What is in this picture?", 128, (), 1023),
+    "text-only": ("native", False, "Tell me a short story about a lighthouse.", 128, (), 1023),
+    "chunks-with-history": ("native", True, LONG_QUESTION, 16, tuple(range(16, 193, 16)), 256),
+    # histories in steps of four chunks, as 512-step builds at chunk 128: chunks at rows
+    # 16, 32, 48 go through the 64-row history with its unfilled columns blocked
+    "chunks-with-history-steps": ("original", True, LONG_QUESTION, 16, (64, 128, 192), 256),
+    "chunks-classic-remainder-through-decode": ("original", True, LONG_QUESTION, 16, (), 256),
 }
 
 
@@ -124,7 +127,7 @@ CASES = {
 def test_greedy_tokens_match_transformers(case, checkpoints, transformers_tokens):
     naming, with_image, question, chunk, history, capacity = CASES[case]
     model = load_model(checkpoints[naming], backend="reference", precision="fp32", kv_capacity=capacity,
-                       prefill_chunk=chunk, history_groups=history)
+                       prefill_chunk=chunk, history_lengths=history)
     model.post = recorder = RecordingPost(model.post)
     engine = Engine(model)
     image = model_factory.random_image(seed=3, height=300, width=400)
@@ -142,3 +145,25 @@ def test_greedy_tokens_match_transformers(case, checkpoints, transformers_tokens
     our_logits = np.stack(recorder.logits)  # (new tokens, vocab)
     np.testing.assert_allclose(our_logits, their_logits[:len(our_logits)], rtol=0, atol=2e-4 * np.abs(their_logits).max())
     assert events[-1].prompt_tokens == len(ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("history", [tuple(range(16, 193, 16)), (64, 128, 192)], ids=["16-step", "64-step"])
+def test_follow_up_prefilled_at_its_offset_matches_transformers(history, checkpoints, transformers_tokens):
+    """A follow-up resumes right after its snapshot (a row that is no chunk boundary): its
+    chunks run against partly filled histories, and still give transformers' tokens."""
+    model = load_model(checkpoints["native"], backend="reference", precision="fp32", kv_capacity=256,
+                       prefill_chunk=16, history_lengths=history)
+    engine = Engine(model, prefix_replay="never")
+    image = model_factory.random_image(seed=4, height=200, width=300)
+    system = "Answer carefully."
+    first = Prompt("What is in this picture?", [image], image_key="cam:7", system=system)
+    list(engine.generate(first, GenerationOptions(max_tokens=2)))
+    follow_up = Prompt(LONG_QUESTION, [image], image_key="cam:7", system=system)
+    events = list(engine.generate(follow_up, GenerationOptions(max_tokens=NEW_TOKENS, ignore_stop=True)))
+    resume = model.template.encode_prompt("?", 1, engine.shapes.image_tokens, system=system).num_prefix_ids
+    assert events[-1].timings["prefix_reused"] and resume % 16
+    assert events[-1].timings["prefill_rows"] == events[-1].prompt_tokens - resume
+    ids = model.template.encode_prompt(LONG_QUESTION, 1, engine.shapes.image_tokens, system=system).ids
+    theirs, _ = transformers_tokens(ids, to_vision_input(image, *engine.shapes.vision_size))
+    assert [e.token_id for e in events if isinstance(e, TokenEvent)] == theirs

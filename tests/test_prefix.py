@@ -39,7 +39,15 @@ def test_find_follow_up_refuses_image_rows_beyond_the_snapshot():
 
 @pytest.mark.parametrize("policy, expected", [("never", 20), ("always", 16)])
 def test_fixed_policies(policy, expected):
+    # resuming at 20 leaves rows 36..39 for the decode group: "always" replays from row 16
     assert follow_up_start(entry(20), 40, SHAPES, policy, {}) == expected
+
+
+@pytest.mark.parametrize("policy", ["auto", "always"])
+def test_a_question_the_prefill_groups_hold_always_resumes(policy):
+    # rows 20..29 go as one chunk through the 32-row history: replaying cannot do better
+    dear_decode = {0: 1.0, 1: 1e-3, 2: 1e-3, 3: 1e-3}
+    assert follow_up_start(entry(20), 30, SHAPES, policy, dear_decode) == 20
 
 
 def test_auto_resumes_without_measurements_or_saved_inputs():
@@ -49,8 +57,10 @@ def test_auto_resumes_without_measurements_or_saved_inputs():
 
 
 def test_auto_picks_the_cheapest_plan():
-    # Resume at 20: 12 decode calls (16..31 minus 16..19 done) then group 3; replay from 16: group 2, group 3.
-    assert plan_seconds(SHAPES, 20, 40, {0: 1.0, 3: 1.0}) == 13.0
+    # Resume at 20: group 3 (rows 20..35, history 32 holds 20 rows), then 4 decode calls (36..39);
+    # replay from 16: group 2 (16..31), group 3 (32..39).
+    assert plan_seconds(SHAPES, 20, 40, {0: 1.0, 3: 1.0}) == 5.0
+    assert plan_seconds(SHAPES, 16, 40, {2: 1.0, 3: 1.0}) == 2.0
     assert plan_seconds(SHAPES, 20, 40, {3: 1.0}) is None
     dear_decode = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
     assert follow_up_start(entry(20), 40, SHAPES, "auto", dear_decode) == 16

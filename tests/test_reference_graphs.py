@@ -240,8 +240,8 @@ def test_shapes_of_every_group(fp32_graphs):
         "K_cache": (1, CAPACITY, bp.kv_dim), "V_cache": (1, CAPACITY, bp.kv_dim), "indices": (1, 1),
         "input": (1, 1, bp.hidden), "mask": (1, 1, CAPACITY + 1),
     }
-    assert shapes(layer.inputs(1)) == {
-        "K_cache": (1, 1, bp.kv_dim), "V_cache": (1, 1, bp.kv_dim), "indices": (1, CHUNK),
+    assert shapes(layer.inputs(1)) == {  # placeholders shaped as AXERA's builds declare them
+        "K_cache": (1, 1, bp.hidden), "V_cache": (1, 1, bp.hidden), "indices": (1, CHUNK),
         "input": (1, CHUNK, bp.hidden), "mask": (1, CHUNK, CHUNK),
     }
     for g in range(2, 2 + HISTORY):
@@ -332,6 +332,85 @@ def test_build_rejects_bad_arguments(checkpoints):
         build_reference_sessions(path, "int8")
     with pytest.raises(ValueError, match="exceed"):
         build_reference_sessions(path, "fp32", kv_capacity=32, prefill_chunk=16, history_groups=2)
+    with pytest.raises(ValueError, match="exceed"):
+        build_reference_sessions(path, "fp32", kv_capacity=64, prefill_chunk=16, history_lengths=(16, 56))
+    with pytest.raises(ValueError, match="increasing"):
+        build_reference_sessions(path, "fp32", kv_capacity=64, prefill_chunk=16, history_lengths=(32, 16))
+    with pytest.raises(ValueError, match="placeholder"):
+        build_reference_sessions(path, "fp32", placeholder="rows")
+    with pytest.raises(ValueError, match="vision_input"):
+        build_reference_sessions(checkpoints["native"].path, "fp32", vision_input="float16_nhwc")
+
+
+def test_explicit_history_lengths_and_kv_dim_placeholders(checkpoints):
+    graphs = build_reference_sessions(checkpoints["qwen2"].path, "fp32", kv_capacity=160, prefill_chunk=16,
+                                      history_lengths=(64, 128), placeholder="kv_dim")
+    layer, kv = graphs.layers[0], graphs.blueprint.kv_dim
+    assert layer.num_groups == 4
+    assert [s.shape for s in layer.inputs(1)[:2]] == [(1, 1, kv)] * 2
+    assert [(layer.inputs(g)[0].shape, layer.inputs(g)[4].shape) for g in (2, 3)] == [
+        ((1, 64, kv), (1, 16, 80)), ((1, 128, kv), (1, 16, 144))]
+
+
+@pytest.mark.parametrize("history_lengths", [(16, 32, 48), (48,)], ids=["chunk-steps", "one-long-history"])
+def test_chunks_at_any_offset_with_masked_history_match_transformers(checkpoints, history_lengths):
+    """Rows 0..8 one by one, then chunks at rows 9, 25, 41 through the smallest history that
+    holds their cached rows, the history columns past them blocked: transformers' numbers."""
+    tm = checkpoints["native"]
+    graphs = build_reference_sessions(tm.path, "fp32", kv_capacity=80, prefill_chunk=CHUNK,
+                                      history_lengths=history_lengths)
+    embeds = token_embeddings(tm, 9 + 2 * CHUNK + 7, seed=2)
+    expected_layers, expected_k, _, expected_logits = transformers_forward(tm, embeds)
+    layer0 = graphs.layers[0]
+    by_length = {layer0.inputs(g)[0].shape[1]: g for g in range(2, layer0.num_groups)}
+    n_layers, length, hidden = len(graphs.layers), embeds.shape[0], embeds.shape[1]
+    cache_k = np.zeros((n_layers, 80, graphs.blueprint.kv_dim), np.float32)  # (n_layers, capacity, kv_dim)
+    cache_v = np.zeros_like(cache_k)
+    outs = np.zeros((n_layers, length, hidden), np.float32)
+    for p in range(9):
+        x = embeds[p][None, None]
+        for i, layer in enumerate(graphs.layers):
+            feed = {"indices": np.array([[p]], np.uint32), "mask": decode_mask(p, 80, np.float32),
+                    "K_cache": cache_k[i : i + 1], "V_cache": cache_v[i : i + 1], "input": x}
+            k, v, out = layer.run(feed, 0)
+            cache_k[i, p], cache_v[i, p], outs[i, p] = k[0, 0], v[0, 0], out[0, 0]
+            x = out.copy()
+    for start in range(9, length, CHUNK):
+        history = min(h for h in by_length if h >= start)
+        rows = min(CHUNK, length - start)
+        mask = chunk_mask(history, CHUNK, np.float32)
+        mask[0, :, start:history] = MASK_BLOCKED  # rows the cache does not hold yet
+        x = np.zeros((1, CHUNK, hidden), np.float32)
+        x[0, :rows] = embeds[start : start + rows]
+        indices = np.arange(start, start + CHUNK, dtype=np.uint32)[None]
+        for i, layer in enumerate(graphs.layers):
+            feed = {"K_cache": cache_k[i : i + 1, :history], "V_cache": cache_v[i : i + 1, :history],
+                    "indices": indices, "input": x, "mask": mask}
+            k, v, out = layer.run(feed, by_length[history])
+            cache_k[i, start : start + rows], cache_v[i, start : start + rows] = k[0, :rows], v[0, :rows]
+            outs[i, start : start + rows] = out[0, :rows]
+            x = out.copy()
+    logits = graphs.post.run({"input": outs[-1, -1][None, None]})[0][0, 0]
+    np.testing.assert_allclose(outs, expected_layers, **FP32_TOL)
+    np.testing.assert_allclose(cache_k[:, :length], expected_k, **FP32_TOL)
+    np.testing.assert_allclose(logits, expected_logits[-1], **FP32_TOL)
+
+
+def test_float32_nchw_vision_takes_host_normalised_pixels(checkpoints):
+    """AXERA's InternVL3 convention: float32 [1,3,H,W] normalised on the host; features as
+    transformers computes them, in float32 even at bf16 precision when asked."""
+    tm = checkpoints["native"]
+    graphs = build_reference_sessions(tm.path, "bf16", CAPACITY, CHUNK, vision_input="float32_nchw",
+                                      vision_output="fp32")
+    (image_in,), (features_out,) = graphs.vision.inputs(0), graphs.vision.outputs(0)
+    assert (image_in.name, image_in.shape, image_in.dtype) == ("image", (1, 3, 224, 224), np.float32)
+    assert features_out.dtype == np.float32
+    image = mf.random_image(seed=3)
+    pixels = mf.pixel_values(image[None])  # (1, 3, H, W) float32, ImageNet mean/std
+    with torch.no_grad():
+        expected = tm.torch_model.model.get_image_features(pixel_values=pixels).pooler_output
+    (features,) = graphs.vision.run({"image": pixels.numpy()})
+    np.testing.assert_allclose(features, expected.numpy(), **FP32_TOL)
 
 
 # ---------------------------------------------------------------- checkpoints and blueprints

@@ -318,3 +318,17 @@ def test_captions_go_through_the_responder_and_a_lost_connection_is_no_engine_fa
     assert worker.step() == "caption"
     assert worker.consecutive_failures == 0 and worker.healthy
     assert rig.stats.captions["done"] == 1
+
+
+def test_the_models_sampling_defaults_fill_what_a_request_leaves_out(rig):
+    """A package's sampling defaults (its mode file, post_config.json, or config) apply to a
+    question that sets none; whatever the question sets wins."""
+    from types import SimpleNamespace
+
+    rig.engine.model = SimpleNamespace(sampling_defaults={"temperature": 0.7, "top_k": 40, "top_p": 1.0})
+    rig.inbox.submit(make_job(rig, "q1"))
+    rig.inbox.submit(make_job(rig, "q2", temperature=0.0, top_k=5))
+    assert rig.worker.step() == "ask" and rig.worker.step() == "ask"
+    plain, overridden = rig.engine.options
+    assert (plain.temperature, plain.top_k, plain.top_p) == (0.7, 40, 1.0)
+    assert (overridden.temperature, overridden.top_k, overridden.top_p) == (0.0, 5, 1.0)

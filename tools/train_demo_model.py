@@ -61,6 +61,11 @@ IMAGE_SIZE = 224
 NUM_IMAGE_TOKENS = 64  # (224 / 14)^2 patches * 0.5^2 pixel shuffle
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# transformers' image processor config for the demo model: resample 2 is PIL's bilinear filter
+PREPROCESSOR_CONFIG = {"image_processor_type": "GotOcr2ImageProcessor", "do_resize": True,
+                       "size": {"height": 224, "width": 224}, "resample": 2, "do_rescale": True,
+                       "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(IMAGENET_MEAN),
+                       "image_std": list(IMAGENET_STD), "crop_to_patches": False, "do_convert_rgb": True}
 HERMES2_SYSTEM = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
@@ -453,6 +458,8 @@ def export(model, tok, out: Path) -> None:
     config["text_config"]["rope_theta"] = config["text_config"]["rope_parameters"]["rope_theta"]
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "generation_config.json").unlink(missing_ok=True)
+    # How the training images were resized (PIL bilinear, `scene_batch`): vlmd resizes frames the same way.
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:

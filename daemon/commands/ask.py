@@ -29,10 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JPEG or PNG to ask about (repeat for several images)")
     parser.add_argument("--system", default=None, help="system prompt instead of the template's own")
     parser.add_argument("--max-tokens", type=int, default=256, metavar="N", help="answer length limit (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K best (0 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T",
+                        help="0 = greedy (default: the package's sampling defaults, else greedy)")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="nucleus sampling mass (1 = off; default: the package's)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="sample among the K best (0 = off; default: the package's)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                        help="1 = off (default: the package's)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (repeatable answers)")
     parser.add_argument("--backend", choices=("auto", "reference", "axengine"), default="auto",
                         help="reference = numpy graphs from a checkpoint; axengine = the NPU (default: by model)")
@@ -46,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference backend: prefill groups with history (0 = classic build)")
     parser.add_argument("--format", metavar="SCHEMA", default=None,
                         help='typed answer: a JSON-Schema subset, e.g. \'{"type":"boolean"}\' or \'{"enum":["red","blue"]}\'')
+    parser.add_argument("--resize", choices=("auto", "bicubic", "bilinear", "pil-bilinear"), default="auto",
+                        help="frame resize: auto = as the checkpoint says (else bicubic, as InternVL was trained);"
+                             " bilinear = the board runtimes' plain cv::resize")
     parser.add_argument("--json", action="store_true", help="end with the final message as one JSON line")
 
 
@@ -61,13 +68,14 @@ def run(args: argparse.Namespace) -> int:
         reason = str(exc) if isinstance(exc, FormatError) else f"not JSON: {exc}"
         return _fail(args, "bad_request", f"--format: {reason}", 2)
     try:
-        options = GenerationOptions(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, seed=args.seed, format=schema)
         images = [decode_frame(Path(p).read_bytes(), MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS) for p in args.image]
         model = load_model(args.model, backend=args.backend, precision=args.precision, kv_capacity=args.kv_capacity,
                            prefill_chunk=args.prefill_chunk, history_groups=args.history_groups,
-                           provider=args.provider)
+                           provider=args.provider, resize=None if args.resize == "auto" else args.resize)
+        given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                 "repetition_penalty": args.repetition_penalty}
+        sampling = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
+        options = GenerationOptions(max_tokens=args.max_tokens, seed=args.seed, format=schema, **sampling)
         engine = Engine(model)
     except FrameError as exc:
         return _fail(args, exc.code, exc.message, 2)

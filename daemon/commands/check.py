@@ -104,10 +104,18 @@ def _post_top(model: Any, row: np.ndarray) -> tuple[np.ndarray, np.ndarray | Non
     return best[np.argsort(-logits[best], kind="stable")], logits
 
 
+def _vision_features(model: Any, image: np.ndarray) -> np.ndarray:
+    """The model's vision features [1, tokens, hidden] (float32) for `image`, fed as its graph
+    takes it (uint8 NHWC, or float32 NCHW normalised on the host)."""
+    from npu.image import ImagePreprocess
+
+    shapes = model.shapes()
+    pixels = model.preprocess.prepare(image, ImagePreprocess.input_buffer(shapes.vision_layout, *shapes.vision_size))
+    return np.asarray(model.vision.run({shapes.vision_input_name: pixels}, 0)[0], np.float32)
+
+
 def compare_graphs(model: Any, reference: Any, question: str, image: np.ndarray | None) -> dict[str, Any]:
     """Per-graph metrics and next-token agreement on the first prefill chunk of the prompt."""
-    from npu.image import to_vision_input
-
     shapes = model.shapes()
     report: dict[str, Any] = {"graphs": [], "notes": []}
     use_image = image is not None and model.vision is not None and reference.vision is not None
@@ -120,10 +128,7 @@ def compare_graphs(model: Any, reference: Any, question: str, image: np.ndarray 
                                                               _prompt_rows(reference, ids, None))})
     features = ref_features = None
     if use_image:
-        pixels = to_vision_input(image, *shapes.vision_size)  # (1, H, W, 3) uint8
-        name, ref_name = model.vision.inputs(0)[0].name, reference.vision.inputs(0)[0].name
-        features = np.asarray(model.vision.run({name: pixels}, 0)[0], np.float32)
-        ref_features = np.asarray(reference.vision.run({ref_name: pixels}, 0)[0], np.float32)
+        features, ref_features = _vision_features(model, image), _vision_features(reference, image)
         report["graphs"].append({"graph": "vision", **compare(features, ref_features)})
     if not shapes.chunk:
         report["notes"].append("decode-only build: no prefill group to compare layer by layer")
@@ -205,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         shapes = model.shapes()
         reference = load_model(args.reference, backend="reference", precision=args.precision,
                                kv_capacity=shapes.capacity, prefill_chunk=shapes.chunk,
-                               history_groups=len(shapes.history_groups))
+                               history_lengths=sorted(shapes.history_groups))
         image = load_image(args.image, shapes.vision_size)
         report = compare_graphs(model, reference, args.prompt, image)
         report["answers"] = greedy_answers(model, reference, args.prompt, image, args.max_tokens)

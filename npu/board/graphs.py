@@ -23,12 +23,15 @@ from typing import Any
 from npu.board.axengine_session import is_open, open_session
 from npu.board.cmm import check_fits, estimate_model_kb, read_cmm_info
 from npu.board.layout import ModelLayout
+from npu.board.layout_parts import read_json
+from npu.embeddings import EmbeddingsError, open_table
 from npu.errors import ModelError
 from npu.session import Session
 from npu.shapes import GraphShapes
-
-BF16_BYTES = 2
-
+from npu.text.chat_templates import template_for
+from npu.text.jinja_template import JinjaChatTemplate
+from npu.text.template import ChatTemplate
+from npu.text.tokenizer import Tokenizer
 
 class BoardModelError(ModelError):
     """A compiled model whose pieces cannot work together; the message names the piece."""
@@ -83,16 +86,15 @@ def describe_graph(session: Session, path: Path | None = None) -> dict[str, Any]
 
 
 def check_embeddings(layout: ModelLayout, shapes: GraphShapes, problems: list[str]) -> int | None:
-    """Rows of the embedding file; appends a problem when its size does not fit the graphs."""
+    """Rows of the embedding file (raw bf16 .bin or .npy); appends a problem when it does not fit the graphs."""
     if layout.embeddings is None or not layout.embeddings.is_file():
         return None
-    size = os.path.getsize(layout.embeddings)
-    row_bytes = shapes.hidden * BF16_BYTES
-    if size % row_bytes:
-        problems.append(f"{layout.embeddings.name}: {size} bytes is not a whole number of bf16 rows"
-                        f" of hidden {shapes.hidden}")
+    try:
+        rows = open_table(layout.embeddings, shapes.hidden).shape[0]
+    except EmbeddingsError as exc:
+        problems.append(str(exc).replace(str(layout.embeddings), layout.embeddings.name))
         return None
-    rows = size // row_bytes
+    size = os.path.getsize(layout.embeddings)
     for label, expected in (("post graph vocab", shapes.vocab), ("declared vocab", layout.vocab_size)):
         if expected is not None and expected != rows:
             problems.append(f"{layout.embeddings.name}: {rows} rows x {shapes.hidden} (= {size} bytes),"
@@ -105,3 +107,12 @@ def check_embeddings(layout: ModelLayout, shapes: GraphShapes, problems: list[st
 def template_config(layout: ModelLayout) -> dict[str, Any]:
     """The config ChatTemplate chooses by: the layout's config with its (possibly inferred) template."""
     return dict(layout.config, template=layout.template) if layout.template else dict(layout.config)
+
+
+def layout_template(layout: ModelLayout, tokenizer: Tokenizer) -> ChatTemplate | JinjaChatTemplate:
+    """The chat template the layout found (npu.text.chat_templates.template_for); ValueError
+    when it cannot be used with this tokenizer."""
+    tokenizer_config: dict[str, Any] = {}
+    if layout.tokenizer_dir is not None and (layout.tokenizer_dir / "tokenizer_config.json").is_file():
+        tokenizer_config = read_json(layout.tokenizer_dir / "tokenizer_config.json") or {}
+    return template_for(template_config(layout), tokenizer, layout.chat_template, tokenizer_config)

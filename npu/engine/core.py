@@ -14,15 +14,15 @@ next token's embedding row (greedy reads the logits in place).
    one answer token fit the cache; check the `<IMG_CONTEXT>` count (ImageError);
 2. restore a KV prefix snapshot when the image, system prompt and template match an
    earlier request (no vision run), else reset the cache, look the embeddings up and
-   splice each image's vision features over its context rows; a follow-up either
-   resumes at the snapshot's end or, when its measured graph times say that is cheaper,
-   restores only up to a chunk boundary and replays the rest of the prefix from the
-   snapshot's saved input rows (`prefix_replay`); a later turn of a conversation
-   keeps (or restores) the conversation's rows and prefills only its own
-   (npu.engine.conversation);
-3. prefill (see `plan_prefill`): group 1 for the first chunk, a history group for a
-   later chunk whose start equals that group's history length, the decode group one
-   token at a time for everything else;
+   splice each image's vision features over its context rows; a follow-up resumes at
+   the snapshot's end, or, when its question runs past what the prefill groups hold and
+   its graph prices (given, or measured) say that is cheaper, restores only up to an
+   earlier chunk start and replays the rest of the prefix from the snapshot's saved
+   input rows (`prefix_replay`); a later turn of a conversation keeps (or restores)
+   the conversation's rows and prefills only its own (npu.engine.conversation);
+3. prefill (see `plan_prefill`): group 1 for a chunk at row 0, for a chunk at any later
+   row the group with the smallest history that holds the cached rows (the rest of its
+   history masked), the decode group one token at a time for rows no history holds;
 4. decode: layers -> post -> sampling (or, with a format, the choice among the tokens it
    allows: npu.engine.constrain), until a stop token, the token budget (max_tokens,
    cut to what the cache holds: finish "length") or `should_stop()` (checked before
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -53,14 +53,14 @@ from npu.engine.conversation import ConversationLimits, ConversationStore, TurnP
 from npu.engine.formats import with_hint
 from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
-from npu.engine.prefill import chunk_mask, plan_prefill
+from npu.engine.prefill import chunk_mask, open_history, plan_prefill
 from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
 from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, UnsupportedOptions,
                                check_fits, encode_prompt)
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.engine.stack import Cancelled as _Cancelled
 from npu.engine.stack import SessionStack
-from npu.image import to_vision_input
+from npu.image import ImagePreprocess
 from npu.session import BF16, SessionError
 from npu.shapes import GraphShapes, read_shapes
 from npu.text.detokenizer import IncrementalDetokenizer
@@ -134,14 +134,18 @@ class Engine:
     """Runs prompts on a model's sessions with one KV cache allocated here, once."""
 
     def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto",
-                 conversation_limits: ConversationLimits | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 prices: Mapping[int, float] | None = None, conversation_limits: ConversationLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if prefix_replay not in REPLAY_POLICIES:
             raise ValueError(f"prefix_replay must be one of {REPLAY_POLICIES}, got {prefix_replay!r}")
         self.model = model
         self.prefix_replay = prefix_replay
-        # Seconds per call of the whole layer stack, by shape group (moving average of
-        # what this engine measured): what a follow-up's prefill plan is priced with.
-        self.stack_seconds: dict[int, float] = {}
+        # Seconds per call of the whole layer stack, by shape group: what a follow-up's
+        # prefill plan is priced with. `prices` (a board's published times, see
+        # npu.engine.costs) are kept as given; without them, a moving average of what
+        # this engine measured.
+        self.stack_seconds: dict[int, float] = dict(prices or {})
+        self._measure_prices = prices is None
         self.shapes: GraphShapes = read_shapes(model)
         s = self.shapes
         # A board data path may keep the KV cache in the graphs' own buffers and run the
@@ -178,6 +182,7 @@ class Engine:
             for k, v in (self.cache.layer(i) for i in range(s.n_layers))
         ]
         self._prefill_feeds: dict[int, list[dict[str, np.ndarray]]] = {}
+        self._history_masks: dict[int, tuple[np.ndarray, int]] = {}  # group -> (its mask, history length)
         if s.chunk:
             self._chunk_input = np.zeros((1, s.chunk, s.hidden), s.act_dtype)  # (1, chunk, hidden)
             self._chunk_indices = np.zeros((1, s.chunk), np.uint32)  # (1, chunk)
@@ -185,14 +190,16 @@ class Engine:
             self._prefill_feeds[1] = self._chunk_feeds(0)
             for history_len, group in s.history_groups.items():
                 self._prefill_feeds[group] = self._chunk_feeds(history_len)
+                self._history_masks[group] = (self._prefill_feeds[group][0]["mask"], history_len)
         self._post_input = np.zeros((1, 1, s.hidden), s.post_dtype)  # (1, 1, hidden)
         if s.vision_size is not None:
-            self._pixels = np.zeros((1, *s.vision_size, 3), np.uint8)  # (1, H, W, 3) the vision input
+            # uint8 (1, H, W, 3) or float32 (1, 3, H, W): the vision graph's input, as it reads it
+            self._pixels = ImagePreprocess.input_buffer(s.vision_layout, *s.vision_size)
         self._logits = np.zeros(s.vocab, np.float32) if s.vocab else None  # (vocab,) for the sampler
         self._order_keys = np.zeros(s.vocab, np.int16) if s.vocab else None  # (vocab,) bf16 top-k keys
 
     def _chunk_feeds(self, history_len: int) -> list[dict[str, np.ndarray]]:
-        """Per-layer feeds of the prefill group whose chunk starts after `history_len` rows."""
+        """Per-layer feeds of the prefill group whose history holds `history_len` cache rows."""
         s, mask = self.shapes, chunk_mask(self.shapes, history_len)
         # Group 1's K/V inputs are placeholders the graph ignores; their shape is the graph's.
         placeholder = np.zeros(s.first_chunk_kv_shape, s.kv_dtype)
@@ -386,9 +393,10 @@ class Engine:
     def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
                        should_stop: Callable[[], bool]) -> None:
         s, vision = self.shapes, self.model.vision
+        preprocess = getattr(self.model, "preprocess", None) or ImagePreprocess()
         for k, image in enumerate(images):
             try:
-                pixels = to_vision_input(image, s.vision_size[0], s.vision_size[1], out=self._pixels)
+                pixels = preprocess.prepare(image, self._pixels)
             except ValueError as exc:
                 raise ImageError(f"image {k}: {exc}") from None
             if should_stop():
@@ -408,9 +416,10 @@ class Engine:
         started = time.perf_counter()
         hidden = self._stack.run(group, feeds, num_rows, should_stop)  # (1, 1, hidden): the last real row
         self.cache.advance(num_rows)
-        elapsed = time.perf_counter() - started
-        previous = self.stack_seconds.get(group)
-        self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
+        if self._measure_prices:
+            elapsed = time.perf_counter() - started
+            previous = self.stack_seconds.get(group)
+            self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
         return hidden
 
     def _decode_step(self, should_stop: Callable[[], bool]) -> np.ndarray:
@@ -424,6 +433,8 @@ class Engine:
         self._chunk_input[0, size:] = 0  # padding rows: their K/V rows are never attended
         self._host_copies += self._chunk_input.nbytes
         np.add(self._chunk_offsets, row, out=self._chunk_indices[0])
+        if group in self._history_masks:  # history columns past the cached rows stay blocked
+            open_history(*self._history_masks[group], cached_rows=row)
         return self._run_layers(group, self._prefill_feeds[group], size, should_stop)
 
     def _run_post(self, hidden: np.ndarray) -> list[np.ndarray]:

@@ -1,6 +1,12 @@
 """Follow-up prefixes: which stored KV snapshot a prompt may reuse, and from which cache
-row its prefill then starts (resume at the snapshot's end, or replay from an earlier
-chunk boundary when the measured graph times say that is cheaper).
+row its prefill then starts.
+
+Prefill runs at any offset (npu.engine.prefill), so a follow-up normally resumes right
+at its snapshot's end and prefills only its own rows. Replaying part of the prefix
+(restoring the snapshot only up to an earlier chunk start and re-running the rest from
+the snapshot's saved input rows) can only pay when the question runs past what the
+prefill groups hold, so that resuming would leave rows for the one-by-one decode group:
+then the measured graph times decide.
 
 Decisions only: the engine restores the snapshot and runs the plan.
 """
@@ -11,12 +17,13 @@ from collections.abc import Hashable
 
 from npu.engine.kv_cache import PrefixEntry, PrefixStore
 from npu.shapes import GraphShapes
-from npu.engine.prefill import plan_seconds
+from npu.engine.prefill import plan_prefill, plan_seconds
 from npu.engine.prompt import EncodedPrompt, Prompt
 
-# How a follow-up on a stored prefix is prefilled: "auto" picks the cheaper of resuming
-# at the snapshot's end and replaying from a chunk boundary (by measured graph times);
-# "never" always resumes; "always" replays whenever a boundary lies before the end.
+# How a follow-up on a stored prefix is prefilled: "auto" replays from an earlier chunk
+# start only when resuming would leave rows for the decode group and the measured graph
+# times say replaying is cheaper; "never" always resumes; "always" replays from the latest
+# chunk start before the snapshot's end in that case.
 REPLAY_POLICIES = ("auto", "never", "always")
 
 
@@ -38,17 +45,16 @@ def find_follow_up(prefixes: PrefixStore, key: Hashable | None, encoded: Encoded
 
 def follow_up_start(entry: PrefixEntry, end: int, shapes: GraphShapes, policy: str,
                     stack_seconds: dict[int, float]) -> int:
-    """The cache row a follow-up's prefill (of rows ..end-1) starts from.
-
-    Resuming at the snapshot's end runs the question rows one by one through the
-    decode group when the snapshot does not end on a chunk boundary; replaying from
-    an earlier boundary (row 0 or a history length) re-runs the prefix from its saved
-    inputs through prefill groups instead. Each plan is priced with the measured
-    seconds per layer-stack call of its groups; unmeasured groups mean resume.
-    """
+    """The cache row a follow-up's prefill (of rows ..end-1) starts from: the snapshot's
+    end, unless resuming there leaves rows for the decode group (the question runs past
+    the longest history) and replaying from an earlier chunk start (row 0 or a history
+    length) is allowed by `policy` and, for "auto", cheaper by `stack_seconds`
+    (unmeasured groups mean resume)."""
     resume = entry.snapshot.length
     if policy == "never" or entry.embeds is None or not shapes.chunk:
         return resume
+    if all(group for group, _, _ in plan_prefill(resume, end, shapes.chunk, shapes.history_groups)):
+        return resume  # every row already goes through a prefill group: nothing to gain
     starts = [h for h in (0, *shapes.history_groups) if h < resume]
     if not starts:
         return resume

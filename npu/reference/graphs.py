@@ -4,11 +4,17 @@
 exactly the names, shapes, groups and dtypes of a Pulsar2 `llm_build` package
 (docs/internals.md "Graph shapes"):
 
-- vision: `input` uint8 [1,H,W,3] -> `output` [1, n_image_tokens, hidden];
+- vision, in either convention of the published builds: `input` uint8 NHWC [1,H,W,3]
+  normalised inside the graph (InternVL2/2.5 builds), or `image` float32 NCHW
+  [1,3,H,W] already normalised with ImageNet mean/std (AXERA's InternVL3 builds, whose
+  runners feed {"image": pixel_values}); -> `output` [1, n_image_tokens, hidden] in the
+  precision's dtype or float32;
 - layer i: `K_cache`, `V_cache`, `indices` (uint32), `input`, `mask` ->
-  `K_cache_out`, `V_cache_out`, `output`; group 0 decode, group 1 first prefill chunk
-  (dummy K/V inputs of shape [1,1,kv_dim], fed zeros, never read), groups g >= 2
-  later chunks against chunk*(g-1) history rows;
+  `K_cache_out`, `V_cache_out`, `output`; group 0 decode, group 1 a chunk without
+  history (placeholder K/V inputs, fed zeros, never read: [1,1,hidden] as AXERA's
+  builds declare them, or [1,1,kv_dim]), groups g >= 2 a chunk against the first
+  `history_lengths[g-2]` cache rows (Pulsar2's `--last_kv_cache_len` list: 128, 256, ...
+  or steps of 512), mask [1, chunk, history + chunk];
 - post: `input` [1,1,hidden] -> `output` [1,1,vocab] logits (final RMSNorm + lm_head).
 
 Precision "fp32": float32 at every float boundary, matches transformers to float32
@@ -23,6 +29,7 @@ falls back to the full softmax over every column, as the mask semantics say.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +65,28 @@ class ReferenceSession(ShapeGroups):
         raise NotImplementedError
 
 
+VISION_INPUTS = ("uint8_nhwc", "float32_nchw")
+
+
 class VisionSession(ReferenceSession):
-    def __init__(self, blueprint: Blueprint, weights: Weights, io_dtype: np.dtype):
+    def __init__(self, blueprint: Blueprint, weights: Weights, io_dtype: np.dtype, vision_input: str = "uint8_nhwc",
+                 output_dtype: np.dtype | None = None):
+        if vision_input not in VISION_INPUTS:
+            raise ValueError(f"vision_input {vision_input!r}: expected one of {VISION_INPUTS}")
         v = blueprint.vision
         self.encoder = VisionEncoder(blueprint, weights)
-        image = TensorSpec("input", (1, v.image_size, v.image_size, 3), np.dtype(np.uint8))
-        features = TensorSpec("output", (1, v.n_image_tokens, v.text_hidden), io_dtype)
+        self.normalised = vision_input == "float32_nchw"
+        size = v.image_size
+        image = (TensorSpec("image", (1, 3, size, size), np.dtype(F32)) if self.normalised
+                 else TensorSpec("input", (1, size, size, 3), np.dtype(np.uint8)))
+        features = TensorSpec("output", (1, v.n_image_tokens, v.text_hidden), output_dtype or io_dtype)
         super().__init__("vision", [[image]], [[features]])
 
     def _compute(self, feed, group, outputs):
-        outputs[0][0] = self.encoder.forward(feed["input"][0])
+        if self.normalised:
+            outputs[0][0] = self.encoder.forward_normalised(feed["image"][0].transpose(1, 2, 0))  # (H, W, 3)
+        else:
+            outputs[0][0] = self.encoder.forward(feed["input"][0])
 
 
 class PostSession(ReferenceSession):
@@ -91,13 +110,16 @@ class PostSession(ReferenceSession):
 @dataclass(frozen=True)
 class _GroupShape:
     n: int  # query rows (1 for decode, chunk for prefill)
-    n_hist: int  # history key rows fed as K_cache (0 for the first chunk: its K/V input is a dummy)
+    n_hist: int  # history key rows fed as K_cache (0 for the first chunk: its K/V input is a placeholder)
     cache_rows: int  # K_cache rows in the graph's input
+    cache_width: int  # K_cache row width: kv_dim, or the placeholder's width
 
 
-def _layer_groups(capacity: int, chunk: int, history_groups: int) -> list[_GroupShape]:
-    groups = [_GroupShape(1, capacity, capacity), _GroupShape(chunk, 0, 1)]
-    groups += [_GroupShape(chunk, chunk * (g - 1), chunk * (g - 1)) for g in range(2, history_groups + 2)]
+def _layer_groups(bp: Blueprint, capacity: int, chunk: int, history_lengths: list[int],
+                  placeholder: str) -> list[_GroupShape]:
+    width = bp.hidden if placeholder == "hidden" else bp.kv_dim
+    groups = [_GroupShape(1, capacity, capacity, bp.kv_dim), _GroupShape(chunk, 0, 1, width)]
+    groups += [_GroupShape(chunk, length, length, bp.kv_dim) for length in history_lengths]
     return groups
 
 
@@ -135,8 +157,8 @@ class LayerSession(ReferenceSession):
         inputs, outputs = [], []
         for g in self.shapes:
             inputs.append([
-                TensorSpec("K_cache", (1, g.cache_rows, kv), io),
-                TensorSpec("V_cache", (1, g.cache_rows, kv), io),
+                TensorSpec("K_cache", (1, g.cache_rows, g.cache_width), io),
+                TensorSpec("V_cache", (1, g.cache_rows, g.cache_width), io),
                 TensorSpec("indices", (1, g.n), U32),
                 TensorSpec("input", (1, g.n, h), io),
                 TensorSpec("mask", (1, g.n, g.n_hist + g.n), io),
@@ -235,24 +257,45 @@ def build_reference_sessions(
     kv_capacity: int = 1023,
     prefill_chunk: int = 128,
     history_groups: int = 0,
+    history_lengths: Sequence[int] | None = None,
+    placeholder: str = "hidden",
+    vision_input: str = "uint8_nhwc",
+    vision_output: str | None = None,
 ) -> ReferenceGraphs:
     """Reference graphs for a checkpoint directory or an already loaded (blueprint, weights).
 
     `kv_capacity` cache rows (decode mask has kv_capacity + 1 slots), prefill chunks of
-    `prefill_chunk` rows, and `history_groups` extra prefill groups (group g >= 2 prefills
-    chunk g-1 against chunk*(g-1) history rows). Raises ValueError for a bad combination.
+    `prefill_chunk` rows, and history groups g >= 2 whose histories are
+    `history_lengths` (increasing), or, without it, `history_groups` groups with
+    histories chunk, 2*chunk, ... (a classic llm_build). `placeholder` shapes group 1's
+    K/V inputs [1,1,hidden] ("hidden", as AXERA builds) or [1,1,kv_dim] ("kv_dim").
+    `vision_input` is "uint8_nhwc" or "float32_nchw"; `vision_output` "bf16"/"fp32" (None:
+    the precision's dtype). Raises ValueError for a bad combination.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
     if kv_capacity < 1 or prefill_chunk < 1 or history_groups < 0:
         raise ValueError("kv_capacity and prefill_chunk must be >= 1, history_groups >= 0")
-    if prefill_chunk * (history_groups + 1) > kv_capacity:
-        raise ValueError(
-            f"{history_groups + 1} prefill chunks of {prefill_chunk} rows exceed the {kv_capacity}-row cache"
-        )
+    if placeholder not in ("hidden", "kv_dim"):
+        raise ValueError(f"placeholder {placeholder!r}: expected 'hidden' or 'kv_dim'")
+    if vision_output is not None and vision_output not in PRECISIONS:
+        raise ValueError(f"vision_output {vision_output!r}: expected one of {sorted(PRECISIONS)}")
+    lengths = _history_lengths(prefill_chunk, history_groups, history_lengths, kv_capacity)
     blueprint, weights = source if isinstance(source, tuple) else load_checkpoint(Path(source))
     io = PRECISIONS[precision]
-    groups = _layer_groups(kv_capacity, prefill_chunk, history_groups)
-    vision = VisionSession(blueprint, weights, io) if blueprint.vision is not None else None
+    groups = _layer_groups(blueprint, kv_capacity, prefill_chunk, lengths, placeholder)
+    vision = None
+    if blueprint.vision is not None:
+        vision = VisionSession(blueprint, weights, io, vision_input, vision_output and PRECISIONS[vision_output])
     layers = [LayerSession(blueprint, weights, i, io, groups) for i in range(blueprint.n_layers)]
     return ReferenceGraphs(blueprint, vision, layers, PostSession(blueprint, weights, io), precision)
+
+
+def _history_lengths(chunk: int, history_groups: int, history_lengths: Sequence[int] | None,
+                     capacity: int) -> list[int]:
+    lengths = [chunk * g for g in range(1, history_groups + 1)] if history_lengths is None else list(history_lengths)
+    if any(b <= a for a, b in zip(lengths, lengths[1:])) or any(length < 1 for length in lengths):
+        raise ValueError(f"history lengths {lengths} must be positive and increasing")
+    if max(lengths, default=0) + chunk > capacity:
+        raise ValueError(f"a chunk of {chunk} rows after {max(lengths)} history rows exceeds the {capacity}-row cache")
+    return lengths

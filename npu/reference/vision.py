@@ -1,7 +1,8 @@
 """InternViT + pixel shuffle + projector in numpy: the computation behind the vision graph.
 
 `VisionEncoder.forward(image)` takes one uint8 RGB image [H, W, 3] at the graph's size
-and returns the projected image tokens [n_image_tokens, text_hidden] in float32:
+(`forward_normalised(pixels)` the same image already normalised, float32 [H, W, 3]) and
+returns the projected image tokens [n_image_tokens, text_hidden] in float32:
 
     pixels/255, ImageNet mean/std -> 14x14 patch embedding (conv as a matmul) -> CLS +
     position embeddings -> encoder layers (norm1, MHA, ls1, residual; norm2, GELU MLP,
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from npu.image import IMAGENET_MEAN, IMAGENET_STD
 from npu.reference import ops
 from npu.reference.blueprint import Blueprint
 from npu.reference.checkpoint import Weights
 
 F32 = np.float32
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=F32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=F32)
+MEAN = np.array(IMAGENET_MEAN, dtype=F32)
+STD = np.array(IMAGENET_STD, dtype=F32)
 PROJECTOR_EPS = 1e-5  # nn.LayerNorm's default, used by both InternVL projectors
 
 
@@ -85,9 +87,17 @@ class VisionEncoder:
 
     def forward(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB [H, W, 3] at the graph's size -> float32 [n_image_tokens, text_hidden] (fresh array)."""
+        pixels = image.astype(F32)  # (H, W, 3)
+        pixels /= F32(255.0)
+        pixels -= MEAN
+        pixels /= STD
+        return self.forward_normalised(pixels)
+
+    def forward_normalised(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised float RGB [H, W, 3] (ImageNet mean/std) -> float32 [n_image_tokens, text_hidden]."""
         x = self._tokens
         x[0] = self.cls
-        np.matmul(self._patches(image), self.patch_w, out=x[1:])
+        np.matmul(self._patches(pixels), self.patch_w, out=x[1:])
         x[1:] += self.patch_b
         x += self.pos
         for layer in self.layers:
@@ -96,14 +106,10 @@ class VisionEncoder:
             ops.norm("layer_norm", x, *self.post_norm, self.bp.eps, out=x)
         return self._project(self._pixel_shuffle(x[1:]))
 
-    def _patches(self, image: np.ndarray) -> np.ndarray:
-        """Normalised pixels as conv patches: (grid*grid, 3*p*p) in (channel, ky, kx) order."""
+    def _patches(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised pixels [H, W, 3] as conv patches: (grid*grid, 3*p*p) in (channel, ky, kx) order."""
         p, g = self.bp.patch, self.bp.grid
-        pixels = image.astype(F32)  # (H, W, 3)
-        pixels /= F32(255.0)
-        pixels -= IMAGENET_MEAN
-        pixels /= IMAGENET_STD
-        patches = pixels.reshape(g, p, g, p, 3).transpose(0, 2, 4, 1, 3)  # (gy, gx, 3, ky, kx)
+        patches = np.asarray(pixels, F32).reshape(g, p, g, p, 3).transpose(0, 2, 4, 1, 3)  # (gy, gx, 3, ky, kx)
         return patches.reshape(g * g, 3 * p * p)
 
     def _layer(self, layer: _VisionLayer, x: np.ndarray) -> None:
@@ -125,8 +131,7 @@ class VisionEncoder:
         x += attn
         normed = ops.norm(v.norm, x, *layer.norm2, v.eps, out=self._normed)
         hidden = np.matmul(normed, layer.fc1_w, out=self._mlp)
-        hidden += layer.fc1_b
-        ops.gelu(hidden, out=hidden)
+        ops.gelu(hidden, out=hidden, bias=layer.fc1_b)
         out = np.matmul(hidden, layer.fc2_w, out=self._normed)
         out += layer.fc2_b
         out *= layer.ls2
@@ -145,8 +150,7 @@ class VisionEncoder:
         ops.layer_norm(tokens, *self.proj_norm, PROJECTOR_EPS, out=tokens)
         w1, b1 = self.proj_fc1
         hidden = tokens @ w1  # (n_image_tokens, text_hidden)
-        hidden += b1
-        ops.gelu(hidden, out=hidden)
+        ops.gelu(hidden, out=hidden, bias=b1)
         w2, b2 = self.proj_fc2
         out = hidden @ w2  # (n_image_tokens, text_hidden)
         out += b2

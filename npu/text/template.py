@@ -13,10 +13,10 @@ Known names:
   the InternVL2.5 system message;
 - `phi3-chat` (InternVL2-4B): `<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>`.
 
-A checkpoint without a `template` field (a text-only Qwen2-Instruct checkpoint, the demo
-model) gets Qwen2's ChatML: "You are a helpful assistant." and `<|im_end|>\n`. A
-`chat_template` (Jinja) in tokenizer_config.json is deliberately ignored: the choice
-depends on config.json alone, so it is deterministic and needs no Jinja engine.
+A checkpoint without a `template` field gets the Jinja chat template it carries
+(npu/text/jinja_template.py; npu/text/chat_templates.py says where it is looked for), and
+one with neither (a text-only Qwen2-Instruct checkpoint, the demo model) Qwen2's ChatML:
+"You are a helpful assistant." and `<|im_end|>\n`.
 
 The system message is the explicit `system` argument, else config `system_message`
 (InternVL honours it when present), else the template's own.
@@ -151,20 +151,7 @@ class ChatTemplate:
         return text
 
     def image_blocks(self, num_images: int, image_tokens: int) -> str:
-        if num_images < 0 or image_tokens < 0:
-            raise ValueError(f"num_images ({num_images}) and image_tokens ({image_tokens}) "
-                             "must be >= 0")
-        if num_images == 0:
-            return ""
-        if not self._image_tags_ok:
-            raise ValueError(f"the tokenizer lacks {IMG_START}, {IMG_END} or {IMG_CONTEXT}: "
-                             "this model cannot take images")
-        if image_tokens == 0:
-            raise ValueError("image_tokens must be > 0 when there are images")
-        block = IMG_START + IMG_CONTEXT * image_tokens + IMG_END + "\n"
-        if num_images == 1:
-            return block
-        return "".join(f"Image-{i}: {block}" for i in range(1, num_images + 1))
+        return image_blocks(num_images, image_tokens, self._image_tags_ok)
 
     # -- ids -----------------------------------------------------------------------------
 
@@ -181,6 +168,24 @@ class ChatTemplate:
         question_ids = self.tokenizer.encode(question, parse_special=False)
         suffix_ids = self.tokenizer.encode(self.suffix())
         return PromptIds(prefix_ids + question_ids + suffix_ids, len(prefix_ids))
+
+
+def image_blocks(num_images: int, image_tokens: int, tags_ok: bool = True) -> str:
+    """InternVL's image blocks before a question: `<img>` + N x `<IMG_CONTEXT>` + `</img>\\n`,
+    numbered `Image-i: ` when there are several. ValueError for impossible counts or when
+    the tokenizer lacks the image tags (`tags_ok` False)."""
+    if num_images < 0 or image_tokens < 0:
+        raise ValueError(f"num_images ({num_images}) and image_tokens ({image_tokens}) must be >= 0")
+    if num_images == 0:
+        return ""
+    if not tags_ok:
+        raise ValueError(f"the tokenizer lacks {IMG_START}, {IMG_END} or {IMG_CONTEXT}: this model cannot take images")
+    if image_tokens == 0:
+        raise ValueError("image_tokens must be > 0 when there are images")
+    block = IMG_START + IMG_CONTEXT * image_tokens + IMG_END + "\n"
+    if num_images == 1:
+        return block
+    return "".join(f"Image-{i}: {block}" for i in range(1, num_images + 1))
 
 
 def _stop_ids(spec: TemplateSpec, tokenizer: Tokenizer) -> frozenset[int]:

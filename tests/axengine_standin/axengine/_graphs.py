@@ -4,9 +4,13 @@ A stand-in ".axmodel" is a small JSON file, `{"format": "vlmd-axengine-standin/1
 "graph": "vision" | "layer<i>" | "post", ...}` with either
 
 - `"checkpoint": DIR` and the build options (`precision`, `kv_capacity`,
-  `prefill_chunk`, `history_groups`, optional `post_topk`): the reference graph vlmd's
-  reference backend builds from DIR (`reference_build_options` is the one place that maps
-  spec keys to `build_reference_sessions` arguments), or
+  `prefill_chunk`, `history_groups`, optional `post_topk`; and, as published builds
+  differ, optional `history_lengths` [128, 256, ...] (Pulsar2's `--last_kv_cache_len`
+  list, instead of history_groups), `placeholder` "hidden" | "kv_dim" (group 1's K/V
+  placeholder width), `vision_input` "uint8_nhwc" | "float32_nchw", `vision_output`
+  "bf16" | "fp32"): the reference graph vlmd's reference backend builds from DIR
+  (`reference_build_options` is the one place that maps spec keys to
+  `build_reference_sessions` arguments), or
 - `"synthetic": {"hidden", "kv_dim", "kv_capacity", "prefill_chunk", "history_groups",
   "vocab"}`: a decoder layer or post graph of those shapes that computes nothing (its
   outputs stay zero). Benchmarks use it to run the real data path at a real model's
@@ -59,8 +63,16 @@ def load_spec(path_or_bytes: Any) -> dict:
 
 def reference_build_options(spec: dict) -> dict:
     """`build_reference_sessions` keyword arguments for a checkpoint spec (the only mapping)."""
-    return {"precision": spec.get("precision", "bf16"), "kv_capacity": spec["kv_capacity"],
-            "prefill_chunk": spec["prefill_chunk"], "history_groups": spec.get("history_groups", 0)}
+    options = {"precision": spec.get("precision", "bf16"), "kv_capacity": spec["kv_capacity"],
+               "prefill_chunk": spec["prefill_chunk"], "history_groups": spec.get("history_groups", 0)}
+    options.update({name: spec[name] for name in _BUILD_OPTIONS if spec.get(name) is not None})
+    if "history_lengths" in options:  # hashable: the options key the graph cache
+        options["history_lengths"] = tuple(options["history_lengths"])
+    return options
+
+
+# Build keys of published builds, passed to the reference builder as they are.
+_BUILD_OPTIONS = ("history_lengths", "placeholder", "vision_input", "vision_output")
 
 
 _GRAPHS: dict[tuple, Any] = {}
