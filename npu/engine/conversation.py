@@ -36,8 +36,8 @@ from npu.engine.prompt import EncodedPrompt, EngineError, Prompt, PromptTooLong,
 from npu.text.template import Turn
 
 # Stand-ins rendered in place of the texts, to cut a rendered conversation into parts.
-_QUESTION = "\ue000vlmd-question\ue000"
-_ANSWER = "\ue000vlmd-answer\ue000"
+_QUESTION = "\ue00bvlmd-question\ue00b"
+_ANSWER = "\ue00cvlmd-answer\ue00c"
 _MAX_FORGOTTEN = 256  # ids remembered as forgotten, so a late turn can be told why
 
 
