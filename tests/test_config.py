@@ -107,18 +107,87 @@ def test_precedence_defaults_file_env_overrides(tmp_path):
     assert config.frames.history == 4  # default
 
 
-def test_env_nesting_coercion_and_cameras():
+def test_env_nesting_parsing_and_cameras():
     env = {
         "VLMD_CAMERAS__FRONT__CAPTION": "true",
         "VLMD_CAMERAS__FRONT__INTERVAL_S": "12.5",
-        "VLMD_MQTT__PERSISTENT_SESSION": "no",
+        "VLMD_CAMERAS__FRONT__MAX_TOKENS": "+40",
+        "VLMD_MQTT__PERSISTENT_SESSION": "false",
+        "VLMD_MQTT__RECONNECT_MAX_S": "90",  # an integer is a float
         "VLMD_LOGGING__LEVEL": "debug",
+        "VLMD_MODEL__PATH": "",  # empty: the demo model
     }
     config = load_config(None, env)
     assert config.cameras["front"].caption is True
     assert config.cameras["front"].interval_s == 12.5
+    assert config.cameras["front"].max_tokens == 40
     assert config.mqtt.persistent_session is False
+    assert config.mqtt.reconnect_max_s == 90.0
     assert config.logging.level == "debug"
+    assert config.model.path is None
+
+
+def test_file_values_are_never_coerced(tmp_path):
+    """A string is no integer, float or bool in the file (the README says "validated strictly")."""
+    path = write(tmp_path, """
+        [mqtt]
+        keepalive_s = "30"
+        persistent_session = 1
+
+        [cameras.front]
+        caption = "yes"
+        interval_s = "5"
+        max_tokens = 12.0
+    """)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, {})
+    messages = issues_of(excinfo)
+    assert len(messages) == 5, messages
+    for line, key in ((2, "mqtt.keepalive_s"), (3, "mqtt.persistent_session"), (6, "cameras.front.caption"),
+                      (7, "cameras.front.interval_s"), (8, "cameras.front.max_tokens")):
+        assert any(m.startswith(f"{path}:{line} {key}:") for m in messages), (key, messages)
+    good = write(tmp_path, "[cameras.front]\ninterval_s = 5\n", "good.toml")  # TOML's integer for a float field
+    assert load_config(good, {}).cameras["front"].interval_s == 5.0
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("VLMD_CAMERAS__FRONT__CAPTION", "yes", "expected true or false, got 'yes'"),
+    ("VLMD_CAMERAS__FRONT__CAPTION", "1", "expected true or false, got '1'"),
+    ("VLMD_CAMERAS__FRONT__CAPTION", "True", "expected true or false, got 'True'"),
+    ("VLMD_MQTT__KEEPALIVE_S", "30.0", "expected an integer, got '30.0'"),
+    ("VLMD_MQTT__KEEPALIVE_S", " 30", "expected an integer, got ' 30'"),
+    ("VLMD_CAMERAS__FRONT__INTERVAL_S", "5s", "expected a number, got '5s'"),
+    ("VLMD_MODEL__DEVICE", "", "expected an integer, got ''"),
+])
+def test_env_values_are_parsed_by_field_type(name, value, expected):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, {name: value})
+    key = ".".join(part.lower() for part in name.removeprefix("VLMD_").split("__"))
+    assert issues_of(excinfo) == [f"env {name} {key}: {expected}"]
+
+
+def test_every_env_and_file_error_at_once_bad_camera_name_included(tmp_path):
+    path = write(tmp_path, """
+        [mqtt]
+        keepalive_s = 2
+
+        [cameras."a+b"]
+        caption = true
+
+        [cameras.ok]
+        interval_s = -1
+    """)
+    env = {"VLMD_CAMERAS__C+D__CAPTION": "yes", "VLMD_FRAMES__HISTORY": "many"}
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env)
+    messages = issues_of(excinfo)
+    assert len(messages) == 6, messages
+    assert any(m.startswith(f"{path}:2 mqtt.keepalive_s:") for m in messages)
+    assert any(m.startswith(f"{path}:5 cameras.a+b:") and "invalid camera name" in m for m in messages)
+    assert any(m.startswith(f"{path}:8 cameras.ok.interval_s:") for m in messages)
+    assert "env VLMD_CAMERAS__C+D__CAPTION cameras.c+d.caption: expected true or false, got 'yes'" in messages
+    assert any(m.startswith("env VLMD_CAMERAS__C+D__CAPTION cameras.c+d:") and "invalid camera name" in m for m in messages)
+    assert "env VLMD_FRAMES__HISTORY frames.history: expected an integer, got 'many'" in messages
 
 
 def test_unrelated_vlmd_variables_are_ignored_and_listed():
@@ -250,7 +319,7 @@ def test_bad_broker_urls(url, why):
         ({"VLMD_DEVICE_ID": "a/b"}, "device_id must be"),
         ({"VLMD_ROOT": "vlmd/+/x"}, "wildcards"),
         ({"VLMD_ROOT": "vlmd/"}, "must not start or end"),
-        ({"VLMD_CAMERAS__A+B__CAPTION": "1"}, "invalid camera name"),
+        ({"VLMD_CAMERAS__A+B__CAPTION": "true"}, "invalid camera name"),
         ({"VLMD_CAMERAS__FRONT__TOPIC": "frigate/+/snapshot"}, "wildcards"),
         ({"VLMD_FLEET__GROUP": "a/b"}, "one topic level"),
         ({"VLMD_MQTT__RECONNECT_MIN_S": "10", "VLMD_MQTT__RECONNECT_MAX_S": "5"}, "reconnect_max_s"),
