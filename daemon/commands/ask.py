@@ -4,7 +4,9 @@ The answer streams to stdout as it is generated. With `--json` a final line foll
 with the same final message an MQTT client receives (text, finish_reason, usage,
 timings). Errors go to stderr (and, with --json, into that final line); the exit code
 is 0 for an answer ("stop" or "length"), 1 when the engine refused or failed, 2 for a
-bad model, image or option.
+bad model, image or option. The question and its options are checked by the same rules
+(ranges, limits, messages) as a question on MQTT, with the daemon's default limits
+(protocol.codec.validate_ask).
 """
 
 from __future__ import annotations
@@ -49,12 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from npu.engine import EngineError, Engine, GenerationOptions, Prompt
     from npu.model import ModelError, load_model
+    from protocol.codec import ProtocolError
     from protocol.frames import FrameError, decode_frame
 
     try:
+        request = checked_request(args)
+    except ProtocolError as exc:
+        return _fail(args, exc.code, exc.message, 2)
+    try:
         options = GenerationOptions(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty, seed=args.seed)
+            max_tokens=request.max_tokens, temperature=request.temperature, top_k=request.top_k,
+            top_p=request.top_p, repetition_penalty=request.repetition_penalty, seed=request.seed)
         images = [decode_frame(Path(p).read_bytes(), MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS) for p in args.image]
         model = load_model(args.model, backend=args.backend, precision=args.precision, kv_capacity=args.kv_capacity,
                            prefill_chunk=args.prefill_chunk, history_groups=args.history_groups,
@@ -64,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(args, exc.code, exc.message, 2)
     except (ModelError, ValueError, OSError) as exc:
         return _fail(args, "bad_request", str(exc), 2)
-    prompt = Prompt(text=args.question, images=images, image_key=None, system=args.system)
+    prompt = Prompt(text=request.text, images=images, image_key=None, system=request.system)
     try:
         for event in engine.generate(prompt, options):
             if hasattr(event, "delta"):
@@ -79,6 +86,21 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_final(done.text, done.finish_reason, None, done.prompt_tokens,
                                 done.completion_tokens, done.timings), ensure_ascii=False))
     return 0 if done.finish_reason in ("stop", "length") else 1
+
+
+def checked_request(args: argparse.Namespace):
+    """The question and its options checked by the rules an MQTT question meets (same
+    ranges, same messages), with the daemon's default limits; raises ProtocolError."""
+    from daemon.config import RequestsConfig
+    from protocol.codec import validate_ask
+    from protocol.payloads import AskLimits
+
+    defaults = RequestsConfig()
+    limits = AskLimits(max_text_chars=defaults.max_text_chars, max_tokens=defaults.max_tokens_limit)
+    fields = {"text": args.question, "system": args.system, "max_tokens": args.max_tokens,
+              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+              "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    return validate_ask({name: value for name, value in fields.items() if value is not None}, limits)
 
 
 def _final(text: str, finish_reason: str, error: dict | None, prompt_tokens: int, completion_tokens: int,
