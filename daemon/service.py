@@ -145,6 +145,11 @@ class Service:
         return self.worker is not None and self.worker.healthy
 
     @property
+    def fatal_error(self) -> str | None:
+        """Why the broker connection can never work with this config (TLS, credentials), else None."""
+        return self.client.fatal_error if self.client is not None else None
+
+    @property
     def broker_url(self) -> str:
         return self.client.settings.url if self.client is not None else ""
 
