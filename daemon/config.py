@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -45,7 +44,8 @@ from daemon.config_sources import (
     located,
     set_key,
 )
-from protocol.topics import check_camera, check_publish_topic, check_root, is_valid_camera, topic_safe
+from daemon.identity import default_device_id
+from protocol.topics import check_camera, check_publish_topic, check_root, is_valid_camera
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
 CREDENTIAL_NAME = "mqtt_password"
@@ -243,7 +243,7 @@ class ShutdownConfig(_Section):
 
 
 class Config(_Section):
-    device_id: str = Field("", description="this board's id in topics; empty = the host name made topic-safe")
+    device_id: str = Field("", description="this board's id in topics and the MQTT client id; empty = <host name>-<last 6 hex digits of the primary interface's MAC> (unique per board)")
     root: str = Field("", description='topic root; empty = "vlmd/<device_id>"')
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="broker connection")
     embedded_broker: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig, description="used when mqtt.broker is empty")
@@ -273,7 +273,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _fill_defaults(self) -> Config:
         # Frozen models: fill derived defaults through __dict__ during validation.
-        device_id = self.device_id or topic_safe(socket.gethostname())
+        device_id = self.device_id or default_device_id()
         self.__dict__["device_id"] = device_id
         self.__dict__["root"] = self.root or f"vlmd/{device_id}"
         if not self.mqtt.client_id:  # copy: a caller's MqttConfig instance stays untouched

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-import daemon.config as config_module
 from daemon.cli import main as vlmd_main
 from daemon.config import (
     EX_CONFIG,
@@ -50,12 +49,16 @@ def issues_of(excinfo) -> list[str]:
 # --- defaults and the model ----------------------------------------------------------
 
 
-def test_defaults_fill_device_id_root_and_client_id(monkeypatch):
-    monkeypatch.setattr(config_module.socket, "gethostname", lambda: "M5Stack LLM/630")
+def test_defaults_fill_device_id_root_and_client_id(monkeypatch, tmp_path):
+    import daemon.identity as identity
+
+    monkeypatch.setattr(identity.socket, "gethostname", lambda: "M5Stack LLM/630")
+    monkeypatch.setattr(identity, "SYS_CLASS_NET", tmp_path / "no-interfaces")
     config = Config()
-    assert config.device_id == "M5Stack-LLM-630"
+    assert config.device_id == "M5Stack-LLM-630"  # no MAC to read: the host name alone
     assert config.root == "vlmd/M5Stack-LLM-630"
     assert config.mqtt.client_id == "vlmd-M5Stack-LLM-630"
+    assert Config().device_id == identity.default_device_id()
     assert config.mqtt.broker_address is None  # embedded broker
     assert config.model.path is None  # demo model
     assert config.mqtt.password_value() is None

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file (VLMD_* environment variables apply too)")
     parser.add_argument("--model", metavar="DIR", help="model directory (default: the demo model shipped with vlmd)")
     parser.add_argument("--broker", metavar="URL", help="mqtt://host:port or mqtts://host:port (default: embedded broker)")
-    parser.add_argument("--device-id", metavar="ID", help="this board's id in topics (default: the host name)")
+    parser.add_argument("--device-id", metavar="ID", help="this board's id in topics and client id (default: <host name>-<MAC suffix>, unique per board)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="reference backend precision")
     parser.add_argument("--backend", choices=("auto", "reference", "axengine"), help="model runtime backend")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="least severe level logged")
