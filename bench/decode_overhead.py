@@ -27,8 +27,8 @@ import numpy as np
 from npu.engine import DoneEvent, Engine, GenerationOptions, Prompt
 from npu.model import Model
 from npu.session import BF16, TensorSpec
-from npu.template import ChatTemplate
-from npu.tokenizer import Tokenizer
+from npu.text.template import ChatTemplate
+from npu.text.tokenizer import Tokenizer
 
 N_LAYERS, HIDDEN, CAPACITY, KV_DIM, VOCAB, CHUNK = 24, 896, 1023, 128, 151655, 128
 U32 = np.dtype(np.uint32)

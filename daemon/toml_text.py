@@ -73,7 +73,7 @@ def _dump_table(data: dict[str, Any], prefix: Key, out: list[str]) -> None:
 
 
 def _quote_key(name: str) -> str:
-    return name if _BARE_KEY.match(name) else _string(name)
+    return name if _BARE_KEY.fullmatch(name) else _string(name)  # match() lets "0\n" pass ($ before a newline)
 
 
 def _scalar(value: Any) -> str:

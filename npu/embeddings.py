@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npu.checkpoint import checkpoint_files, load_checkpoint
+from npu.reference.checkpoint import checkpoint_files, load_checkpoint
 from npu.session import BF16
 
 EMBEDDINGS_FILE = "model.embed_tokens.weight.bfloat16.bin"

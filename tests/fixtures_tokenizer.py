@@ -12,7 +12,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE, WordLevel
 
-from npu.tokenizer import Tokenizer
+from npu.text.tokenizer import Tokenizer
 from tests.tokenizer_files import write_internvl2_tokenizer
 
 # The demo model's kind of special tokens (ChatML and InternVL's image tags).

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from npu.axengine_session import (
+from npu.board.axengine_session import (
     PROVIDER_BOARD,
     PROVIDER_PCIE,
     AxEngineSession,

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from npu.axengine_session import AxEngineSession
+from npu.board.axengine_session import AxEngineSession
 from npu.engine import DoneEvent, Engine, GenerationOptions, Prompt, TokenEvent
 from npu.model import load_model
 from tests.fixtures_board import BOARD_BUILD
@@ -123,7 +123,7 @@ def test_topk_post_build_decodes_greedily_like_reference(axengine_standin, tiny_
 
 @pytest.mark.board
 def test_board_model_loads_inspects_and_answers(board_model_dir):
-    from npu.board import inspect_model
+    from npu.inspect import inspect_model
 
     report = inspect_model(board_model_dir)
     assert report["problems"] == [], report["problems"]

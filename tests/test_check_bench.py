@@ -32,7 +32,7 @@ def test_inspect_explains_an_axera_directory(axengine_standin, axera_board_dir, 
     assert "graph     layer0  [qwen2_p32_l0_together.axmodel]" in out
     assert "K_cache [1, 159, 32] bfloat16" in out  # decode group, read from the graph
     assert "hidden 64  kv_dim 32  KV capacity 159  prefill chunk 32  history groups 1" in out
-    assert "vocab 151655" in out and "image tokens 64  image size (224, 224)" in out
+    assert "vocab 151655" in out and "image tokens 64  image size 224x224" in out
     assert "template  Hermes-2 (config.json)" in out
     assert "<IMG_CONTEXT>=151648" in out and "<|im_end|>=151645" in out
     assert "problems  none" in out

@@ -57,7 +57,7 @@ def test_board_layout_holds_the_demo_model(demo_board_dir):
 
 
 def test_board_captions_equal_reference_and_are_right(axengine_standin, demo_board_dir):
-    from npu.axengine_session import AxEngineSession
+    from npu.board.axengine_session import AxEngineSession
     from npu.model import load_model
 
     board = load_model(demo_board_dir, backend="axengine")

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npu.tokenizer import IncrementalDetokenizer, Tokenizer
+from npu.text.detokenizer import IncrementalDetokenizer
+from npu.text.tokenizer import Tokenizer
 
 FIXTURE_SETTINGS = settings(max_examples=150, deadline=None,
                             suppress_health_check=[HealthCheck.function_scoped_fixture])

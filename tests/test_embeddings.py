@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npu.checkpoint import load_checkpoint
+from npu.reference.checkpoint import load_checkpoint
 from npu.embeddings import (
     EMBEDDINGS_FILE,
     Embeddings,

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from npu.engine import (DoneEvent, Engine, GenerationOptions, ImageError, Prompt, PromptTooLong, TokenEvent,
                         argmax_logits, bf16_order_keys, plan_prefill)
 from npu.model import ModelError, read_shapes
-from npu.sampling import Sampler, SamplingParams, top_k_indices
+from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.session import BF16, TensorSpec, check_feed
-from npu.template import ChatTemplate
-from npu.tokenizer import Tokenizer
+from npu.text.template import ChatTemplate
+from npu.text.tokenizer import Tokenizer
 from tests.tokenizer_files import write_internvl2_tokenizer
 
 HIDDEN, KV_DIM, N_LAYERS, IMAGE_TOKENS, VISION_SIDE = 8, 4, 2, 4, 28

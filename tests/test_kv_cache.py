@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npu.kv_cache import CacheFullError, KVCache, KVSnapshot, PrefixStore
+from npu.engine.kv_cache import CacheFullError, KVCache, KVSnapshot, PrefixStore
 from npu.session import BF16, MASK_BLOCKED
 
 N_LAYERS, KV_DIM = 3, 4

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from npu.layout import LayoutError, detect_layout
+from npu.board.layout import LayoutError, detect_layout
 
 
 def touch(path: Path, text: str = "") -> Path:

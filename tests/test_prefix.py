@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from npu.kv_cache import KVSnapshot, PrefixEntry, PrefixStore
-from npu.prefill import plan_seconds
-from npu.prefix import find_follow_up, follow_up_start, prefix_key
-from npu.prompt import EncodedPrompt, Prompt
+from npu.engine.kv_cache import KVSnapshot, PrefixEntry, PrefixStore
+from npu.engine.prefill import plan_seconds
+from npu.engine.prefix import find_follow_up, follow_up_start, prefix_key
+from npu.engine.prompt import EncodedPrompt, Prompt
 
 # Only the fields the planner reads: chunk 16, history groups at rows 16 and 32.
 SHAPES = SimpleNamespace(chunk=16, history_groups={16: 2, 32: 3})

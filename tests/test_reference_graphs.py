@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from npu.blueprint import Blueprint, BlueprintError
-from npu.checkpoint import CheckpointError, load_checkpoint
+from npu.reference.blueprint import Blueprint, BlueprintError
+from npu.reference.checkpoint import CheckpointError, load_checkpoint
 from npu.reference import build_reference_sessions
 from npu.session import BF16, MASK_BLOCKED, SessionError
 from tests import model_factory as mf
@@ -371,7 +371,7 @@ def test_real_internvl2_1b_config_reads(checkpoints):
 def test_broken_checkpoints_fail_with_a_reason(checkpoints, tmp_path):
     from safetensors.numpy import save_file
 
-    from npu.checkpoint import read_safetensors
+    from npu.reference.checkpoint import read_safetensors
 
     broken = shutil.copytree(checkpoints["qwen2"].path, tmp_path / "renamed")
     tensors = {k: np.asarray(v, np.float32) for k, v in read_safetensors(broken / "model.safetensors").items()}
@@ -406,6 +406,6 @@ def test_broken_checkpoints_fail_with_a_reason(checkpoints, tmp_path):
     ],
 )
 def test_hf_names_map_to_canonical_names(hf_name, canonical):
-    from npu.checkpoint import canonical_name
+    from npu.reference.checkpoint import canonical_name
 
     assert canonical_name(hf_name) == canonical

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from npu.sampling import Sampler, SamplingParams, _nucleus_threshold, apply_repetition_penalty
+from npu.engine.sampling import Sampler, SamplingParams, _nucleus_threshold, apply_repetition_penalty
 
 VOCAB = 151655
 logit_arrays = hnp.arrays(np.float32, st.integers(1, 300),

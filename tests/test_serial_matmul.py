@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from npu import reference_ops as ops
+from npu.reference import ops
 
 
 @pytest.mark.parametrize("shape", [(16, 257, 64, 257), (2, 896, 64, 128), (3, 5, 4, 6), (1, 1, 64, 1000)])

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npu.template import INTERNVL2_5_SYSTEM, INTERNVL2_SYSTEM, TEMPLATES, ChatTemplate
-from npu.tokenizer import Tokenizer
+from npu.text.template import INTERNVL2_5_SYSTEM, INTERNVL2_SYSTEM, TEMPLATES, ChatTemplate, Turn
+from npu.text.tokenizer import Tokenizer
 from tests.fixtures_tokenizer import build_demo_wordlevel
 from tests.tokenizer_files import INTERNVL2_ADDED_TOKENS
 
@@ -29,6 +29,20 @@ def test_hermes2_is_internvl2_1b_prompt(internvl2_tokenizer):
     assert INTERNVL2_SYSTEM.startswith("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型")
     assert template.stop_ids == {IDS["<|im_end|>"], IDS["<|endoftext|>"]}
     assert template.image_context_id == IDS["<IMG_CONTEXT>"]
+
+
+@pytest.mark.parametrize("name", ["Hermes-2", "internvl2_5"])
+def test_a_conversation_is_internvl_history_form(internvl2_tokenizer, name):
+    template = ChatTemplate.from_checkpoint({"template": name}, internvl2_tokenizer)
+    sep = "<|im_end|>" if name == "Hermes-2" else "<|im_end|>\n"
+    system = INTERNVL2_SYSTEM if name == "Hermes-2" else INTERNVL2_5_SYSTEM
+    turns = [Turn("Is there a circle?", 1, "yes"), Turn("What colour is it?", 0, "red"), Turn("Where?")]
+    expected = ("<|im_start|>system\n" + system + sep
+                + "<|im_start|>user\n" + image(2) + "Is there a circle?" + sep + "<|im_start|>assistant\nyes" + sep
+                + "<|im_start|>user\nWhat colour is it?" + sep + "<|im_start|>assistant\nred" + sep
+                + "<|im_start|>user\nWhere?" + sep + "<|im_start|>assistant\n")
+    assert template.render_conversation(turns, 2) == expected
+    assert template.render_conversation([Turn("Describe.", 1)], 2) == template.render("Describe.", 1, 2)
 
 
 def test_internvl2_5_separator_has_a_newline(internvl2_tokenizer):

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npu.template import ChatTemplate
-from npu.tokenizer import Tokenizer, TokenizerError
+from npu.text.template import ChatTemplate
+from npu.text.tokenizer import Tokenizer, TokenizerError
 from tests.tokenizer_files import INTERNVL2_ADDED_TOKENS, INTERNVL2_VOCAB_SIZE
 
 SAMPLES = [
@@ -99,7 +99,7 @@ def test_tokenizer_json_gets_missing_added_tokens(internvl2_tokenizer_dir, tmp_p
     """A tokenizer.json without InternVL's tags plus added_tokens.json listing them."""
     base = {t: i for t, i in INTERNVL2_ADDED_TOKENS.items() if i <= 151645}
     vocab = json.loads((internvl2_tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
-    from npu.tokenizer import _read_merges, build_qwen2_bpe
+    from npu.text.tokenizer import _read_merges, build_qwen2_bpe
     merges = _read_merges(internvl2_tokenizer_dir / "merges.txt")
     build_qwen2_bpe(vocab, merges, base).save(str(tmp_path / "tokenizer.json"))
     shutil.copyfile(internvl2_tokenizer_dir / "added_tokens.json", tmp_path / "added_tokens.json")

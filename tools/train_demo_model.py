@@ -11,7 +11,7 @@ nothing else: it is a demonstration of the pipeline, not a general VLM.
 The tokenizer is a byte-level BPE like Qwen2's (trained here on the prompt corpus, so
 common words are single tokens) plus InternVL2's twelve added tokens, so the runtime
 reads it through the same code paths as a real checkpoint. Prompts are rendered with
-npu.template.ChatTemplate (Hermes-2, InternVL2-1B's Chinese system message) when that
+npu.text.template.ChatTemplate (Hermes-2, InternVL2-1B's Chinese system message) when that
 module is importable, else with the identical rendering below.
 
 How it learns in under 15 minutes on two CPU cores (RECIPE, one run of 2400 steps):
@@ -113,10 +113,10 @@ def prompt_encoder(tok, tokenizer_dir: Path):
     """question -> prompt ids: npu's ChatTemplate when importable, so training and
     inference tokenise prompts identically; else the same rendering encoded here."""
     try:
-        from npu.template import ChatTemplate
-        from npu.tokenizer import Tokenizer
+        from npu.text.template import ChatTemplate
+        from npu.text.tokenizer import Tokenizer
     except ImportError:
-        print("npu.template not importable: rendering Hermes-2 prompts here", flush=True)
+        print("npu.text.template not importable: rendering Hermes-2 prompts here", flush=True)
         return lambda question: tok.encode(render_prompt(question)).ids
     template = ChatTemplate.from_checkpoint({"template": "Hermes-2"}, Tokenizer.from_dir(tokenizer_dir))
     if template.render("q", 1, NUM_IMAGE_TOKENS) != render_prompt("q"):

@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from npu.board import format_report, inspect_model
-    from npu.layout import LayoutError
+    from npu.inspect import format_report, inspect_model
+    from npu.board.layout import LayoutError
     from npu.session import SessionError
 
     try:

@@ -31,7 +31,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from npu.blueprint import Blueprint
+from npu.reference.blueprint import Blueprint
 
 _DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),

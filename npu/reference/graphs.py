@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from npu import reference_ops as ops
-from npu.blueprint import Blueprint
-from npu.checkpoint import Weights, load_checkpoint
-from npu.reference_vision import VisionEncoder
+from npu.reference import ops
+from npu.reference.blueprint import Blueprint
+from npu.reference.checkpoint import Weights, load_checkpoint
+from npu.reference.vision import VisionEncoder
 from npu.session import BF16, Session, SessionError, ShapeGroups, TensorSpec, check_feed
 
 F32 = np.float32

@@ -2,14 +2,14 @@
 the masks the prefill groups are fed with.
 
 Pure functions of the shapes (no sessions, no cache): the engine executes the plan,
-`npu.prefix` prices alternative plans for a follow-up with `plan_seconds`.
+`npu.engine.prefix` prices alternative plans for a follow-up with `plan_seconds`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from npu.model import GraphShapes
+from npu.shapes import GraphShapes
 from npu.session import MASK_BLOCKED
 
 

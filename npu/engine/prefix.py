@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from npu.kv_cache import PrefixEntry, PrefixStore
-from npu.model import GraphShapes
-from npu.prefill import plan_seconds
-from npu.prompt import EncodedPrompt, Prompt
+from npu.engine.kv_cache import PrefixEntry, PrefixStore
+from npu.shapes import GraphShapes
+from npu.engine.prefill import plan_seconds
+from npu.engine.prompt import EncodedPrompt, Prompt
 
 # How a follow-up on a stored prefix is prefilled: "auto" picks the cheaper of resuming
 # at the snapshot's end and replaying from a chunk boundary (by measured graph times);

@@ -30,11 +30,11 @@ Token ids (stop tokens, `<IMG_CONTEXT>`) are read from the tokenizer, never hard
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    from npu.tokenizer import Tokenizer
+from npu.text.tokenizer import Tokenizer
 
 IMG_START = "<img>"
 IMG_END = "</img>"
@@ -76,6 +76,16 @@ TEMPLATES: dict[str, TemplateSpec] = {
                      "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"),
     )
 }
+
+
+class Turn(NamedTuple):
+    """One turn of a conversation: the user's question, how many images it carries (placed
+    before the question, as in a single prompt) and the assistant's answer (None for the
+    turn being asked)."""
+
+    question: str
+    num_images: int = 0
+    answer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,19 @@ class ChatTemplate:
     def render(self, question: str, num_images: int, image_tokens: int,
                system: str | None = None) -> str:
         return self.prefix(num_images, image_tokens, system) + question + self.suffix()
+
+    def render_conversation(self, turns: Sequence[Turn], image_tokens: int, system: str | None = None) -> str:
+        """A conversation as InternVL renders its history (MPT separator style): the system
+        turn, then per turn user role + image blocks + question + sep + assistant role, and
+        for every answered turn its answer + sep. With one unanswered last turn it is the
+        prompt for that turn; `render` is the one-turn case."""
+        spec = self.spec
+        text = spec.system_template.format(system=self.system_message if system is None else system) + spec.sep
+        for turn in turns:
+            text += spec.user_role + self.image_blocks(turn.num_images, image_tokens) + turn.question + self.suffix()
+            if turn.answer is not None:
+                text += turn.answer + spec.sep
+        return text
 
     def image_blocks(self, num_images: int, image_tokens: int) -> str:
         if num_images < 0 or image_tokens < 0:

@@ -101,8 +101,14 @@ def detect_layout(path: str | Path) -> ModelLayout:
     if (path / MANIFEST_NAME).is_file():
         return _manifest(path)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return ModelLayout("hf", path, config=_read_json(path / "config.json"),
-                           notes=("Hugging Face checkpoint: graphs are built by the reference backend",))
+        config = _read_json(path / "config.json")
+        template, source = (str(config["template"]), "config.json") if config.get("template") else \
+            (None, "none in config.json: Qwen2 ChatML")
+        return ModelLayout("hf", path, tokenizer_dir=path if _has_tokenizer(path) else None, config=config,
+                           vocab_size=_text_config(config).get("vocab_size"), template=template,
+                           template_source=source,
+                           notes=("Hugging Face checkpoint: graphs are built by the reference backend,"
+                                  " embeddings exported from its weights",))
     mode_file = _find_mode_file(path)
     if mode_file is not None:
         return _m5stack(path, mode_file)

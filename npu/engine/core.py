@@ -29,10 +29,10 @@ next token's embedding row (greedy reads the logits in place).
 
 The engine does not know MQTT, config files, image decoding, threads or requests: it
 runs one prompt at a time and must not be shared between threads. It executes; the
-decisions live beside it: `npu.prompt` (tokenising, the request errors), `npu.prefill`
-(the plan and its price), `npu.prefix` (which snapshot a follow-up reuses, and from
-which row it prefills) and `npu.logits` (bf16 logits read in place). Their public
-names used by callers are re-exported here.
+decisions live beside it: `npu.engine.prompt` (tokenising, the request errors), `npu.engine.prefill`
+(the plan and its price), `npu.engine.prefix` (which snapshot a follow-up reuses, and from
+which row it prefills) and `npu.engine.logits` (bf16 logits read in place). Their public
+names used by callers are re-exported by the package (npu/engine/__init__.py).
 """
 
 from __future__ import annotations
@@ -44,19 +44,16 @@ from typing import Any
 
 import numpy as np
 
+from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
+from npu.engine.logits import argmax_logits, bf16_order_keys
+from npu.engine.prefill import chunk_mask, plan_prefill
+from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
+from npu.engine.prompt import EncodedPrompt, EngineError, ImageError, Prompt, check_fits, encode_prompt
+from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.image import to_vision_input
-from npu.kv_cache import KVCache, PrefixEntry, PrefixStore
-from npu.logits import argmax_logits, bf16_order_keys
-from npu.model import GraphShapes, read_shapes
-from npu.prefill import chunk_mask, plan_prefill
-from npu.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
-from npu.prompt import EncodedPrompt, EngineError, ImageError, Prompt, PromptTooLong, check_fits, encode_prompt
-from npu.sampling import Sampler, SamplingParams, top_k_indices
 from npu.session import BF16, SessionError
-from npu.tokenizer import IncrementalDetokenizer
-
-__all__ = ["REPLAY_POLICIES", "DoneEvent", "Engine", "EngineError", "Event", "GenerationOptions", "ImageError",
-           "Prompt", "PromptTooLong", "TokenEvent", "argmax_logits", "bf16_order_keys", "plan_prefill"]
+from npu.shapes import GraphShapes, read_shapes
+from npu.text.detokenizer import IncrementalDetokenizer
 
 
 class _Cancelled(Exception):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from npu import reference_ops as ops
-from npu.blueprint import Blueprint
-from npu.checkpoint import Weights
+from npu.reference import ops
+from npu.reference.blueprint import Blueprint
+from npu.reference.checkpoint import Weights
 
 F32 = np.float32
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=F32)

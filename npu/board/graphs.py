@@ -1,0 +1,81 @@
+"""Compiled model directories on the board: open their graphs and check their pieces.
+
+`open_board_graphs(layout)` opens one `AxEngineSession` per graph (kept for the life of
+the process, see npu/board/axengine_session.py); the shapes are read from those sessions
+by `npu.shapes.read_shapes`, like any backend's. `check_embeddings` checks the board's
+embedding file against them. `npu.model.load_model` assembles the engine's `Model`;
+`npu.inspect` explains a directory.
+
+Nothing here hard-codes InternVL2-1B's numbers; they are what the graphs say.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from npu.board.axengine_session import open_session
+from npu.board.layout import ModelLayout
+from npu.errors import ModelError
+from npu.session import Session
+from npu.shapes import GraphShapes
+
+BF16_BYTES = 2
+
+
+class BoardModelError(ModelError):
+    """A compiled model whose pieces cannot work together; the message names the piece."""
+
+
+@dataclass
+class BoardGraphs:
+    vision: Session | None
+    layers: list[Session]
+    post: Session
+
+
+def open_board_graphs(layout: ModelLayout, provider: str = "auto", device_id: int = 0) -> BoardGraphs:
+    """Open every graph of a compiled layout; raises BoardModelError if a needed one is missing."""
+    if not layout.is_compiled:
+        raise BoardModelError(f"{layout.root} is a Hugging Face checkpoint: use the reference backend")
+    missing = [f"{name} ({path.name})" for name, path in layout.graph_paths().items() if not path.is_file()]
+    if not layout.layers or layout.post is None or missing:
+        raise BoardModelError(f"{layout.root}: graphs missing: {missing or 'layers/post'};"
+                              f" {'; '.join(layout.problems)}")
+    sessions = {name: open_session(path, name=name, provider=provider, device_id=device_id)
+                for name, path in layout.graph_paths().items()}
+    return BoardGraphs(sessions.get("vision"), [sessions[f"layer{i}"] for i in range(len(layout.layers))],
+                       sessions["post"])
+
+
+def describe_graph(session: Session, path: Path | None = None) -> dict[str, Any]:
+    groups = [{"group": g, "inputs": [s.describe() for s in session.inputs(g)],
+               "outputs": [s.describe() for s in session.outputs(g)]} for g in range(session.num_groups)]
+    return {"name": session.name, "file": path.name if path else None, "groups": groups}
+
+
+def check_embeddings(layout: ModelLayout, shapes: GraphShapes, problems: list[str]) -> int | None:
+    """Rows of the embedding file; appends a problem when its size does not fit the graphs."""
+    if layout.embeddings is None or not layout.embeddings.is_file():
+        return None
+    size = os.path.getsize(layout.embeddings)
+    row_bytes = shapes.hidden * BF16_BYTES
+    if size % row_bytes:
+        problems.append(f"{layout.embeddings.name}: {size} bytes is not a whole number of bf16 rows"
+                        f" of hidden {shapes.hidden}")
+        return None
+    rows = size // row_bytes
+    for label, expected in (("post graph vocab", shapes.vocab), ("declared vocab", layout.vocab_size)):
+        if expected is not None and expected != rows:
+            problems.append(f"{layout.embeddings.name}: {rows} rows x {shapes.hidden} (= {size} bytes),"
+                            f" {label} is {expected}")
+    if layout.hidden_size is not None and layout.hidden_size != shapes.hidden:
+        problems.append(f"declared hidden size {layout.hidden_size} but the graphs use {shapes.hidden}")
+    return rows
+
+
+def template_config(layout: ModelLayout) -> dict[str, Any]:
+    """The config ChatTemplate chooses by: the layout's config with its (possibly inferred) template."""
+    return dict(layout.config, template=layout.template) if layout.template else dict(layout.config)

@@ -1,0 +1,14 @@
+"""The engine and its parts: run state and the generate loop (core), the KV cache, the
+prefill plan, follow-up prefixes, prompts and request errors, sampling, bf16 logits.
+
+Callers import the public names from here: `from npu.engine import Engine, Prompt, ...`.
+"""
+
+from npu.engine.core import DoneEvent, Engine, Event, GenerationOptions, TokenEvent
+from npu.engine.logits import argmax_logits, bf16_order_keys
+from npu.engine.prefill import plan_prefill
+from npu.engine.prefix import REPLAY_POLICIES
+from npu.engine.prompt import EngineError, ImageError, Prompt, PromptTooLong
+
+__all__ = ["REPLAY_POLICIES", "DoneEvent", "Engine", "EngineError", "Event", "GenerationOptions", "ImageError",
+           "Prompt", "PromptTooLong", "TokenEvent", "argmax_logits", "bf16_order_keys", "plan_prefill"]

@@ -1,0 +1,147 @@
+"""`vlmd model inspect`: explain a model directory of any layout, and name every problem.
+
+`inspect_model(path)` reports the layout and its files, every graph's shape groups, the
+shapes the engine would read (npu.shapes), the embedding rows, the tokenizer's special
+ids, the chat template and where it came from, and a list of problems (empty: the engine
+would load it). A Hugging Face checkpoint is inspected through the reference graphs the
+reference backend would build from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, open_board_graphs, template_config
+from npu.board.layout import ModelLayout, detect_layout
+from npu.errors import ModelError
+from npu.reference import build_reference_sessions
+from npu.session import SessionError
+from npu.shapes import GraphShapes, ShapeError, read_shapes
+from npu.text.template import ChatTemplate
+from npu.text.tokenizer import Tokenizer
+
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>")
+
+
+def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
+                  precision: str = "bf16") -> dict[str, Any]:
+    """Everything `vlmd model inspect` prints, as a JSON-able dict; `problems` empty means consistent."""
+    layout = detect_layout(path)
+    problems = list(layout.problems)
+    report: dict[str, Any] = {"path": str(layout.root), "layout": layout.kind, "notes": list(layout.notes),
+                              "template": layout.template, "template_source": layout.template_source,
+                              "files": _files(layout)}
+    try:
+        graphs = _reference_graphs(layout, precision) if layout.kind == "hf" else \
+            open_board_graphs(layout, provider, device_id)
+    except (ModelError, SessionError, OSError) as exc:
+        report["problems"] = problems + [f"graphs not opened: {exc}"]
+        return report
+    paths = layout.graph_paths()
+    shown = [graphs.vision] if graphs.vision is not None else []
+    report["graphs"] = [describe_graph(s, paths.get(s.name)) for s in shown + [graphs.layers[0], graphs.post]]
+    try:
+        shapes = read_shapes(graphs)  # the engine's own reading: inspect refuses what the engine would
+    except ShapeError as exc:
+        report["problems"] = problems + [f"the engine would refuse these graphs: {p}" for p in exc.problems]
+        return report
+    report["facts"] = shapes.describe()
+    rows = check_embeddings(layout, shapes, problems) if layout.is_compiled else shapes.vocab
+    report["embedding_rows"] = rows
+    report["tokenizer"] = tokenizer_report(layout, shapes, rows, problems)
+    report["problems"] = problems
+    return report
+
+
+def _files(layout: ModelLayout) -> dict[str, str | None]:
+    def name(path: Path | None) -> str | None:
+        if path is None:
+            return None
+        return str(path.relative_to(layout.root) if path.is_relative_to(layout.root) else path)
+
+    files = {graph: name(path) for graph, path in layout.graph_paths().items() if not graph.startswith("layer")}
+    if layout.layers:
+        files["layers"] = f"{name(layout.layers[0])} .. {name(layout.layers[-1])} ({len(layout.layers)})"
+    files.update(embeddings=name(layout.embeddings), tokenizer=name(layout.tokenizer_dir))
+    return files
+
+
+def _reference_graphs(layout: ModelLayout, precision: str) -> BoardGraphs:
+    built = build_reference_sessions(layout.root, precision=precision)
+    return BoardGraphs(built.vision, list(built.layers), built.post)
+
+
+def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
+                     problems: list[str]) -> dict[str, Any]:
+    """Special ids from the tokenizer, the chat template, and the image-token count check."""
+    if layout.tokenizer_dir is None:
+        return {}
+    try:
+        tokenizer = Tokenizer.from_dir(layout.tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        problems.append(f"tokenizer in {layout.tokenizer_dir} unusable: {exc}")
+        return {}
+    special = {token: tokenizer.token_id(token) for token in SPECIAL_TOKENS}
+    report: dict[str, Any] = {"dir": str(layout.tokenizer_dir), "special_ids": special}
+    top = max((i for i in special.values() if i is not None), default=None)
+    if rows is not None and top is not None and top >= rows:
+        problems.append(f"tokenizer id {top} is past the embedding file's {rows} rows")
+    image_id = special["<IMG_CONTEXT>"]
+    if layout.image_context_id is not None and layout.image_context_id != image_id:
+        problems.append(f"the package declares image token id {layout.image_context_id}, the tokenizer has {image_id}")
+    if layout.template is None and shapes.image_tokens:
+        problems.append("no chat template for a vision model: " + layout.template_source)
+    try:
+        template = ChatTemplate.from_checkpoint(template_config(layout), tokenizer)
+    except ValueError as exc:
+        problems.append(str(exc))
+        return report
+    report["template"] = template.name
+    report["stop_ids"] = sorted(template.stop_ids)
+    if shapes.image_tokens:
+        prompt = template.render("?", 1, shapes.image_tokens)
+        count = tokenizer.encode(prompt).count(image_id) if image_id is not None else 0
+        report["image_context_tokens"] = count
+        if count != shapes.image_tokens:
+            problems.append(f"the prompt carries {count} <IMG_CONTEXT> tokens,"
+                            f" the vision graph yields {shapes.image_tokens} rows")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable form of `inspect_model`'s report."""
+    lines = [f"model     {report['path']}", f"layout    {report['layout']}"]
+    lines += [f"          {note}" for note in report.get("notes", [])]
+    lines.append(f"template  {report.get('template')} ({report.get('template_source')})")
+    lines += [f"file      {key:<10} {value}" for key, value in report.get("files", {}).items()]
+    for graph in report.get("graphs", []):
+        lines.append(f"graph     {graph['name']}" + (f"  [{graph['file']}]" if graph["file"] else ""))
+        for group in graph["groups"]:
+            lines.append(f"  group {group['group']}  in:  " + ", ".join(group["inputs"]))
+            lines.append("           out: " + ", ".join(group["outputs"]))
+    facts = report.get("facts")
+    if facts:
+        lines.append(f"layers    {facts['n_layers']} (layer1.. same groups as layer0)")
+        lines.append(f"hidden {facts['hidden']}  kv_dim {facts['kv_dim']}  KV capacity {facts['kv_capacity']}"
+                     f"  prefill chunk {facts['prefill_chunk']}  history groups {facts['history_groups']}")
+        lines.append(f"dtype {facts['float_dtype']}  vocab {facts['vocab']}  post top-k {facts['post_topk']}"
+                     f"  image tokens {facts['image_tokens']}  image size {_size(facts['image_size'])}"
+                     f"  vision dtype {facts['vision_dtype']}")
+        lines.append(f"embedding rows {report.get('embedding_rows')}")
+    tokenizer = report.get("tokenizer") or {}
+    if tokenizer:
+        lines.append(f"tokenizer {tokenizer['dir']}")
+        lines.append("special   " + ", ".join(f"{k}={v}" for k, v in tokenizer["special_ids"].items()))
+        if "image_context_tokens" in tokenizer:
+            lines.append(f"image     {tokenizer['image_context_tokens']} <IMG_CONTEXT> tokens in a one-image prompt")
+        if "stop_ids" in tokenizer:
+            lines.append(f"stop ids  {tokenizer['stop_ids']}")
+    problems = report.get("problems", [])
+    lines.append("problems  none" if not problems else f"problems  {len(problems)}:")
+    lines += [f"  - {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def _size(size: list[int] | None) -> str:
+    return "none" if size is None else f"{size[0]}x{size[1]}"
