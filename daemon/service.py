@@ -77,6 +77,7 @@ class Service:
         self._stopped = threading.Event()
         self.started_at = clock()
         self._next_stats = 0.0
+        self.model_facts: dict = {}  # Engine.model_summary(), once loaded
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -84,6 +85,8 @@ class Service:
         """Start the broker (if none is configured), load the engine, connect, start the worker."""
         url, protocol = self._broker_url()
         engine = self.engine_factory(self.config)
+        self.model_facts = engine.model_summary()
+        log.info("model loaded", **self.model_facts)  # one line: what this daemon runs
         self.client = MqttClient(
             self._client_settings(url, protocol),
             will=(self.topics.status(), payloads.STATUS_OFFLINE.encode(), SPEC["status"].qos, SPEC["status"].retain),
@@ -202,7 +205,7 @@ class Service:
             ts=self.wall_clock(), uptime_s=max(0.0, self.clock() - self.started_at), queue_depth=self.inbox.depth,
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
-            running=self.inbox.running is not None,
+            running=self.inbox.running is not None, model=self.model_facts or None,
         )
 
     # -- broker and client settings ---------------------------------------------------

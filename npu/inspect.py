@@ -14,7 +14,9 @@ from typing import Any
 
 from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, open_board_graphs, template_config
 from npu.board.layout import ModelLayout, detect_layout
+from npu.embeddings import cached_embeddings_path
 from npu.errors import ModelError
+from npu.model import DEMO_MODEL_DIR
 from npu.reference import build_reference_sessions
 from npu.session import SessionError
 from npu.shapes import GraphShapes, ShapeError, read_shapes
@@ -30,6 +32,7 @@ def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
     layout = detect_layout(path)
     problems = list(layout.problems)
     report: dict[str, Any] = {"path": str(layout.root), "layout": layout.kind, "notes": list(layout.notes),
+                              "demo_model": _is_demo_model(layout.root),
                               "template": layout.template, "template_source": layout.template_source,
                               "files": _files(layout)}
     try:
@@ -49,9 +52,31 @@ def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
     report["facts"] = shapes.describe()
     rows = check_embeddings(layout, shapes, problems) if layout.is_compiled else shapes.vocab
     report["embedding_rows"] = rows
+    report["embeddings"] = _embeddings_report(layout, shapes, rows)
     report["tokenizer"] = tokenizer_report(layout, shapes, rows, problems)
+    if report["tokenizer"].get("template"):  # the template the engine would use, inferred ones included
+        report["template"] = report["tokenizer"]["template"]
     report["problems"] = problems
     return report
+
+
+def _is_demo_model(root: Path) -> bool:
+    try:
+        return Path(root).resolve() == DEMO_MODEL_DIR.resolve()
+    except OSError:
+        return False
+
+
+def _embeddings_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None) -> dict[str, Any]:
+    """Where the token embeddings come from: the package's bf16 file, or (a checkpoint) its
+    weights, exported once into vlmd's cache on the first load."""
+    if layout.is_compiled:
+        file = str(layout.embeddings) if layout.embeddings is not None else None
+        return {"file": file, "rows": rows, "hidden": shapes.hidden, "source": "the package's bf16 file"}
+    cached = cached_embeddings_path(layout.root)
+    return {"file": str(cached), "rows": rows, "hidden": shapes.hidden,
+            "source": "exported from the checkpoint's weights" + (" (cached)" if cached.is_file() else
+                                                                   " on the first load")}
 
 
 def _files(layout: ModelLayout) -> dict[str, str | None]:
@@ -63,7 +88,8 @@ def _files(layout: ModelLayout) -> dict[str, str | None]:
     files = {graph: name(path) for graph, path in layout.graph_paths().items() if not graph.startswith("layer")}
     if layout.layers:
         files["layers"] = f"{name(layout.layers[0])} .. {name(layout.layers[-1])} ({len(layout.layers)})"
-    files.update(embeddings=name(layout.embeddings), tokenizer=name(layout.tokenizer_dir))
+    embeddings = name(layout.embeddings) if layout.is_compiled else "(exported from the checkpoint's weights)"
+    files.update(embeddings=embeddings, tokenizer=name(layout.tokenizer_dir))
     return files
 
 
@@ -83,7 +109,7 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
         problems.append(f"tokenizer in {layout.tokenizer_dir} unusable: {exc}")
         return {}
     special = {token: tokenizer.token_id(token) for token in SPECIAL_TOKENS}
-    report: dict[str, Any] = {"dir": str(layout.tokenizer_dir), "special_ids": special}
+    report: dict[str, Any] = {"dir": str(Path(layout.tokenizer_dir).resolve()), "special_ids": special}
     top = max((i for i in special.values() if i is not None), default=None)
     if rows is not None and top is not None and top >= rows:
         problems.append(f"tokenizer id {top} is past the embedding file's {rows} rows")
@@ -111,7 +137,8 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable form of `inspect_model`'s report."""
-    lines = [f"model     {report['path']}", f"layout    {report['layout']}"]
+    demo = "  (the demo model shipped with vlmd)" if report.get("demo_model") else ""
+    lines = [f"model     {report['path']}{demo}", f"layout    {report['layout']}"]
     lines += [f"          {note}" for note in report.get("notes", [])]
     lines.append(f"template  {report.get('template')} ({report.get('template_source')})")
     lines += [f"file      {key:<10} {value}" for key, value in report.get("files", {}).items()]
@@ -129,6 +156,10 @@ def format_report(report: dict[str, Any]) -> str:
                      f"  image tokens {facts['image_tokens']}  image size {_size(facts['image_size'])}"
                      f"  vision dtype {facts['vision_dtype']}")
         lines.append(f"embedding rows {report.get('embedding_rows')}")
+    embeddings = report.get("embeddings")
+    if embeddings:
+        lines.append(f"embeddings {embeddings['file']}  ({embeddings['rows']} x {embeddings['hidden']} bf16,"
+                     f" {embeddings['source']})")
     tokenizer = report.get("tokenizer") or {}
     if tokenizer:
         lines.append(f"tokenizer {tokenizer['dir']}")

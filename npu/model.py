@@ -52,15 +52,25 @@ class Model:
     precision: str | None = None
     source: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    layout: str | None = None  # "hf", "axera", "m5stack", "manifest" (npu.board.layout)
+    provider: str | None = None  # the axengine execution provider; None on the reference backend
 
     def shapes(self) -> GraphShapes:
         return read_shapes(self)
+
+    def summary(self) -> dict[str, str | int | None]:
+        """The facts `vlmd serve` logs at start and publishes in its stats, flat and JSON-able."""
+        s = self.shapes()
+        return {"path": str(self.source) if self.source else None, "layout": self.layout, "backend": self.backend,
+                "provider": self.provider, "precision": self.precision, "template": self.template.name,
+                "kv_capacity": s.capacity, "prefill_chunk": s.chunk, "image_tokens": s.image_tokens}
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for logs and `vlmd model inspect`."""
         s = self.shapes()
         return {
-            "name": self.name, "source": str(self.source) if self.source else None, "backend": self.backend,
+            "name": self.name, "source": str(self.source) if self.source else None, "layout": self.layout,
+            "backend": self.backend, "provider": self.provider,
             "precision": self.precision, "template": getattr(self.template, "name", None),
             "layers": s.n_layers, "hidden": s.hidden, "kv_capacity": s.capacity, "kv_dim": s.kv_dim,
             "prefill_chunk": s.chunk, "history_lengths": sorted(s.history_groups),
@@ -114,7 +124,7 @@ def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefi
     embeddings = Embeddings(cached_embeddings_file(root), built.blueprint.vocab, built.blueprint.hidden)
     return Model(built.vision, list(built.layers), built.post, embeddings, tokenizer, template,
                  name=root.name, backend="reference", precision=precision, source=root,
-                 notes=tuple(layout.notes))
+                 notes=tuple(layout.notes), layout=layout.kind)
 
 
 def _load_board(layout: ModelLayout, provider: str, device_id: int) -> Model:
@@ -139,4 +149,5 @@ def _load_board(layout: ModelLayout, provider: str, device_id: int) -> Model:
     notes = layout.notes + (f"template {template.name}: {layout.template_source}",)
     return Model(graphs.vision, graphs.layers, graphs.post, embeddings, tokenizer, template, name=layout.root.name,
                  backend="axengine", precision="bf16" if dtype_name(shapes.act_dtype) == "bfloat16" else "fp32",
-                 source=layout.root, notes=notes)
+                 source=layout.root, notes=notes, layout=layout.kind,
+                 provider=getattr(graphs.post, "provider", None))  # AxEngineSession.provider: what axengine chose

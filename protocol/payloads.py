@@ -330,6 +330,9 @@ class Stats(_Outbound):
     last_ttft_ms: float | None = None
     last_decode_tokens_per_s: float | None = None
     rss_bytes: int | None = None
+    model: dict[str, str | int | None] | None = Field(
+        None, description="The loaded model, as logged at start: path, layout, backend, provider, precision,"
+        " template, kv_capacity, prefill_chunk, image_tokens.")
 
 
 INBOUND_MODELS: tuple[type[BaseModel], ...] = (AskRequest, CancelRequest)

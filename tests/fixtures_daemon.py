@@ -39,6 +39,12 @@ class FakeEngine:
     Prompts whose text starts with "FAIL" raise EngineError, "TOOLONG" PromptTooLong.
     """
 
+    SUMMARY = {"path": "/fake/model", "layout": "hf", "backend": "fake", "provider": None, "precision": "fp32",
+               "template": "Hermes-2", "kv_capacity": 1023, "prefill_chunk": 128, "image_tokens": 64}
+
+    def model_summary(self) -> dict:
+        return dict(self.SUMMARY)
+
     def __init__(self, token_delay_s: float = 0.0, extra_words: int = 0):
         self.token_delay_s = token_delay_s
         self.extra_words = extra_words

@@ -176,6 +176,10 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    def model_summary(self) -> dict[str, str | int | None]:
+        """The loaded model's facts (npu.model.Model.summary): for the daemon's start log and stats."""
+        return self.model.summary()
+
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt occupies in the cache, image tokens included."""
         return len(self._encode(prompt).ids)
