@@ -98,7 +98,8 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    """The last event. `text` is every delta plus any tail the detokenizer held back."""
+    """The last event. `text` is exactly every delta joined: a character the answer stopped
+    inside (whose first bytes the detokenizer held back) is dropped, never a U+FFFD."""
 
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
@@ -236,8 +237,10 @@ class Engine:
             steps = max(len(pieces) - 1, 0)
             if steps and decode_s > 0:
                 timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
-        text = "".join(pieces) + detok.flush()
-        yield DoneEvent(text, finish, num_prompt, len(pieces), timings)
+        # What the detokenizer still holds is the start of a character the answer stopped
+        # inside (max_tokens, a stop token, a cancel): dropped, so `text` is exactly the deltas.
+        detok.flush()
+        yield DoneEvent("".join(pieces), finish, num_prompt, len(pieces), timings)
 
     # ------------------------------------------------------------------ prefill
 
