@@ -16,9 +16,8 @@ from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, open
 from npu.board.layout import ModelLayout, detect_layout
 from npu.embeddings import cached_embeddings_path
 from npu.errors import ModelError
-from npu.model import DEMO_MODEL_DIR
+from npu.model import DEMO_MODEL_DIR, load_part
 from npu.reference import build_reference_sessions
-from npu.session import SessionError
 from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
@@ -36,9 +35,9 @@ def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
                               "template": layout.template, "template_source": layout.template_source,
                               "files": _files(layout)}
     try:
-        graphs = _reference_graphs(layout, precision) if layout.kind == "hf" else \
-            open_board_graphs(layout, provider, device_id)
-    except (ModelError, SessionError, OSError) as exc:
+        graphs = load_part("checkpoint graphs", layout.root, _reference_graphs, layout, precision) \
+            if layout.kind == "hf" else load_part("board", layout.root, open_board_graphs, layout, provider, device_id)
+    except ModelError as exc:
         report["problems"] = problems + [f"graphs not opened: {exc}"]
         return report
     paths = layout.graph_paths()
@@ -104,9 +103,9 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     if layout.tokenizer_dir is None:
         return {}
     try:
-        tokenizer = Tokenizer.from_dir(layout.tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        problems.append(f"tokenizer in {layout.tokenizer_dir} unusable: {exc}")
+        tokenizer = load_part("tokenizer", layout.tokenizer_dir, Tokenizer.from_dir, layout.tokenizer_dir)
+    except ModelError as exc:
+        problems.append(f"unusable: {exc}")
         return {}
     special = {token: tokenizer.token_id(token) for token in SPECIAL_TOKENS}
     report: dict[str, Any] = {"dir": str(Path(layout.tokenizer_dir).resolve()), "special_ids": special}
@@ -119,8 +118,8 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     if layout.template is None and shapes.image_tokens:
         problems.append("no chat template for a vision model: " + layout.template_source)
     try:
-        template = ChatTemplate.from_checkpoint(template_config(layout), tokenizer)
-    except ValueError as exc:
+        template = load_part("template", layout.root, ChatTemplate.from_checkpoint, template_config(layout), tokenizer)
+    except ModelError as exc:
         problems.append(str(exc))
         return report
     report["template"] = template.name

@@ -15,23 +15,25 @@ Nothing here knows MQTT or the engine's run state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from npu.board.graphs import BoardModelError, check_embeddings, open_board_graphs, template_config
-from npu.board.layout import LayoutError, ModelLayout, detect_layout
+from npu.board.layout import ModelLayout, detect_layout
 from npu.embeddings import Embeddings, cached_embeddings_file
 from npu.errors import ModelError
 from npu.reference import build_reference_sessions
-from npu.session import Session, SessionError, dtype_name
+from npu.session import Session, dtype_name
 from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
 
-__all__ = ["BACKENDS", "DEMO_MODEL_DIR", "PRECISIONS", "GraphShapes", "Model", "ModelError", "ShapeError",
+__all__ = ["BACKENDS", "DEMO_MODEL_DIR", "PRECISIONS", "GraphShapes", "Model", "ModelError", "ShapeError", "load_part",
            "load_model", "read_shapes"]
 
+T = TypeVar("T")
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_model"
 BACKENDS = ("auto", "reference", "axengine")
 PRECISIONS = ("bf16", "fp32")
@@ -99,10 +101,7 @@ def load_model(path: str | Path | None = None, backend: str = "auto", precision:
             raise ModelError(f"no --model given and the demo model is not installed at {DEMO_MODEL_DIR}:"
                              " pass --model DIR (a Hugging Face InternVL2 checkpoint or a board model directory)")
         path = DEMO_MODEL_DIR
-    try:
-        layout = detect_layout(path)
-    except LayoutError as exc:
-        raise ModelError(str(exc)) from exc
+    layout = load_part("layout", path, detect_layout, path)
     if layout.kind == "hf":
         if backend == "axengine":
             raise ModelError(f"{layout.root} is a Hugging Face checkpoint: axengine runs compiled .axmodel graphs;"
@@ -114,14 +113,35 @@ def load_model(path: str | Path | None = None, backend: str = "auto", precision:
     return _load_board(layout, provider, device_id)
 
 
+def load_part(part: str, where: Any, load: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Load one part of a model; any failure becomes one ModelError naming the part.
+
+    This is the load boundary: layouts, checkpoints, sessions, tokenizers (tokenizers
+    raises bare Exceptions), templates and embedding files each fail in their own way,
+    and every caller (`vlmd serve`, `ask`, `bench`, `check`) prints one line for them.
+    """
+    try:
+        return load(*args, **kwargs)
+    except ModelError as exc:
+        if exc.part is None:
+            exc.part = part
+        raise
+    except Exception as exc:  # the boundary: whatever a part raises, the caller gets one ModelError
+        reason = str(exc) or type(exc).__name__
+        if not isinstance(exc, (ValueError, OSError, RuntimeError)):
+            reason = f"{type(exc).__name__}: {reason}"
+        raise ModelError(f"{where}: {part}: {reason}", part=part) from exc
+
+
 def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefill_chunk: int,
                     history_groups: int) -> Model:
     root = Path(layout.root)
-    built = build_reference_sessions(root, precision=precision, kv_capacity=kv_capacity,
-                                     prefill_chunk=prefill_chunk, history_groups=history_groups)
-    tokenizer = Tokenizer.from_dir(root)
-    template = ChatTemplate.from_checkpoint(layout.config, tokenizer)
-    embeddings = Embeddings(cached_embeddings_file(root), built.blueprint.vocab, built.blueprint.hidden)
+    built = load_part("checkpoint graphs", root, build_reference_sessions, root, precision=precision,
+                  kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, history_groups=history_groups)
+    tokenizer = load_part("tokenizer", root, Tokenizer.from_dir, root)
+    template = load_part("template", root, ChatTemplate.from_checkpoint, layout.config, tokenizer)
+    embeddings_file = load_part("embeddings", root, cached_embeddings_file, root)
+    embeddings = load_part("embeddings", root, Embeddings, embeddings_file, built.blueprint.vocab, built.blueprint.hidden)
     return Model(built.vision, list(built.layers), built.post, embeddings, tokenizer, template,
                  name=root.name, backend="reference", precision=precision, source=root,
                  notes=tuple(layout.notes), layout=layout.kind)
@@ -129,23 +149,22 @@ def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefi
 
 def _load_board(layout: ModelLayout, provider: str, device_id: int) -> Model:
     """The engine's `Model` for a compiled directory; BoardModelError lists every inconsistency."""
-    try:
-        graphs = open_board_graphs(layout, provider, device_id)
-    except SessionError as exc:  # axengine missing, or a graph it refused to open
-        raise ModelError(f"{layout.root}: {exc}") from exc
+    graphs = load_part("board", layout.root, open_board_graphs, layout, provider, device_id)  # axengine, graphs
     problems = list(layout.problems)
     try:
         shapes = read_shapes(graphs)
     except ShapeError as exc:
-        raise BoardModelError(f"{layout.root}: {exc} (see `vlmd model inspect {layout.root}`)") from None
+        raise BoardModelError(f"{layout.root}: graphs: {exc} (see `vlmd model inspect {layout.root}`)",
+                              part="graphs") from None
     rows = check_embeddings(layout, shapes, problems)
     if rows is None or layout.tokenizer_dir is None:
         problems.append("the model needs its embedding file and tokenizer files")
     if problems:
-        raise BoardModelError(f"{layout.root}: " + "; ".join(problems) + f" (see `vlmd model inspect {layout.root}`)")
-    tokenizer = Tokenizer.from_dir(layout.tokenizer_dir)
-    template = ChatTemplate.from_checkpoint(template_config(layout), tokenizer)
-    embeddings = Embeddings(layout.embeddings, rows, shapes.hidden)
+        raise BoardModelError(f"{layout.root}: " + "; ".join(problems) + f" (see `vlmd model inspect {layout.root}`)",
+                              part="layout")
+    tokenizer = load_part("tokenizer", layout.tokenizer_dir, Tokenizer.from_dir, layout.tokenizer_dir)
+    template = load_part("template", layout.root, ChatTemplate.from_checkpoint, template_config(layout), tokenizer)
+    embeddings = load_part("embeddings", layout.embeddings, Embeddings, layout.embeddings, rows, shapes.hidden)
     notes = layout.notes + (f"template {template.name}: {layout.template_source}",)
     return Model(graphs.vision, graphs.layers, graphs.post, embeddings, tokenizer, template, name=layout.root.name,
                  backend="axengine", precision="bf16" if dtype_name(shapes.act_dtype) == "bfloat16" else "fp32",

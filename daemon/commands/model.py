@@ -37,13 +37,12 @@ def run(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from npu.inspect import format_report, inspect_model
     from npu.board.layout import LayoutError
-    from npu.session import SessionError
 
-    from npu.model import DEMO_MODEL_DIR
+    from npu.model import DEMO_MODEL_DIR, ModelError
 
     try:
         report = inspect_model(args.path or DEMO_MODEL_DIR, provider=args.provider, device_id=args.device_id, precision=args.precision)
-    except (LayoutError, SessionError) as exc:
+    except (LayoutError, ModelError) as exc:
         print(f"vlmd model inspect: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, default=str) if args.json else format_report(report))
