@@ -1,5 +1,5 @@
 """Daemon test helpers: a fake engine with the real engine's interface, a recording
-publisher, a PNG maker, and an MQTT test client that collects messages.
+publisher, a PNG maker, an MQTT test client that collects messages, and `json_logs`.
 
 The fake engine uses npu.engine's own Prompt, GenerationOptions and events, so the
 worker is tested against the real value types; it answers with a description of what it
@@ -16,7 +16,19 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 from PIL import Image
+
+
+@pytest.fixture
+def json_logs():
+    """vlmd's logs as JSON lines into memory (debug and up); call it for the lines so far."""
+    from daemon.logs import configure_logging, reset_logging
+
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    reset_logging()
 
 
 def png_bytes(colour=(200, 30, 30), size=(64, 48)) -> bytes:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import threading
@@ -23,7 +22,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.config import Config
-from daemon.logs import configure_logging, reset_logging
 from daemon.mqtt import TAKEOVER_COUNT, ClientSettings, MqttClient, wait_until
 from daemon.service import Service, main
 from tests.fixtures_broker import free_port, start_mosquitto
@@ -34,11 +32,8 @@ WILL = ("vlmd/t/status", b"offline", 1, True)
 
 
 @pytest.fixture
-def logs():
-    stream = io.StringIO()
-    configure_logging("debug", "json", stream=stream)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
-    reset_logging()
+def logs(json_logs):
+    return json_logs
 
 
 def client_for(url: str, protocol: str = "5", client_id: str | None = None) -> MqttClient:
@@ -57,46 +52,52 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_refused_broker_is_logged_with_reason_and_backoff(logs, protocol):
-    client = client_for(f"mqtt://127.0.0.1:{closed_port()}", protocol)
+def attempts_logged(logs, url: str, protocol: str, event: str, count: int = 1, timeout: float = 15) -> tuple[list, MqttClient]:
+    """Start a client at `url`, wait for `count` log lines `event`, stop it; (those lines, client)."""
+    client = client_for(url, protocol)
     client.start()
     try:
-        assert wait_until(lambda: len(events_named(logs(), "cannot connect to the broker")) >= 2, 10)
+        assert wait_until(lambda: len(events_named(logs(), event)) >= count, timeout), f"no {event!r} logged"
     finally:
         client.stop()
-    first, second = events_named(logs(), "cannot connect to the broker")[:2]
+    return events_named(logs(), event), client
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_refused_broker_is_logged_with_reason_and_backoff(logs, protocol):
+    lines, client = attempts_logged(logs, f"mqtt://127.0.0.1:{closed_port()}", protocol,
+                                    "cannot connect to the broker", count=2)
+    first, second = lines[:2]
     assert "connection refused" in first["reason"]
     assert (first["retry_in_s"], second["retry_in_s"]) == (1.0, 2.0)  # doubling, up to reconnect_max_s
     assert client.fatal_error is None  # a broker may come up later: keep trying
 
 
 def test_unresolvable_broker_is_logged_with_its_host_name(logs):
-    client = client_for("mqtt://no-such-broker.invalid:1883", "5")
-    client.start()
-    try:
-        assert wait_until(lambda: events_named(logs(), "cannot connect to the broker"), 15)
-    finally:
-        client.stop()
-    line = events_named(logs(), "cannot connect to the broker")[0]
-    assert "cannot resolve the host name 'no-such-broker.invalid'" in line["reason"]
+    lines, _ = attempts_logged(logs, "mqtt://no-such-broker.invalid:1883", "5", "cannot connect to the broker")
+    assert "cannot resolve the host name 'no-such-broker.invalid'" in lines[0]["reason"]
 
 
 def test_auto_protocol_says_why_the_broker_is_not_reachable(logs):
-    client = client_for(f"mqtt://127.0.0.1:{closed_port()}", "auto")
-    client.start()
-    try:
-        assert wait_until(lambda: events_named(logs(), "broker not reachable yet; will probe its protocol again"), 5)
-    finally:
-        client.stop()
-    line = events_named(logs(), "broker not reachable yet; will probe its protocol again")[0]
-    assert "connection refused" in line["reason"] and line["retry_in_s"] > 0
+    lines, _ = attempts_logged(logs, f"mqtt://127.0.0.1:{closed_port()}", "auto",
+                               "broker not reachable yet; will probe its protocol again")
+    assert "connection refused" in lines[0]["reason"] and lines[0]["retry_in_s"] > 0
 
 
 def config_for(url: str) -> Config:
     return Config.model_validate({"device_id": "rd" + uuid.uuid4().hex[:8], "stats": {"interval_s": 3600},
                                   "mqtt": {"broker": url, "protocol": "5", "persistent_session": False,
                                            "reconnect_min_s": 1.0, "reconnect_max_s": 1.0}})
+
+
+def run_main_until_ready(monkeypatch, config: Config, **options) -> tuple[list, int]:
+    """main() in the test's thread (signals need it) with a NOTIFY_SOCKET; SIGTERM once READY came."""
+    notify = NotifySocket()
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    try:
+        return run_main_in_thread_until(notify, config, lambda n: any("READY" in f for _, f in n.received), **options)
+    finally:
+        notify.close()
 
 
 def run_main_in_thread_until(notify: NotifySocket, config: Config, done, **options) -> tuple[list, int]:
@@ -116,8 +117,6 @@ def run_main_in_thread_until(notify: NotifySocket, config: Config, done, **optio
 @pytest.mark.broker
 def test_ready_waits_for_the_first_connack(monkeypatch, tmp_path):
     """No READY while the broker is down; READY once it is up and the CONNACK came."""
-    notify = NotifySocket()
-    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
     port = free_port()
     started: dict = {}
 
@@ -128,11 +127,8 @@ def test_ready_waits_for_the_first_connack(monkeypatch, tmp_path):
 
     threading.Thread(target=start_broker_later, daemon=True).start()
     try:
-        received, code = run_main_in_thread_until(
-            notify, config_for(f"mqtt://127.0.0.1:{port}"),
-            lambda n: any("READY" in fields for _, fields in n.received), ready_wait_s=60.0)
+        received, code = run_main_until_ready(monkeypatch, config_for(f"mqtt://127.0.0.1:{port}"), ready_wait_s=60.0)
     finally:
-        notify.close()
         if "broker" in started:
             started["broker"].process.terminate()
             started["broker"].process.wait(5)
@@ -145,14 +141,8 @@ def test_ready_waits_for_the_first_connack(monkeypatch, tmp_path):
 
 
 def test_ready_after_the_bounded_wait_says_the_broker_is_not_connected(monkeypatch):
-    notify = NotifySocket()
-    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
-    try:
-        received, code = run_main_in_thread_until(
-            notify, config_for(f"mqtt://127.0.0.1:{closed_port()}"),
-            lambda n: any("READY" in fields for _, fields in n.received), ready_wait_s=1.0)
-    finally:
-        notify.close()
+    received, code = run_main_until_ready(monkeypatch, config_for(f"mqtt://127.0.0.1:{closed_port()}"),
+                                          ready_wait_s=1.0)
     assert code == 0
     (status,) = [fields["STATUS"] for _, fields in received if "READY" in fields]
     assert "broker not connected yet" in status

@@ -5,14 +5,12 @@ demo model on the reference backend and a real mosquitto."""
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 
 import pytest
 
 from daemon.config import load_config
-from daemon.logs import configure_logging, reset_logging
 from daemon.service import Service
 from npu.model import DEMO_MODEL_DIR
 from tests.fixtures_daemon import Collector
@@ -23,15 +21,7 @@ FACTS = ("path", "layout", "backend", "provider", "precision", "template", "kv_c
          "image_tokens")
 
 
-@pytest.fixture
-def logs():
-    stream = io.StringIO()
-    configure_logging("info", "json", stream=stream)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
-    reset_logging()
-
-
-def test_start_logs_the_model_once_and_stats_carry_it(logs, mosquitto, tmp_path, monkeypatch):
+def test_start_logs_the_model_once_and_stats_carry_it(json_logs, mosquitto, tmp_path, monkeypatch):
     monkeypatch.setenv("VLMD_CACHE_DIR", str(tmp_path / "cache"))
     config = load_config(None, env={}, overrides={
         "device_id": "facts" + uuid.uuid4().hex[:6], "stats": {"interval_s": 0.2},
@@ -50,7 +40,7 @@ def test_start_logs_the_model_once_and_stats_carry_it(logs, mosquitto, tmp_path,
     finally:
         service.stop(1.0)
         client.close()
-    (line,) = [line for line in logs() if line.get("event") == "model loaded"]
+    (line,) = [line for line in json_logs() if line.get("event") == "model loaded"]
     facts = {key: line[key] for key in FACTS}
     assert facts == {"path": str(DEMO_MODEL_DIR), "layout": "hf", "backend": "reference", "provider": None,
                      "precision": "bf16", "template": "Hermes-2", "kv_capacity": 300, "prefill_chunk": 32,
