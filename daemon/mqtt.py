@@ -21,8 +21,8 @@ Contract:
   client id not valid, protocol version).
 - Two clients with one client id take the session from each other whenever one
   connects: after `TAKEOVER_COUNT` connections the broker ended (MQTT 5 "Session taken
-  over", or the socket closed, as 3.1.1 and some brokers' MQTT 5 do) within
-  `TAKEOVER_WINDOW_S`, a warning says so, naming the client id.
+  over", or the socket closed, as 3.1.1 and some brokers' MQTT 5 do) and at once let us
+  back in, within `TAKEOVER_WINDOW_S`, a warning says so, naming the client id.
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ class MqttClient:
         self._takeovers: deque[float] = deque(maxlen=TAKEOVER_COUNT)
         self._takeover_warned_at = -TAKEOVER_WINDOW_S
         self._attempt_reported = False  # this connection attempt's failure was logged already
+        self._takeover_reason: str | None = None  # why the broker last ended a connection of ours
         self._socket_error: OSError | None = None  # what paho's read or write last failed with
 
     @property
@@ -270,6 +271,9 @@ class MqttClient:
                               retry_in_s=self._next_delay())
                 return
             self.num_connects += 1
+            if self._takeover_reason is not None and self._num_failures == 0:
+                self._note_takeover(self._takeover_reason)
+            self._takeover_reason = None
             self._num_failures = 0
             self._connected_at = time.monotonic()
             self.session_present = bool(flags.session_present)
@@ -314,8 +318,9 @@ class MqttClient:
             self._closed_before_connack()
             return
         log.warning("disconnected", reason=str(reason_code))
-        if reason_code.is_failure:  # the broker ended it (not our own DISCONNECT)
-            self._note_takeover(str(reason_code))
+        # The broker ended it (not our own DISCONNECT): a takeover if the next attempt gets
+        # straight back in (a restarting broker refuses it first), see _handle_connect.
+        self._takeover_reason = str(reason_code) if reason_code.is_failure else None
 
     def _socket_opened(self, client, userdata, sock) -> None:
         self._attempt_reported, self._socket_error = False, None  # a new attempt
@@ -336,9 +341,10 @@ class MqttClient:
                         broker=self.settings.url, retry_in_s=self._next_delay())
 
     def _note_takeover(self, reason: str) -> None:
-        """A takeover is a DISCONNECT "Session taken over" (MQTT 5, newer brokers) or the
-        broker closing the socket (3.1.1, and mosquitto 2.0.11 for MQTT 5 too); several
-        within the window are a fight over the client id, said once per window."""
+        """A takeover: the broker ended our connection (a DISCONNECT "Session taken over" on
+        newer MQTT 5 brokers, a closed socket on 3.1.1 and mosquitto 2.0.11) and let us
+        straight back in, which a broker restarting does not. Several within the window
+        are a fight over the client id, said once per window."""
         now = time.monotonic()
         self._takeovers.append(now)
         recent = len(self._takeovers) == TAKEOVER_COUNT and now - self._takeovers[0] <= TAKEOVER_WINDOW_S

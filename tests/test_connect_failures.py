@@ -174,6 +174,30 @@ def test_repeated_session_takeovers_are_named_once(logs, mosquitto):
 
 
 @pytest.mark.broker
+def test_a_restarting_broker_is_no_fight(logs, tmp_path):
+    """Connections lost to broker restarts (the next attempt is refused) are not takeovers."""
+    port = free_port()
+    broker = start_mosquitto(tmp_path, port=port)
+    ours = client_for(f"mqtt://127.0.0.1:{port}", "5")
+    ours.start()
+    try:
+        for _ in range(TAKEOVER_COUNT + 1):
+            assert wait_until(lambda: ours.connected, 20)
+            refused = len(events_named(logs(), "cannot connect to the broker"))
+            broker.process.terminate()
+            broker.process.wait(5)
+            broker.process.stderr.close()
+            assert wait_until(lambda: len(events_named(logs(), "cannot connect to the broker")) > refused, 10)
+            broker = start_mosquitto(tmp_path, port=port)
+    finally:
+        ours.stop()
+        broker.process.terminate()
+        broker.process.wait(5)
+        broker.process.stderr.close()
+    assert not [line for line in logs() if "same client id" in line.get("event", "")]
+
+
+@pytest.mark.broker
 def test_a_single_takeover_is_no_fight(logs, mosquitto):
     client_id = f"vlmd-once-{uuid.uuid4().hex[:6]}"
     ours = client_for(mosquitto.url, "5", client_id)
