@@ -31,7 +31,7 @@ from npu.text.tokenizer import Tokenizer
 
 REPLACEMENT = "\ufffd"
 CHARACTERS = "aZ é€漢字😀ü\n"  # 1-, 2-, 3- and 4-byte UTF-8
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 class GatedPost(FakePost):
