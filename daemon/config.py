@@ -163,6 +163,9 @@ class ModelConfig(_Section):
     precision: Literal["bf16", "fp32"] = Field("bf16", description="reference backend dtype at graph boundaries")
     provider: Literal["auto", "AxEngineExecutionProvider", "AXCLRTExecutionProvider"] = Field("auto", description="axengine execution provider")
     device: int = Field(0, ge=0, description="AXCL card index (PCIe cards)")
+    data_path: Literal["auto", "zero-copy", "public"] = Field(
+        "auto", description="how compiled graphs are fed: zero-copy (the KV cache in the NPU's buffers, one row per"
+        " token), public (pyaxengine's run()), auto (zero-copy if it proves itself at load, else public)")
     kv_capacity: int = Field(1023, gt=0, description="KV cache rows (reference backend only)")
     prefill_chunk: int = Field(128, gt=0, description="prefill chunk length (reference backend only)")
     history_groups: int = Field(0, ge=0, description="extra prefill groups with history (reference backend only)")

@@ -30,6 +30,7 @@ from daemon.logs import get_logger
 from daemon.mqtt import ClientSettings, Incoming, MqttClient, TlsSettings
 from daemon.scheduler import CaptionPolicy, Job, Reply, Scheduler
 from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+from npu.board.cmm import read_cmm_info
 from protocol import codec, payloads
 from protocol.codec import ProtocolError
 from protocol.topics import SPEC, TopicError, Topics, check_publish_topic
@@ -48,7 +49,11 @@ def load_engine(config: Config) -> Any:
     model = load_model(
         m.path, backend=m.backend, precision=m.precision, kv_capacity=m.kv_capacity,
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
+        data_path=m.data_path,
     )
+    facts = model.describe()
+    log.info("model loaded", name=facts["name"], backend=facts["backend"], data_path=facts["data_path"]["data_path"],
+             data_path_reason=facts["data_path"]["reason"])
     return Engine(model)
 
 
@@ -201,11 +206,13 @@ class Service:
             outcomes = dict(self.stats.outcomes)
             captions = dict(self.stats.captions)
             ttft, tok_s = self.stats.last_ttft_ms, self.stats.last_decode_tokens_per_s
+        cmm = read_cmm_info()  # the board's device memory (None off a board)
         return payloads.Stats(
             ts=self.wall_clock(), uptime_s=max(0.0, self.clock() - self.started_at), queue_depth=self.inbox.depth,
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
-            running=self.inbox.running is not None, model=self.model_facts or None,
+            running=self.inbox.running is not None, cmm=cmm.describe() if cmm is not None else None,
+            model=self.model_facts or None,
         )
 
     # -- broker and client settings ---------------------------------------------------

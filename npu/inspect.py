@@ -3,7 +3,9 @@
 `inspect_model(path)` reports the layout and its files, every graph's shape groups, the
 shapes the engine would read (npu.shapes), the embedding rows, the tokenizer's special
 ids, the chat template and where it came from, and a list of problems (empty: the engine
-would load it). A Hugging Face checkpoint is inspected through the reference graphs the
+would load it). For compiled graphs it also reports the installed pyaxengine (version,
+shape groups, libax_engine version), the device memory (free before and after loading,
+the model's estimate) and the data path the engine would use, with the reason. A Hugging Face checkpoint is inspected through the reference graphs the
 reference backend would build from it.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from npu.board.data_path import select_data_path
 from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, open_board_graphs, template_config
 from npu.board.layout import ModelLayout, detect_layout
 from npu.embeddings import cached_embeddings_path
@@ -26,7 +29,7 @@ SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img
 
 
 def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
-                  precision: str = "bf16") -> dict[str, Any]:
+                  precision: str = "bf16", data_path: str = "auto") -> dict[str, Any]:
     """Everything `vlmd model inspect` prints, as a JSON-able dict; `problems` empty means consistent."""
     layout = detect_layout(path)
     problems = list(layout.problems)
@@ -49,6 +52,15 @@ def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
         report["problems"] = problems + [f"the engine would refuse these graphs: {p}" for p in exc.problems]
         return report
     report["facts"] = shapes.describe()
+    if layout.is_compiled:
+        report["runtime"] = graphs.layers[0].runtime.describe()
+        report["cmm"] = graphs.cmm
+        try:
+            report["data_path"] = select_data_path(graphs.layers, graphs.post, shapes, data_path).describe()
+        except ModelError as exc:
+            problems.append(str(exc))
+    else:
+        report["data_path"] = {"data_path": "host", "reason": "reference backend: no device memory"}
     rows = check_embeddings(layout, shapes, problems) if layout.is_compiled else shapes.vocab
     report["embedding_rows"] = rows
     report["embeddings"] = _embeddings_report(layout, shapes, rows)
@@ -159,6 +171,7 @@ def format_report(report: dict[str, Any]) -> str:
     if embeddings:
         lines.append(f"embeddings {embeddings['file']}  ({embeddings['rows']} x {embeddings['hidden']} bf16,"
                      f" {embeddings['source']})")
+    lines += _board_lines(report)
     tokenizer = report.get("tokenizer") or {}
     if tokenizer:
         lines.append(f"tokenizer {tokenizer['dir']}")
@@ -171,6 +184,25 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("problems  none" if not problems else f"problems  {len(problems)}:")
     lines += [f"  - {p}" for p in problems]
     return "\n".join(lines)
+
+
+def _board_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    runtime = report.get("runtime")
+    if runtime:
+        lines.append(f"runtime   pyaxengine {runtime['pyaxengine'] or 'unknown'}  shape groups {runtime['shape_groups']}"
+                     f"  libax_engine {runtime['engine_version'] or 'unknown'}  providers {runtime['providers']}")
+    cmm = report.get("cmm") or {}
+    if cmm.get("after") or cmm.get("before"):
+        free = cmm.get("before") or cmm["after"]
+        needed = f"  model needs ~{cmm['needed_kb'] // 1024} MiB ({cmm['needed_from']})" if "needed_kb" in cmm else ""
+        after = f"  free after loading {cmm['after']['remain_kb'] // 1024} MiB" if cmm.get("after") else ""
+        lines.append(f"cmm       total {free['total_kb'] // 1024} MiB  free before {free['remain_kb'] // 1024} MiB"
+                     f"{needed}{after}")
+    path = report.get("data_path")
+    if path:
+        lines.append(f"data path {path['data_path']}: {path['reason']}")
+    return lines
 
 
 def _size(size: list[int] | None) -> str:

@@ -7,7 +7,9 @@ sessions with the requested backend:
   (npu/reference/); its embeddings are exported once to the board's raw bf16 format
   into vlmd's cache directory (npu/embeddings.py), so both backends read tokens alike;
 - a compiled layout (Pulsar2 output, M5Stack package, vlmd.toml) runs on axengine
-  (npu/board/); it needs a board or an AXCL card.
+  (npu/board/); it needs a board or an AXCL card. Its graphs are opened only if they fit
+  in the free device memory, and its data path (zero-copy or pyaxengine's public run(),
+  npu/board/data_path.py) is chosen here: `Model.data_path`.
 
 The shapes are read from the sessions by `npu.shapes.read_shapes` (re-exported here).
 Nothing here knows MQTT or the engine's run state.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from npu.board.data_path import DATA_PATHS, select_data_path
 from npu.board.graphs import BoardModelError, check_embeddings, open_board_graphs, template_config
 from npu.board.layout import ModelLayout, detect_layout
 from npu.embeddings import Embeddings, cached_embeddings_file
@@ -30,8 +33,8 @@ from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
 
-__all__ = ["BACKENDS", "DEMO_MODEL_DIR", "PRECISIONS", "GraphShapes", "Model", "ModelError", "ShapeError", "load_part",
-           "load_model", "read_shapes"]
+__all__ = ["BACKENDS", "DATA_PATHS", "DEMO_MODEL_DIR", "PRECISIONS", "GraphShapes", "Model", "ModelError", "ShapeError",
+           "load_part", "load_model", "read_shapes"]
 
 T = TypeVar("T")
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_model"
@@ -54,6 +57,10 @@ class Model:
     precision: str | None = None
     source: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # The board data path (npu/board/data_path.py): the engine asks it for KV storage and a
+    # layer stack; None on the reference backend (host arrays, sessions' run).
+    data_path: Any = None
+    cmm: dict[str, Any] | None = None  # device memory before/after loading and the estimate (boards)
     layout: str | None = None  # "hf", "axera", "m5stack", "manifest" (npu.board.layout)
     provider: str | None = None  # the axengine execution provider; None on the reference backend
 
@@ -79,23 +86,28 @@ class Model:
             "dtype": dtype_name(s.act_dtype), "vocab": s.vocab, "post_topk": s.topk_ids_index is not None,
             "vision": None if self.vision is None else {
                 "size": list(s.vision_size), "image_tokens": s.image_tokens, "dtype": dtype_name(s.vision_dtype)},
-            "notes": list(self.notes),
+            "data_path": self.data_path.describe() if self.data_path is not None else
+            {"data_path": "host", "reason": f"{self.backend} backend: no device memory"},
+            "cmm": self.cmm, "notes": list(self.notes),
         }
 
 
 def load_model(path: str | Path | None = None, backend: str = "auto", precision: str = "bf16",
                kv_capacity: int = 1023, prefill_chunk: int = 128, history_groups: int = 0,
-               provider: str = "auto", device_id: int = 0) -> Model:
+               provider: str = "auto", device_id: int = 0, data_path: str = "auto") -> Model:
     """Load the model at `path` (None: the demo model shipped with vlmd).
 
     `kv_capacity`, `prefill_chunk` and `history_groups` shape the reference graphs of a
     Hugging Face checkpoint (as `llm_build` options would); compiled graphs carry their
-    own. `provider` picks the axengine execution provider; `device_id` the AXCL card.
+    own. `provider` picks the axengine execution provider; `device_id` the AXCL card;
+    `data_path` ("auto", "zero-copy", "public") how compiled graphs are fed.
     """
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if data_path not in DATA_PATHS:
+        raise ModelError(f"unknown data path {data_path!r}: use one of {', '.join(DATA_PATHS)}")
     if path is None:
         if not (DEMO_MODEL_DIR / "config.json").is_file():
             raise ModelError(f"no --model given and the demo model is not installed at {DEMO_MODEL_DIR}:"
@@ -110,7 +122,7 @@ def load_model(path: str | Path | None = None, backend: str = "auto", precision:
     if backend == "reference":
         raise ModelError(f"{layout.root} holds compiled graphs ({layout.kind} layout): the reference backend needs"
                          " the Hugging Face checkpoint; use backend 'axengine' on a board")
-    return _load_board(layout, provider, device_id)
+    return _load_board(layout, provider, device_id, data_path)
 
 
 def load_part(part: str, where: Any, load: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -147,7 +159,7 @@ def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefi
                  notes=tuple(layout.notes), layout=layout.kind)
 
 
-def _load_board(layout: ModelLayout, provider: str, device_id: int) -> Model:
+def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: str) -> Model:
     """The engine's `Model` for a compiled directory; BoardModelError lists every inconsistency."""
     graphs = load_part("board", layout.root, open_board_graphs, layout, provider, device_id)  # axengine, graphs
     problems = list(layout.problems)
@@ -166,7 +178,9 @@ def _load_board(layout: ModelLayout, provider: str, device_id: int) -> Model:
     template = load_part("template", layout.root, ChatTemplate.from_checkpoint, template_config(layout), tokenizer)
     embeddings = load_part("embeddings", layout.embeddings, Embeddings, layout.embeddings, rows, shapes.hidden)
     notes = layout.notes + (f"template {template.name}: {layout.template_source}",)
-    return Model(graphs.vision, graphs.layers, graphs.post, embeddings, tokenizer, template, name=layout.root.name,
-                 backend="axengine", precision="bf16" if dtype_name(shapes.act_dtype) == "bfloat16" else "fp32",
-                 source=layout.root, notes=notes, layout=layout.kind,
+    path = load_part("data path", layout.root, select_data_path, graphs.layers, graphs.post, shapes, data_path)
+    return Model(graphs.vision, graphs.layers, getattr(path, "post", None) or graphs.post, embeddings, tokenizer,
+                 template, name=layout.root.name, backend="axengine",
+                 precision="bf16" if dtype_name(shapes.act_dtype) == "bfloat16" else "fp32",
+                 source=layout.root, notes=notes, data_path=path, cmm=graphs.cmm, layout=layout.kind,
                  provider=getattr(graphs.post, "provider", None))  # AxEngineSession.provider: what axengine chose

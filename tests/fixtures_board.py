@@ -1,9 +1,14 @@
 """Board fixtures: the axengine stand-in, compiled-model directories as they ship, real boards.
 
-- `axengine_standin`: makes `import axengine` find tests/axengine_standin/axengine for
-  the test (its counters reset), and forgets it afterwards.
-- `build_board_dir(checkpoint, out, kind, ...)`: writes an AXERA llm_build-style or an
-  M5Stack-style directory whose ".axmodel" files are stand-in JSON naming the checkpoint
+- `axengine_standin`: makes `import axengine` (and its wheel metadata) find
+  tests/axengine_standin/axengine for the test (its counters reset), on a board
+  ($VLMD_AX_PROC points at `board_proc_dir`: the NPU is there, 3 GiB of CMM), and forgets
+  it afterwards. `standin_release(**env)` imports a fresh stand-in emulating another
+  pyaxengine release or board ($VLMD_STANDIN_PYAXENGINE, _NO_BF16, _LIBS, ...).
+- `write_cmm_info(dir, total_kb, used_kb)`: a fake /proc/ax_proc with that mem_cmm_info.
+- `graph_file(graph, **extra)`: one stand-in .axmodel of the tiny checkpoint.
+- `build_board_dir(checkpoint, out, kind, ..., model_name=, mode_extra=)`: writes an AXERA
+  llm_build-style or an M5Stack-style directory whose ".axmodel" files are stand-in JSON naming the checkpoint
   and graph, with the real embedding file (H1's exporter) and tokenizer files.
 - `axera_board_dir`, `m5stack_board_dir`: those two, built once per session from the
   tiny native InternVL checkpoint (KV capacity 159, prefill chunk 32, one history group).
@@ -31,15 +36,22 @@ BOARD_BUILD = dict(kv_capacity=159, prefill_chunk=32, history_groups=1)
 M5STACK_MODEL = "internvl2-tiny-ax630c"
 
 
+STANDIN_ENV = ("VLMD_STANDIN_PROVIDERS", "VLMD_STANDIN_LIBS", "VLMD_STANDIN_AXCL_HOST", "VLMD_STANDIN_PYAXENGINE",
+               "VLMD_STANDIN_NO_BF16", "VLMD_STANDIN_ENGINE_VERSION")
+
+
 def _import_standin():
+    """Import the stand-in afresh (as the environment says), leaving sys.modules and sys.meta_path as they were."""
     saved = {name: mod for name, mod in sys.modules.items() if name == "axengine" or name.startswith("axengine.")}
     for name in saved:
         del sys.modules[name]
+    finders = list(sys.meta_path)
     sys.path.insert(0, str(STANDIN_ROOT))
     try:
         module = importlib.import_module("axengine")
     finally:
         sys.path.remove(str(STANDIN_ROOT))
+        sys.meta_path[:] = finders  # the stand-in's metadata finder is installed per test (use_standin)
     loaded = {name: mod for name, mod in sys.modules.items() if name == "axengine" or name.startswith("axengine.")}
     for name in loaded:
         del sys.modules[name]
@@ -47,20 +59,74 @@ def _import_standin():
     return module, loaded
 
 
+def use_standin(monkeypatch, imported) -> object:
+    """Make `import axengine` (and its wheel metadata) resolve to an imported stand-in for this test."""
+    module, modules = imported
+    for name in [n for n in sys.modules if (n == "axengine" or n.startswith("axengine.")) and n not in modules]:
+        monkeypatch.delitem(sys.modules, name)  # a submodule another stand-in imported lazily (its _axe)
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    others = [finder for finder in sys.meta_path if type(finder).__name__ != "StandinFinder"]
+    monkeypatch.setattr(sys, "meta_path", [*others, modules["axengine._metadata"].FINDER])
+    module.STATS.reset()
+    return module
+
+
 @pytest.fixture(scope="session")
 def _standin_modules():
     """The stand-in imported once (its reference-graph cache lives for the session), kept out of sys.modules."""
-    return _import_standin()
+    saved = {name: os.environ.pop(name) for name in STANDIN_ENV if name in os.environ}
+    try:
+        return _import_standin()
+    finally:
+        os.environ.update(saved)
+
+
+# The totals line of /proc/ax_proc/mem_cmm_info as the AXERA kernel writes it (format read by
+# StackFlow's parsers); the lines above it list partitions and blocks and are not parsed.
+# The totals line of /proc/ax_proc/mem_cmm_info in the format StackFlow's parsers read (a real
+# file lists partitions and blocks above it; vlmd, like StackFlow, reads only this line).
+CMM_INFO_TEMPLATE = (" total size={total}KB({total_mb}MB),used={used}KB({used_mb}MB + 0KB),"
+                     "remain={remain}KB({remain_mb}MB + 0KB),partition_number=1,block_number=13\n")
+
+
+def write_cmm_info(directory: Path, total_kb: int, used_kb: int) -> Path:
+    """A fake /proc/ax_proc (point $VLMD_AX_PROC at it) whose mem_cmm_info reports these totals."""
+    directory.mkdir(parents=True, exist_ok=True)
+    remain = total_kb - used_kb
+    (directory / "mem_cmm_info").write_text(CMM_INFO_TEMPLATE.format(
+        total=total_kb, total_mb=total_kb // 1024, used=used_kb, used_mb=used_kb // 1024, remain=remain,
+        remain_mb=remain // 1024))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def board_proc_dir(tmp_path_factory) -> Path:
+    """A board's /proc/ax_proc with 3 GiB of CMM, 18 MiB used."""
+    return write_cmm_info(tmp_path_factory.mktemp("ax_proc"), 3 * 1024 * 1024, 18876)
 
 
 @pytest.fixture
-def axengine_standin(_standin_modules, monkeypatch):
-    module, modules = _standin_modules
-    for name, mod in modules.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delenv("VLMD_STANDIN_PROVIDERS", raising=False)
-    module.STATS.reset()
-    return module
+def axengine_standin(_standin_modules, board_proc_dir, monkeypatch):
+    """The stand-in as the current pyaxengine (0.1.3.rc3) on a board: NPU present, CMM plentiful."""
+    for name in STANDIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLMD_AX_PROC", str(board_proc_dir))
+    return use_standin(monkeypatch, _standin_modules)
+
+
+@pytest.fixture
+def standin_release(monkeypatch, board_proc_dir):
+    """A factory: `standin_release(VLMD_STANDIN_PYAXENGINE="0.1.1rc0", ...)` imports a stand-in emulating that wheel."""
+    def make(**env: str):
+        for name in STANDIN_ENV:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("VLMD_AX_PROC", str(board_proc_dir))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return use_standin(monkeypatch, _import_standin())
+
+    return make
 
 
 def _n_layers(config: dict) -> int:
@@ -101,8 +167,10 @@ def _write_graphs(checkpoint: Path, folder: Path, precision: str, build: dict, p
 
 
 def build_board_dir(checkpoint: Path, out: Path, kind: str, precision: str = "bf16", build: dict | None = None,
-                    post_topk: int = 0) -> Path:
-    """A compiled-model directory of `kind` ("axera" or "m5stack") under `out`; returns the model folder."""
+                    post_topk: int = 0, model_name: str = M5STACK_MODEL, mode_extra: dict | None = None) -> Path:
+    """A compiled-model directory of `kind` ("axera" or "m5stack") under `out`; returns the model folder.
+
+    M5Stack packages are named `model_name`; `mode_extra` adds mode_param keys (e.g. cmm_size)."""
     build = dict(BOARD_BUILD if build is None else build)
     checkpoint = Path(checkpoint).resolve()
     if kind == "axera":  # AXERA's releases: <name>_axmodel/ beside <name>_tokenizer/ (with config.json)
@@ -113,28 +181,39 @@ def build_board_dir(checkpoint: Path, out: Path, kind: str, precision: str = "bf
     if kind != "m5stack":
         raise ValueError(kind)
     # /opt/m5stack/{data/<model>/, data/models/mode_<model>.json, scripts/tokenizer_<model>.py}
-    model_dir = out / "data" / M5STACK_MODEL
+    model_dir = out / "data" / model_name
     names = _write_graphs(checkpoint, model_dir, precision, build, post_topk)
     _copy_tokenizer(checkpoint, model_dir / "internvl2_tokenizer", with_config=False)
     config = json.loads((checkpoint / "config.json").read_text())
     text = config.get("llm_config") or config.get("text_config") or config
-    mode = {"mode": M5STACK_MODEL, "type": "vlm", "capabilities": ["text_generation", "chat"], "mode_param": {
+    mode = {"mode": model_name, "type": "vlm", "capabilities": ["text_generation", "chat"], "mode_param": {
         "tokenizer_type": 2, "filename_tokenizer_model": "http://localhost:8080",
         "filename_tokens_embed": names["embed"], "filename_post_axmodel": names["post"],
         "template_filename_axmodel": names["layers"], "filename_vpm_resampler_axmodedl": names["vision"],
         "b_use_topk": bool(post_topk), "b_bos": False, "b_eos": False, "axmodel_num": _n_layers(config),
         "tokens_embed_num": text["vocab_size"], "img_token_id": config.get("image_token_id") or config.get("img_context_token_id") or 151648, "tokens_embed_size": text["hidden_size"],
-        "b_use_mmap_load_embed": True, "ext_scripts": [f"tokenizer_{M5STACK_MODEL}.py"]}}
+        "b_use_mmap_load_embed": True, "ext_scripts": [f"tokenizer_{model_name}.py"], **(mode_extra or {})}}
     if not (model_dir / names["vision"]).is_file():
         del mode["mode_param"]["filename_vpm_resampler_axmodedl"]
     (out / "data" / "models").mkdir(parents=True, exist_ok=True)
-    (out / "data" / "models" / f"mode_{M5STACK_MODEL}.json").write_text(json.dumps(mode, indent=4))
+    (out / "data" / "models" / f"mode_{model_name}.json").write_text(json.dumps(mode, indent=4))
     (out / "scripts").mkdir(exist_ok=True)
-    (out / "scripts" / f"tokenizer_{M5STACK_MODEL}.py").write_text(
+    (out / "scripts" / f"tokenizer_{model_name}.py").write_text(
         "import argparse\nargs = argparse.ArgumentParser()\n"
         "args.add_argument('--model_id', type=str, default='internvl2_tokenizer')\n"
     )
     return model_dir
+
+
+@pytest.fixture
+def graph_file(tiny_internvl_native, tmp_path):
+    """`graph_file("layer0", **extra)`: one stand-in .axmodel of the tiny checkpoint (BOARD_BUILD shapes)."""
+    def write(graph: str, **extra) -> str:
+        path = tmp_path / f"{graph}.axmodel"
+        _write_graph(path, tiny_internvl_native.path.resolve(), graph, "bf16", BOARD_BUILD, **extra)
+        return str(path)
+
+    return write
 
 
 @pytest.fixture(scope="session")

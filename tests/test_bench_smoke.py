@@ -30,6 +30,7 @@ def results(tmp_path_factory) -> Path:
         "--out", str(directory / "cpu_vs_transformers.json"))
     run("bench/followup.py", "--tiny", "--runs", "1", "--followups", "1", "--tokens", "2",
         "--replay", "always", "--compare-replay", "--out", str(directory / "followup.json"))
+    run("bench/device_traffic.py", "--tiny", "--tokens", "8", "--out", str(directory / "device_traffic.json"))
     return directory
 
 
@@ -57,6 +58,18 @@ def test_followup_json(results):
     assert data["ratio"] is not None and data["ratio_never"] is not None
 
 
+def test_device_traffic_json(results):
+    data = json.loads((results / "device_traffic.json").read_text())
+    tiny = data["results"]["tiny"]
+    public, zero_copy = tiny["public"], tiny["zero-copy"]
+    assert zero_copy["data_path"]["data_path"] == "zero-copy" and public["data_path"]["data_path"] == "public"
+    for side in (public, zero_copy):  # vlmd's counters agree with the stand-in's
+        assert side["flushed"] == side["standin_flushed"] and side["invalidated"] == side["standin_invalidated"]
+        assert side["host_us_per_token"] > 0
+    assert zero_copy["standin_memmoved"] == 0 and public["standin_memmoved"] == public["written"]
+    assert zero_copy["written"] < tiny["cpp_runtime"]["stackflow"]["written"] < public["written"]
+
+
 @pytest.mark.broker
 def test_mqtt_path_json(results):
     run("bench/mqtt_path.py", "--tiny", "--out", str(results / "mqtt_path.json"))
@@ -73,7 +86,8 @@ def test_benchmarks_md_from_results(results, tmp_path):
     text = out.read_text()
     decode = json.loads((results / "decode_overhead.json").read_text())
     assert decode["results"][0]["precision"] == "bf16"
-    for heading in ("## 1. Host overhead", "## 2. CPU", "## 3. Follow-up", "## 4. MQTT", "## 5. Profiles"):
+    for heading in ("## 1. Host overhead", "## 2. CPU", "## 3. Follow-up", "## 4. MQTT", "## 5. Profiles",
+                    "## 6. Board data path"):
         assert heading in text
     assert f"{decode['results'][0]['us_per_token']:.1f}" in text
     assert "_Tiny dims (smoke run)" in text

@@ -77,10 +77,10 @@ def test_manifest_directory_runs_like_reference(axengine_standin, axera_board_di
     assert generate(board, prompt, options)[0] == generate(reference_model, prompt, options)[0]
 
 
-def test_engine_feeds_axengine_its_kv_cache_itself(axengine_standin, axera_board_dir, monkeypatch):
+def test_public_path_feeds_axengine_its_kv_cache_itself(axengine_standin, axera_board_dir, monkeypatch):
     import numpy as np
 
-    board = load_model(axera_board_dir, backend="axengine")
+    board = load_model(axera_board_dir, backend="axengine", data_path="public")
     engine = Engine(board)
     raw = board.layers[1]._session
     original, fed = raw.run, []
@@ -149,3 +149,23 @@ def test_board_model_is_faithful_to_its_checkpoint(board_model_dir):
     image = random_image(0, *shapes.vision_size) if shapes.vision_size else None
     report = compare_graphs(model, reference, "Describe the image in detail.", image)
     assert report["top1_agreement"] >= 0.9, report
+
+
+@pytest.mark.board
+def test_board_zero_copy_path_proves_itself_and_answers_like_the_public_path(board_model_dir):
+    """On a real board: the zero-copy path passes its self-check (or says why not) and gives the public path's tokens."""
+    from daemon.commands.bench import Meter, bench_once
+
+    zero_copy = load_model(board_model_dir, backend="axengine")
+    facts = zero_copy.describe()["data_path"]
+    if facts["data_path"] != "zero-copy":
+        pytest.fail(f"the zero-copy path stepped aside on this board: {facts['reason']}")
+    public = load_model(board_model_dir, backend="axengine", data_path="public")
+    image = random_image(1, 480, 640) if zero_copy.vision is not None else None
+    prompt = Prompt("Describe the image.", [image] if image is not None else [])
+    options = GenerationOptions(max_tokens=16, ignore_stop=True)
+    result = bench_once(Engine(zero_copy), Meter(), prompt, options)
+    assert result["tokens"] == generate(public, prompt, options)[0]
+    s = zero_copy.shapes()
+    # per decode token: layer 0's input row, the position, one mask slot, every layer's K and V row, the post row
+    assert result["device_written_per_token"] == 2 * s.hidden * 2 + 4 + 2 + s.n_layers * 2 * s.kv_dim * 2

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from daemon.cli import main
 from tests.fixtures_board import BOARD_BUILD, M5STACK_MODEL
@@ -166,23 +167,90 @@ def test_bench_on_the_reference_backend(tiny_internvl_native, capsys):
     assert bench["host_overhead_ms_per_token"] >= 0 and result["peak_rss_mb"] > 0
 
 
-def test_bench_counts_every_byte_axengine_copies(axengine_standin, axera_board_dir, capsys):
+def _nbytes(spec) -> int:
+    return int(np.prod(spec.shape)) * spec.dtype.itemsize
+
+
+def _buffers(session) -> tuple[int, int]:
+    """pyaxengine's input and output buffer bytes of a session: per tensor index, the largest group's."""
+    groups = range(session.num_groups)
+    inputs = sum(max(_nbytes(session.inputs(g)[i]) for g in groups) for i in range(len(session.inputs(0))))
+    outputs = sum(max(_nbytes(session.outputs(g)[i]) for g in groups) for i in range(len(session.outputs(0))))
+    return inputs, outputs
+
+
+def test_bench_counts_every_byte_the_public_path_moves(axengine_standin, axera_board_dir, capsys):
     from npu.model import load_model
 
+    code, out = run_cli(capsys, "bench", "--model", axera_board_dir, "--runs", "1", "--max-tokens", "3", "--json",
+                        "--data-path", "public")
+    assert code == 0, out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["data_path"] == {"data_path": "public", "reason": "model.data_path = public"}
+    model = load_model(axera_board_dir, backend="axengine", data_path="public")
+    decode_inputs = sum(_nbytes(s) for s in model.layers[0].inputs(0))
+    token_row = _nbytes(model.post.inputs(0)[0])  # the post graph's input row
+    bench = result["bench"]
+    # pyaxengine's run() memmoves every fed input (every layer's full K/V cache, mask, input, position,
+    # and the post input), flushes every whole input buffer and invalidates every whole output buffer.
+    assert bench["bytes_per_token"] == bench["fed_bytes_per_token"] == len(model.layers) * decode_inputs + token_row
+    layer_in, layer_out = _buffers(model.layers[0])
+    post_in, post_out = _buffers(model.post)
+    assert bench["device_flushed_per_token"] == len(model.layers) * layer_in + post_in
+    assert bench["device_invalidated_per_token"] == len(model.layers) * layer_out + post_out
+    assert axengine_standin.STATS.bytes_flushed > 0  # the stand-in saw those calls too
+    # Host copies: at least the next token's embedding row (the engine also counts its K/V row writes).
+    assert bench["host_copy_bytes_per_token"] >= token_row
+    assert result["written_vs_cpp"] > 10  # the whole cache per layer per token
+
+
+def test_bench_on_the_zero_copy_path_writes_rows_not_caches(axengine_standin, axera_board_dir, capsys):
     code, out = run_cli(capsys, "bench", "--model", axera_board_dir, "--runs", "1", "--max-tokens", "3", "--json")
     assert code == 0, out
     result = json.loads(out.strip().splitlines()[-1])
-    model = load_model(axera_board_dir, backend="axengine")
-    decode_inputs = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in model.layers[0].inputs(0))
-    post_input = model.post.inputs(0)[0]
-    token_row = int(np.prod(post_input.shape)) * post_input.dtype.itemsize  # the looked-up embedding row
-    # Fed per decode token (what axengine copies into NPU memory): every layer's full K/V cache,
-    # mask, input and position, and the post input.
-    bench = result["bench"]
-    assert bench["fed_bytes_per_token"] == len(model.layers) * decode_inputs + token_row
-    # Host copies: at least the next token's embedding row (the engine also counts its K/V row writes).
-    assert bench["host_copy_bytes_per_token"] >= token_row
-    assert bench["bytes_per_token"] == bench["fed_bytes_per_token"] + bench["host_copy_bytes_per_token"]
+    assert result["data_path"]["data_path"] == "zero-copy"
+    bench, n_layers, hidden_row, kv_row, vocab = result["bench"], 2, 64 * 2, 32 * 2, 151655
+    # Per token: layer 0's input row, the position (4 B), one mask slot (2 B), each layer's new K and
+    # V row, the post input row; each flushed by whole 64-byte lines; invalidated: the K/V rows read,
+    # the last layer's output row and the logits.
+    assert bench["bytes_per_token"] == hidden_row + 4 + 2 + n_layers * 2 * kv_row + hidden_row
+    assert bench["device_flushed_per_token"] == hidden_row + 64 + 64 + n_layers * 2 * kv_row + hidden_row
+    assert bench["device_invalidated_per_token"] == n_layers * 2 * kv_row + hidden_row + vocab * 2
+    assert result["cpp_runtime"]["stackflow"]["written"] == n_layers * (4 + 160 * 2 + hidden_row + 2 * kv_row) + hidden_row
+    assert result["written_vs_cpp"] <= 2
+    assert "data path                  zero-copy" not in out  # --json: only the JSON line
+
+
+def test_bench_on_an_m5stack_internvl2_5_package_meets_the_cpp_runtimes_bytes(axengine_standin, tmp_path, capsys):
+    """Issue 13's "done when": bytes per token <= 2x the C++ runtime's, greedy tokens = public path = reference."""
+    from tests.fixtures_board import build_board_dir
+    from tests.test_demo_board import DEMO_DIR
+
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        pytest.skip("demo model not built")
+    checkpoint = tmp_path / "checkpoint"  # the demo model, declared with InternVL2.5's template
+    shutil.copytree(DEMO_DIR, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(dict(config, template="internvl2_5")))
+    build = dict(BOARD_BUILD, kv_capacity=255)  # room for internvl2_5's system prompt, the image and the answer
+    package = build_board_dir(checkpoint, tmp_path / "opt", "m5stack", build=build, model_name="internvl2.5-1B-ax630c")
+    common = ["--runs", "1", "--max-tokens", "10", "--prompt", "Describe the image shortly.", "--json"]
+    results = {}
+    for name, argv in (("zero-copy", ["--model", package]), ("public", ["--model", package, "--data-path", "public"]),
+                       ("reference", ["--model", checkpoint, "--backend", "reference", "--kv-capacity", "255",
+                                      "--prefill-chunk", str(build["prefill_chunk"]), "--history-groups",
+                                      str(build["history_groups"])])):
+        code, out = run_cli(capsys, "bench", *argv, *common)
+        assert code == 0, out
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    zero_copy = results["zero-copy"]
+    assert zero_copy["data_path"]["data_path"] == "zero-copy"
+    cpp = zero_copy["cpp_runtime"]["stackflow"]["written"]
+    assert zero_copy["bench"]["bytes_per_token"] <= 2 * cpp and zero_copy["written_vs_cpp"] <= 2
+    assert results["public"]["bench"]["bytes_per_token"] > 2 * cpp
+    tokens = zero_copy["bench"]["tokens"]
+    assert len(tokens) == 10 and len(set(tokens)) > 3
+    assert tokens == results["public"]["bench"]["tokens"] == results["reference"]["bench"]["tokens"]
 
 
 def test_bench_refuses_bad_arguments(capsys):

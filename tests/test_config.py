@@ -281,6 +281,12 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
     assert message.startswith(f"{path}: not valid TOML") and "line 2" in message
 
 
+def test_the_board_data_path_is_a_switch():
+    assert load_config(None, {}).model.data_path == "auto"
+    for value in ("zero-copy", "public"):
+        assert load_config(None, {"VLMD_MODEL__DATA_PATH": value}).model.data_path == value
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "nope.toml", {})
@@ -328,6 +334,7 @@ def test_bad_broker_urls(url, why):
         ({"VLMD_MQTT__RECONNECT_MIN_S": "10", "VLMD_MQTT__RECONNECT_MAX_S": "5"}, "reconnect_max_s"),
         ({"VLMD_MQTT__TLS__INSECURE": "true"}, "mqtts://"),
         ({"VLMD_MODEL__BACKEND": "onnx"}, "model.backend"),
+        ({"VLMD_MODEL__DATA_PATH": "fast"}, "model.data_path"),
         ({"VLMD_STATS__INTERVAL_S": "nan"}, "stats.interval_s"),
     ],
 )

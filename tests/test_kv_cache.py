@@ -199,3 +199,47 @@ def test_prefix_store_evicts_least_recently_used():
     assert store.find("a", [1, 2, 3]) is not None and store.find("c", [1, 2, 3]) is not None
     with pytest.raises(ValueError):
         store.put("d", [1], snap)
+
+
+def storage(n_layers: int = N_LAYERS, capacity: int = 16, dtype=np.float32):
+    """Per-layer K/V arrays as a backend hands them in (separate blocks, like per-graph device buffers)."""
+    return ([np.zeros((1, capacity, KV_DIM), dtype) for _ in range(n_layers)],
+            [np.zeros((1, capacity, KV_DIM), dtype) for _ in range(n_layers)])
+
+
+def test_storage_from_the_backend_is_the_cache():
+    keys, values = storage()
+    cache = KVCache(N_LAYERS, 16, KV_DIM, np.float32, np.float32, storage=(keys, values))
+    fill(cache, 3, seed=1)
+    np.testing.assert_array_equal(keys[2][0, :3], rows(3, 3)[0])  # written straight into the given arrays
+    assert cache.layer(1)[0] is keys[1] and np.shares_memory(cache.history(0, 2)[1], values[0])
+    snap = cache.snapshot()
+    fill(cache, 2, seed=5)
+    cache.restore(snap)
+    assert cache.position == 3 and np.all(values[0][0, :3] == rows(3, -1)[0])
+    assert cache.nbytes == 2 * N_LAYERS * 16 * KV_DIM * 4 + cache.decode_mask.nbytes
+
+
+def test_resets_count_every_reset_and_restore():
+    cache = make_cache()
+    first = cache.resets
+    fill(cache, 2, seed=1)
+    snap = cache.snapshot()
+    cache.reset()
+    cache.restore(snap)
+    assert cache.resets == first + 2
+
+
+@pytest.mark.parametrize("bad", ["layers", "shape", "dtype", "strided"])
+def test_storage_that_does_not_fit_is_refused(bad):
+    keys, values = storage()
+    if bad == "layers":
+        keys = keys[:-1]
+    elif bad == "shape":
+        keys[0] = np.zeros((1, 15, KV_DIM), np.float32)
+    elif bad == "dtype":
+        values[1] = np.zeros((1, 16, KV_DIM), np.float16)
+    else:
+        keys[2] = np.zeros((1, 16, 2 * KV_DIM), np.float32)[:, :, ::2]
+    with pytest.raises(ValueError, match="KV storage"):
+        KVCache(N_LAYERS, 16, KV_DIM, np.float32, np.float32, storage=(keys, values))

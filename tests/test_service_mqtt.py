@@ -246,6 +246,16 @@ def test_stats_are_published_retained(daemon):
     assert stats["frames"]["cam"]["received"] == 1 and stats["rss_bytes"] > 0
 
 
+def test_stats_report_the_boards_device_memory(daemon, monkeypatch, tmp_path):
+    from tests.fixtures_board import write_cmm_info
+
+    monkeypatch.setenv("VLMD_AX_PROC", str(write_cmm_info(tmp_path / "ax_proc", 3145728, 1048576)))
+    d = daemon(stats={"interval_s": 0.2})
+    d.service.tick()
+    stats = json.loads(d.client.next(10, d.topics.stats()).payload)
+    assert stats["cmm"] == {"total_kb": 3145728, "used_kb": 1048576, "remain_kb": 2097152}
+
+
 LWT_SCRIPT = textwrap.dedent(
     """
     import sys, time

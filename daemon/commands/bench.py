@@ -1,10 +1,17 @@
 """`vlmd bench`: how fast a model runs here, on any backend.
 
 Per run: image encode ms, time to first token, prefill tok/s, decode tok/s, host
-overhead per decode token (wall time outside `session.run`), bytes handed to the
-sessions per decode token (axengine copies every fed input into NPU memory on every
-call, so this is the copy traffic a decode step costs) plus the engine's own host
-copies (embedding rows, new K/V rows, casts), and the process's peak RSS. Prints a table and one JSON line.
+overhead per decode token (wall time outside the graphs: outside `session.run` on the
+reference backend and pyaxengine's public path, outside libax_engine's run calls on the
+zero-copy path), bytes per decode token, the greedy token ids, and the process's peak RSS.
+
+Bytes per decode token: on a board (axengine backend) `bytes_per_token` is what the host
+writes into device memory (`device`: written, flushed, invalidated; npu/board/traffic.py),
+shown beside the C++ runtimes' figures at the same shapes (`cpp_runtime`) and their ratio;
+on the reference backend it is the bytes handed to the graphs (what pyaxengine's run()
+would memmove) plus the engine's own host copies. The JSON also names the data path and
+why it is used, and the device memory (CMM) before and after loading.
+Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -32,8 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "reference", "axengine"), default="auto")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="reference backend only")
     parser.add_argument("--provider", default="auto", help="axengine provider: auto, axengine, axclrt")
+    parser.add_argument("--data-path", choices=("auto", "zero-copy", "public"), default="auto",
+                        help="board data path (auto: zero-copy if it proves itself at load, else public)")
     parser.add_argument("--kv-capacity", type=int, default=1023, help="reference backend only")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="reference backend only")
+    parser.add_argument("--history-groups", type=int, default=0, help="reference backend only")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
 
 
@@ -55,6 +65,7 @@ class MeteredSession:
     def __init__(self, inner: Any, meter: Meter) -> None:
         self._inner, self._meter = inner, meter
         self.name, self.num_groups = inner.name, inner.num_groups
+        self.traffic = getattr(inner, "traffic", None)  # a board session's device-memory counters
 
     def inputs(self, group: int = 0):
         return self._inner.inputs(group)
@@ -83,19 +94,31 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def bench_once(engine: Any, meter: Meter, prompt: Any, options: Any) -> dict[str, float | None]:
+def _npu_seconds(model: Any) -> float | None:
+    """Seconds inside libax_engine's run calls so far (zero-copy path), else None."""
+    timer = getattr(model.data_path, "npu", None)
+    return None if timer is None else timer.seconds
+
+
+def bench_once(engine: Any, meter: Meter, prompt: Any, options: Any) -> dict[str, Any]:
     """One generation; the decode phase is measured from the first answer token to the last."""
+    from npu.board.traffic import model_traffic
     from npu.engine import DoneEvent
 
+    model = engine.model
     copied_before = engine.bytes_copied
-    first: tuple[float, tuple[int, float, int], int] | None = None
-    done = None
+    first: tuple | None = None
+    done, tokens = None, []
     for event in engine.generate(prompt, options):
         if isinstance(event, DoneEvent):
             done = event
-        elif first is None:
-            first = (time.perf_counter(), meter.snapshot(), engine.bytes_copied)
-    ended, end_meter = time.perf_counter(), meter.snapshot()
+        else:
+            tokens.append(event.token_id)
+            if first is None:
+                first = (time.perf_counter(), meter.snapshot(), engine.bytes_copied, model_traffic(model).copy(),
+                         _npu_seconds(model))
+    ended, end_meter, end_traffic, end_npu = time.perf_counter(), meter.snapshot(), model_traffic(model), \
+        _npu_seconds(model)
     timings = done.timings
     steps = max(done.completion_tokens - 1, 0)
     result: dict[str, float | None] = {
@@ -103,19 +126,26 @@ def bench_once(engine: Any, meter: Meter, prompt: Any, options: Any) -> dict[str
         "image_ms": timings["image_ms"], "ttft_ms": timings["ttft_ms"], "prefill_ms": timings["prefill_ms"],
         "prefill_tok_s": _rate(done.prompt_tokens, timings["prefill_ms"] / 1000.0),
         "decode_tok_s": None, "host_overhead_ms_per_token": None, "bytes_per_token": None,
-        "fed_bytes_per_token": None, "host_copy_bytes_per_token": None,
+        "fed_bytes_per_token": None, "host_copy_bytes_per_token": None, "device_written_per_token": None,
+        "device_flushed_per_token": None, "device_invalidated_per_token": None,
     }
     if first is not None and steps:
         wall = ended - first[0]
-        inside = end_meter[1] - first[1][1]
+        inside = end_meter[1] - first[1][1] if end_npu is None else end_npu - first[4]
         fed = end_meter[2] - first[1][2]
         host_copies = engine.bytes_copied - first[2]
+        device = end_traffic.minus(first[3]).per(steps)
         result["decode_tok_s"] = _rate(steps, wall)
         result["host_overhead_ms_per_token"] = round((wall - inside) * 1000.0 / steps, 3)
         result["fed_bytes_per_token"] = int(fed / steps)
         result["host_copy_bytes_per_token"] = int(host_copies / steps)
-        result["bytes_per_token"] = int((fed + host_copies) / steps)
+        if model.backend == "axengine":
+            result["bytes_per_token"] = device["written"]
+            result.update({f"device_{key}_per_token": value for key, value in device.items()})
+        else:
+            result["bytes_per_token"] = int((fed + host_copies) / steps)
     result["engine_bytes_copied"] = engine.bytes_copied - copied_before
+    result["tokens"] = tokens
     return result
 
 
@@ -125,8 +155,10 @@ def _rate(count: int, seconds: float) -> float | None:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of every numeric field over the runs."""
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"tokens": runs[0]["tokens"]}
     for key in runs[0]:
+        if key == "tokens":
+            continue
         values = [r[key] for r in runs if r[key] is not None]
         if not values:
             summary[key] = None
@@ -143,14 +175,38 @@ def format_table(summary: dict[str, Any], info: dict[str, Any]) -> str:
             ("image encode ms", summary["image_ms"]), ("TTFT ms", summary["ttft_ms"]),
             ("prefill tok/s", summary["prefill_tok_s"]), ("decode tok/s", summary["decode_tok_s"]),
             ("host overhead ms/token", summary["host_overhead_ms_per_token"]),
-            ("bytes moved/token", summary["bytes_per_token"]),
-            # axengine copies every fed input into its buffers on each run; the reference
-            # backend reads the same arrays in place, so there this row is an upper bound
-            ("  fed to graphs" + ("" if info["backend"] == "axengine" else " (read in place)"),
-             summary["fed_bytes_per_token"]),
-            ("  host copies", summary["host_copy_bytes_per_token"]), ("peak RSS MB", info["peak_rss_mb"])]
+            ("bytes moved/token", summary["bytes_per_token"])]
+    if info["backend"] == "axengine":
+        cpp = info["cpp_runtime"]["stackflow"]
+        rows += [("  written to device", summary["device_written_per_token"]),
+                 ("  flushed", summary["device_flushed_per_token"]),
+                 ("  invalidated", summary["device_invalidated_per_token"]),
+                 ("  C++ runtime (StackFlow)", f"written {cpp['written']}, flushed {cpp['flushed']},"
+                                               f" invalidated {cpp['invalidated']}"),
+                 ("  written vs C++", info.get("written_vs_cpp")),
+                 ("data path", f"{info['data_path']['data_path']}: {info['data_path']['reason']}")]
+        cmm = (info.get("cmm") or {}).get("after")
+        if cmm:
+            rows.append(("CMM free MB", f"{cmm['remain_kb'] // 1024} of {cmm['total_kb'] // 1024}"))
+    else:
+        # the reference backend reads the fed arrays in place: this row is what axengine's run() would copy
+        rows += [("  fed to graphs (read in place)", summary["fed_bytes_per_token"]),
+                 ("  host copies", summary["host_copy_bytes_per_token"])]
+    rows.append(("peak RSS MB", info["peak_rss_mb"]))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {'-' if value is None else value}" for name, value in rows)
+
+
+def _cpp_comparison(shapes: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """The C++ runtimes' bytes per decode token at these shapes, and how this run compares."""
+    from npu.board.traffic import cpp_decode_traffic
+
+    vocab = shapes.vocab if shapes.vocab is not None else shapes.post_topk
+    cpp = {name: cpp_decode_traffic(shapes.n_layers, shapes.hidden, shapes.capacity, shapes.kv_dim, vocab,
+                                    name).per(1) for name in ("stackflow", "ax-llm")}
+    written = summary["device_written_per_token"]
+    ratio = None if written is None else round(written / cpp["stackflow"]["written"], 3)
+    return {"cpp_runtime": cpp, "written_vs_cpp": ratio}
 
 
 def load_image(path: str | None, size: tuple[int, int] | None) -> np.ndarray | None:
@@ -175,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         model = load_model(args.model, backend=args.backend, precision=args.precision, provider=args.provider,
-                           kv_capacity=args.kv_capacity, prefill_chunk=args.prefill_chunk)
+                           kv_capacity=args.kv_capacity, prefill_chunk=args.prefill_chunk,
+                           history_groups=args.history_groups, data_path=args.data_path)
     except (ModelError, ValueError, OSError) as exc:
         print(f"vlmd bench: {exc}", file=sys.stderr)
         return 2
@@ -195,8 +252,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlmd bench: {exc}", file=sys.stderr)
         return 1
     summary = summarize(results)
+    facts = model.describe()
     info = {"model": str(model.source or model.name), "backend": model.backend, "runs": args.runs,
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "peak_rss_mb": round(peak_rss_mb(), 1), "data_path": facts["data_path"], "cmm": facts["cmm"]}
+    if model.backend == "axengine":
+        info.update(_cpp_comparison(engine.shapes, summary))
     if not args.json:
         print(format_table(summary, info))
     print(json.dumps({"bench": summary, **info, "per_run": results}))

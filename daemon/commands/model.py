@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--device-id", type=int, default=0, help="AXCL card index (PCIe provider only)")
     inspect.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                          help="reference graphs' precision when DIR is a Hugging Face checkpoint")
+    inspect.add_argument("--data-path", choices=("auto", "zero-copy", "public"), default="auto",
+                         help="board data path to check (auto: zero-copy if it proves itself, else public)")
     export = actions.add_parser(
         "export-embeddings", help="write model.embed_tokens.weight.bfloat16.bin (raw bf16 [vocab, hidden])")
     export.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="Hugging Face checkpoint directory")
@@ -41,7 +43,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from npu.model import DEMO_MODEL_DIR, ModelError
 
     try:
-        report = inspect_model(args.path or DEMO_MODEL_DIR, provider=args.provider, device_id=args.device_id, precision=args.precision)
+        report = inspect_model(args.path or DEMO_MODEL_DIR, provider=args.provider, device_id=args.device_id,
+                               precision=args.precision, data_path=args.data_path)
     except (LayoutError, ModelError) as exc:
         print(f"vlmd model inspect: {exc}", file=sys.stderr)
         return 2

@@ -1,31 +1,35 @@
-"""`AxEngineSession`: one compiled `.axmodel` graph run through AXERA's `axengine`.
+"""`AxEngineSession`: one compiled `.axmodel` graph run through AXERA's `axengine` (the public path).
 
-axengine (the pyaxengine wheel from AXERA's releases) exists only on a board or a
-host with an AXCL card; it is imported when a session is opened, never at module
-import, so development machines load this module fine.
+axengine (the pyaxengine wheel from AXERA's releases) exists only on a board or a host
+with an AXCL card; it is imported (quietly, npu/board/pyaxengine.py) when a session is
+opened, never at module import, so development machines load this module fine.
 
-What this module relies on, read from AXERA-TECH/pyaxengine (axengine/_session.py,
-_base_session.py, _axe.py, _axclrt.py, _node.py, _providers.py, _utils.py):
+What this module relies on, read from AXERA-TECH/pyaxengine at 3554448 (2026-03-24,
+0.1.3.rc3: axengine/_session.py, _base_session.py, _axe.py, _axclrt.py, _node.py,
+_providers.py):
 
 - `InferenceSession(path_or_bytes, sess_options=None, providers=None,
   provider_options=None)`; `providers` is a name or a list; the AXCLRT provider reads
   `device_id` from the first `provider_options` dict.
-- `get_available_providers()` lists what the installed libraries support, the PCIe
-  provider first when /dev/axcl_host exists; importing axengine raises ImportError
-  when there is none.
 - `get_inputs(shape_group)` / `get_outputs(shape_group)` return `NodeArg(name, dtype,
-  shape)`; dtype is a numpy dtype (bf16 as `ml_dtypes.bfloat16`), shape a tuple (AXE)
-  or a list (AXCLRT). There is no public group count: a group past the last one
-  raises (ValueError or IndexError, depending on how far past).
+  shape)`; dtype is a numpy dtype (bf16 as `ml_dtypes.bfloat16`), shape a list. There is
+  no public group count: a group past the last one raises (ValueError or IndexError,
+  depending on how far past).
 - `run(output_names, input_feed, run_options=None, shape_group=0)` returns a list of
-  fresh arrays in graph order. It checks only that group 0's input names are present
-  and asserts each fed array's shape and dtype; it memmoves every fed input into its
-  CMM buffer on every call (so the bytes fed are the bytes copied), and with a subset
-  of `output_names` it indexes outputs by the wrong list: always pass None.
-- A session allocates its input/output buffers in CMM (AX_SYS_MemAllocCached) and its
-  unload destroys the engine handle but never frees them, so a session re-created per
-  load or per request leaks NPU memory: sessions are opened once per graph per process
+  arrays in graph order (views of its buffers before 0.1.3, copies since). It checks only
+  that group 0's input names are present and asserts each fed array's shape and dtype; it
+  memmoves every fed input into that input's one CMM buffer (shared by every group, sized
+  for the largest), flushes the whole buffer, and invalidates every whole output buffer;
+  with a subset of `output_names` it indexes outputs by the wrong list (108722c): always
+  pass None. 0.1.1's `run` has no shape_group (refused for multi-group graphs, see
+  `check_groups`).
+- A session allocates its buffers in CMM (AX_SYS_MemAllocCached) and its unload destroys
+  the engine handle but never frees them, so a session re-created per load or per
+  request leaks NPU memory: sessions are opened once per graph per process
   (`open_session`).
+
+`traffic` counts what pyaxengine does with device memory on each `run` (bytes memmoved
+in, whole buffers flushed, whole outputs invalidated), from the buffer sizes it allocated.
 """
 
 from __future__ import annotations
@@ -37,54 +41,26 @@ from typing import Any
 
 import numpy as np
 
+from npu.board.pyaxengine import (
+    PROVIDER_BOARD,
+    PROVIDER_PCIE,
+    AxEngineUnavailable,
+    AxEngineUnsupported,
+    check_groups,
+    choose_provider,
+    explain_load_error,
+    import_axengine,
+    quiet,
+)
+from npu.board.traffic import DeviceTraffic
 from npu.session import BF16, SessionError, ShapeGroups, TensorSpec, check_feed
 
-PROVIDER_BOARD = "AxEngineExecutionProvider"
-PROVIDER_PCIE = "AXCLRTExecutionProvider"
-# Short config names -> axengine provider names; "auto" takes axengine's own first choice.
-PROVIDER_ALIASES = {"axengine": PROVIDER_BOARD, "axclrt": PROVIDER_PCIE, PROVIDER_BOARD: PROVIDER_BOARD,
-                    PROVIDER_PCIE: PROVIDER_PCIE}
+__all__ = ["PROVIDER_BOARD", "PROVIDER_PCIE", "AxEngineSession", "AxEngineUnavailable", "AxEngineUnsupported",
+           "is_open", "open_session", "open_session_count", "provider_arguments", "read_shape_groups"]
+
 # More shape groups than any llm_build output has; stops the probe on a runtime that ignores shape_group.
 MAX_SHAPE_GROUPS = 64
-
-
-class AxEngineUnavailable(SessionError):
-    """axengine cannot be imported here (not a board, or no provider installed)."""
-
-
-def import_axengine() -> Any:
-    """Import axengine or raise AxEngineUnavailable with what to install."""
-    try:
-        import axengine  # noqa: PLC0415 - optional, board-only dependency
-    except ImportError as exc:
-        raise AxEngineUnavailable(
-            f"axengine is not importable ({exc}); on the board install AXERA's pyaxengine wheel,"
-            " or use backend 'reference' on a development machine"
-        ) from exc
-    return axengine
-
-
-def provider_arguments(provider: str, device_id: int, available: list[str]) -> tuple[list[str], list[dict] | None]:
-    """Map a config provider choice to `(providers, provider_options)` for InferenceSession.
-
-    `provider` is "auto", "axengine", "axclrt" or a full provider name. `device_id`
-    selects the PCIe card and only applies to the AXCLRT provider.
-    """
-    if not available:
-        raise AxEngineUnavailable("axengine reports no available execution provider")
-    if provider == "auto":
-        name = available[0]
-    elif provider in PROVIDER_ALIASES:
-        name = PROVIDER_ALIASES[provider]
-    else:
-        raise SessionError(f"unknown provider {provider!r}: use auto, axengine, axclrt,"
-                           f" {PROVIDER_BOARD} or {PROVIDER_PCIE}")
-    if name not in available:
-        raise AxEngineUnavailable(f"provider {name} is not available here (axengine offers {available})")
-    if device_id < 0:
-        raise SessionError(f"device_id must be >= 0, got {device_id}")
-    options = [{"device_id": int(device_id)}] if name == PROVIDER_PCIE else None
-    return [name], options
+provider_arguments = choose_provider  # the name earlier callers use
 
 
 def _spec(node: Any) -> TensorSpec:
@@ -113,6 +89,19 @@ def read_shape_groups(session: Any) -> tuple[list[list[TensorSpec]], list[list[T
     return inputs, outputs
 
 
+def _nbytes(spec: TensorSpec) -> int:
+    return int(np.prod(spec.shape)) * spec.dtype.itemsize
+
+
+def _buffer_sizes(raw: Any, specs: list[list[TensorSpec]], kind: str) -> list[int]:
+    """pyaxengine's buffer size per tensor index: its own nSize when visible, else the largest group's tensor."""
+    try:
+        buffers = getattr(raw._sess._io[0], f"p{kind}s")
+        return [int(buffers[i].nSize) for i in range(len(specs[0]))]
+    except (AttributeError, IndexError, TypeError):  # AXCLRT, or another layout: what the graph says
+        return [max(_nbytes(group[i]) for group in specs) for i in range(len(specs[0]))]
+
+
 class AxEngineSession(ShapeGroups):
     """The `Session` interface over one `axengine.InferenceSession`.
 
@@ -126,30 +115,56 @@ class AxEngineSession(ShapeGroups):
 
     def __init__(self, path: str | os.PathLike, name: str | None = None, provider: str = "auto",
                  device_id: int = 0) -> None:
-        axengine = import_axengine()
+        self.runtime = import_axengine()
         self.path = Path(path)
         self.name = name or self.path.stem
-        providers, options = provider_arguments(provider, device_id, list(axengine.get_available_providers()))
+        providers, options = choose_provider(provider, device_id, list(self.runtime.module.get_available_providers()))
         self.provider = providers[0]
         self.device_id = device_id
         try:
-            self._session = axengine.InferenceSession(str(self.path), providers=providers, provider_options=options)
+            with quiet(self.name) as lines:
+                self._session = self.runtime.module.InferenceSession(str(self.path), providers=providers,
+                                                                     provider_options=options)
         except Exception as exc:  # axengine raises RuntimeError/ValueError/AssertionError alike
-            raise SessionError(f"{self.name}: axengine could not load {self.path} with {self.provider}: {exc}") from exc
+            self.runtime.record(lines)
+            raise AxEngineUnsupported(f"{self.name}: {self.path} with {self.provider}:"
+                                      f" {explain_load_error(self.runtime, self.name, exc)}") from exc
+        self.runtime.record(lines)
         self._inputs, self._outputs = read_shape_groups(self._session)
+        check_groups(self.runtime, self.name, self.num_groups)
+        self.public_runs = 0
+        self.traffic = DeviceTraffic()
+        in_sizes = _buffer_sizes(self._session, self._inputs, "Input")
+        out_sizes = _buffer_sizes(self._session, self._outputs, "Output")
+        self.buffer_bytes = sum(in_sizes) + sum(out_sizes)  # CMM this session's IO buffers take
+        on_board = self.provider == PROVIDER_BOARD  # AXCLRT copies to the card: no host cache to maintain
+        self._flushed_per_run = sum(in_sizes) if on_board else 0
+        self._invalidated_per_run = sum(out_sizes) if on_board else 0
 
     def run(self, feed: dict[str, np.ndarray], group: int = 0) -> list[np.ndarray]:
         check_feed(self, feed, group)
         try:
             # output_names=None: a subset list makes axengine pick outputs by the wrong index.
-            results = self._session.run(None, feed, shape_group=group)
+            if self.runtime.shape_groups:
+                results = self._session.run(None, feed, shape_group=group)
+            else:
+                results = self._session.run(None, feed)
         except Exception as exc:
             raise SessionError(f"{self.name} group {group}: axengine run failed: {exc}") from exc
+        self.public_runs += 1
+        self.traffic.written += sum(array.nbytes for array in feed.values())
+        self.traffic.flushed += self._flushed_per_run
+        self.traffic.invalidated += self._invalidated_per_run
         specs = self._outputs[group]
         if len(results) != len(specs):
             raise SessionError(f"{self.name} group {group}: axengine returned {len(results)} outputs,"
                                f" graph has {len(specs)}")
         return list(results)
+
+    @property
+    def raw(self) -> Any:
+        """The axengine.InferenceSession (for the zero-copy path's checks)."""
+        return self._session
 
     def __repr__(self) -> str:
         return f"AxEngineSession({self.name}, {self.path}, {self.provider}, groups={self.num_groups})"
@@ -173,6 +188,12 @@ def open_session(path: str | os.PathLike, name: str | None = None, provider: str
             session = AxEngineSession(path, name=name, provider=provider, device_id=device_id)
             _OPEN[key] = session
         return session
+
+
+def is_open(path: str | os.PathLike, provider: str = "auto", device_id: int = 0) -> bool:
+    """Whether this process already holds a session (and so its CMM) for `path`."""
+    with _OPEN_LOCK:
+        return (str(Path(path).resolve()), provider, int(device_id)) in _OPEN
 
 
 def open_session_count() -> int:

@@ -2,7 +2,11 @@
 
 `open_board_graphs(layout)` opens one `AxEngineSession` per graph (kept for the life of
 the process, see npu/board/axengine_session.py); the shapes are read from those sessions
-by `npu.shapes.read_shapes`, like any backend's. `check_embeddings` checks the board's
+by `npu.shapes.read_shapes`, like any backend's. Before it opens anything it checks the
+free device memory (npu/board/cmm.py): against the package's `cmm_size` when it declares
+one, else against the graph files' sizes, and once layer 0 is open against the files plus
+every layer's IO buffers as large as layer 0's; a model that will not fit is refused
+(`CmmError`, naming what holds the memory) before it half-loads. `check_embeddings` checks the board's
 embedding file against them. `npu.model.load_model` assembles the engine's `Model`;
 `npu.inspect` explains a directory.
 
@@ -16,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from npu.board.axengine_session import open_session
+from npu.board.axengine_session import is_open, open_session
+from npu.board.cmm import check_fits, estimate_model_kb, read_cmm_info
 from npu.board.layout import ModelLayout
 from npu.errors import ModelError
 from npu.session import Session
@@ -34,6 +39,7 @@ class BoardGraphs:
     vision: Session | None
     layers: list[Session]
     post: Session
+    cmm: dict[str, Any] | None = None  # free CMM before loading, the estimate, and after (on a board)
 
 
 def open_board_graphs(layout: ModelLayout, provider: str = "auto", device_id: int = 0) -> BoardGraphs:
@@ -44,10 +50,30 @@ def open_board_graphs(layout: ModelLayout, provider: str = "auto", device_id: in
     if not layout.layers or layout.post is None or missing:
         raise BoardModelError(f"{layout.root}: graphs missing: {missing or 'layers/post'};"
                               f" {'; '.join(layout.problems)}")
+    paths = layout.graph_paths()
+    pending = {name: path for name, path in paths.items() if not is_open(path, provider, device_id)}
+    before = read_cmm_info()
+    cmm: dict[str, Any] | None = None
+    if pending:  # graphs already open hold their CMM already: only the rest must fit
+        if layout.declared_cmm_kb:
+            needed, source = layout.declared_cmm_kb, "the package's cmm_size"
+        else:
+            needed, source = estimate_model_kb(pending.values()), "its graph files"
+        check_fits(needed, before, source)
+        if "layer0" in pending and not layout.declared_cmm_kb:
+            layer0 = open_session(pending.pop("layer0"), name="layer0", provider=provider, device_id=device_id)
+            layers_left = sum(1 for name in pending if name.startswith("layer"))
+            needed = estimate_model_kb(paths.values(), layer0.buffer_bytes * (layers_left + 1))
+            source = "its graph files and layer IO buffers"
+            check_fits(needed, before, source)
+        cmm = {"before": before.describe() if before else None, "needed_kb": needed, "needed_from": source}
     sessions = {name: open_session(path, name=name, provider=provider, device_id=device_id)
-                for name, path in layout.graph_paths().items()}
+                for name, path in paths.items()}
+    after = read_cmm_info()
+    if cmm is not None or after is not None:
+        cmm = dict(cmm or {}, after=after.describe() if after else None)
     return BoardGraphs(sessions.get("vision"), [sessions[f"layer{i}"] for i in range(len(layout.layers))],
-                       sessions["post"])
+                       sessions["post"], cmm)
 
 
 def describe_graph(session: Session, path: Path | None = None) -> dict[str, Any]:

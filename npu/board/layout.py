@@ -16,7 +16,7 @@ Four layouts are recognised, in this order:
    `filename_post_axmodel`, `filename_tokens_embed`, the vision graph under
    `filename_vpm_resampler_axmodedl` (their spelling) or `filename_image_encoder_axmodedl`,
    `tokens_embed_num` (vocab rows), `tokens_embed_size` (hidden), `img_token_id`,
-   `b_use_topk`. The tokenizer is served by a Python script (`ext_scripts`, or
+   `b_use_topk`, `cmm_size` (KiB of device memory the model takes). The tokenizer is served by a Python script (`ext_scripts`, or
    /opt/m5stack/scripts/<model>_tokenizer.py) that StackFlow starts with `--model_id
    <model dir>/tokenizer`; otherwise the script's own `--model_id` default names the
    folder. vlmd reads that folder's files directly and never runs the script.
@@ -75,6 +75,7 @@ class ModelLayout:
     template_source: str = ""
     image_context_id: int | None = None  # declared by the package, checked against the tokenizer
     post_topk: bool | None = None
+    declared_cmm_kb: int | None = None  # M5Stack mode files' cmm_size (KiB of device memory the model takes)
     notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
 
@@ -303,6 +304,7 @@ def _m5stack(root: Path, mode_file: Path) -> ModelLayout:
         tokenizer_dir=tokenizer_dir, config=config, vocab_size=params.get("tokens_embed_num"),
         hidden_size=params.get("tokens_embed_size"), template=template, template_source=source,
         image_context_id=params.get("img_token_id"), post_topk=params.get("b_use_topk"),
+        declared_cmm_kb=params["cmm_size"] if isinstance(params.get("cmm_size"), int) else None,
         notes=tuple(notes), problems=tuple(problems),
     )
 

@@ -50,15 +50,12 @@ from npu.engine.prefill import chunk_mask, plan_prefill
 from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
 from npu.engine.prompt import EncodedPrompt, EngineError, ImageError, Prompt, check_fits, encode_prompt
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
+from npu.engine.stack import Cancelled as _Cancelled
+from npu.engine.stack import SessionStack
 from npu.image import to_vision_input
 from npu.session import BF16, SessionError
 from npu.shapes import GraphShapes, read_shapes
 from npu.text.detokenizer import IncrementalDetokenizer
-
-
-class _Cancelled(Exception):
-    """should_stop() returned True between two graph calls."""
-
 
 
 @dataclass(frozen=True)
@@ -124,10 +121,16 @@ class Engine:
         self.stack_seconds: dict[int, float] = {}
         self.shapes: GraphShapes = read_shapes(model)
         s = self.shapes
-        self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype)
+        # A board data path may keep the KV cache in the graphs' own buffers and run the
+        # layer stack on them (npu/board/zero_copy.py); anything else: host cache, sessions' run.
+        data_path = getattr(model, "data_path", None)
+        storage = data_path.kv_storage() if data_path is not None else None
+        self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype, storage=storage)
         self.prefixes = PrefixStore(max_prefixes)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
+        stack = data_path.layer_stack(self.cache, s) if data_path is not None else None
+        self._stack = stack or SessionStack(self._layers, self.cache, s.output_order)
         self._allocate()
 
     @property
@@ -321,18 +324,9 @@ class Engine:
 
     def _run_layers(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
                     should_stop: Callable[[], bool]) -> np.ndarray:
-        """Every layer on the group's input buffer; write the new K/V rows, advance once."""
+        """Every layer on the group's input buffer (the stack writes the new K/V rows); advance once."""
         started = time.perf_counter()
-        k_index, v_index, out_index = self.shapes.output_order[group]
-        hidden = None
-        for layer, (session, feed) in enumerate(zip(self._layers, feeds)):
-            if should_stop():
-                raise _Cancelled
-            if hidden is not None:
-                feed["input"] = hidden  # the previous layer's output, fed as returned
-            outputs = session.run(feed, group)
-            self.cache.write(layer, outputs[k_index], outputs[v_index], num_rows)
-            hidden = outputs[out_index]
+        hidden = self._stack.run(group, feeds, num_rows, should_stop)  # (1, 1, hidden): the last real row
         self.cache.advance(num_rows)
         elapsed = time.perf_counter() - started
         previous = self.stack_seconds.get(group)
@@ -350,8 +344,7 @@ class Engine:
         self._chunk_input[0, size:] = 0  # padding rows: their K/V rows are never attended
         self._host_copies += self._chunk_input.nbytes
         np.add(self._chunk_offsets, row, out=self._chunk_indices[0])
-        hidden = self._run_layers(group, self._prefill_feeds[group], size, should_stop)
-        return hidden[:, size - 1:size]  # (1, 1, hidden) contiguous view
+        return self._run_layers(group, self._prefill_feeds[group], size, should_stop)
 
     def _next_token(self, hidden: np.ndarray, sampler: Sampler, options: GenerationOptions,
                     history: Sequence[int]) -> int:

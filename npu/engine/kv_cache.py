@@ -2,7 +2,12 @@
 
 `KVCache` holds every layer's K and V rows in the layer graphs' dtype, laid out so
 that `keys[i]` is exactly the `[1, capacity, kv_dim]` array the decode group takes:
-decode feeds views, never copies. It also owns the decode mask, because the mask is
+decode feeds views, never copies. By default it allocates one host block; a board data
+path may hand it `storage` instead, one (K, V) pair of `[1, capacity, kv_dim]` arrays per
+layer that are views of the layers' own device buffers (npu/board/zero_copy.py), so the
+cache *is* what the NPU reads. Either way only `write`, `restore` and `reset` change it,
+and `resets` counts resets (a restore is one), so whoever mirrors it knows when its
+rows or the decode mask were replaced wholesale. It also owns the decode mask, because the mask is
 a function of the position: slot j < capacity is open iff row j is filled, and the
 last slot (the token itself) is always open. Advancing opens the new slots; nothing
 is rebuilt per token.
@@ -50,25 +55,31 @@ class KVSnapshot:
 class KVCache:
     """Preallocated K/V rows for `n_layers` layers, `capacity` positions, `kv_dim` wide."""
 
-    def __init__(self, n_layers: int, capacity: int, kv_dim: int, dtype, mask_dtype) -> None:
+    def __init__(self, n_layers: int, capacity: int, kv_dim: int, dtype, mask_dtype,
+                 storage: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None) -> None:
         if n_layers < 1 or capacity < 1 or kv_dim < 1:
             raise ValueError(f"KV cache dimensions must be positive: {n_layers=} {capacity=} {kv_dim=}")
         self.n_layers = n_layers
         self.capacity = capacity
         self.kv_dim = kv_dim
-        # The leading 1 makes keys[i] the decode graph's [1, capacity, kv_dim] input as is.
-        self.keys = np.zeros((n_layers, 1, capacity, kv_dim), dtype)  # (n_layers, 1, capacity, kv_dim)
-        self.values = np.zeros((n_layers, 1, capacity, kv_dim), dtype)  # (n_layers, 1, capacity, kv_dim)
+        if storage is None:
+            # The leading 1 makes keys[i] the decode graph's [1, capacity, kv_dim] input as is.
+            self.keys = np.zeros((n_layers, 1, capacity, kv_dim), dtype)  # (n_layers, 1, capacity, kv_dim)
+            self.values = np.zeros((n_layers, 1, capacity, kv_dim), dtype)  # (n_layers, 1, capacity, kv_dim)
+        else:
+            self.keys, self.values = _checked_storage(storage, n_layers, (1, capacity, kv_dim), np.dtype(dtype))
         self.decode_mask = np.empty((1, 1, capacity + 1), mask_dtype)  # (1, 1, capacity + 1)
         self._open = np.zeros((), mask_dtype)
         self.position = 0
+        self.resets = 0
         # Bytes copied into the cache since construction (for the decode-overhead benchmark).
         self.bytes_written = 0
         self.reset()
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.decode_mask.nbytes
+        rows = sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        return rows + self.decode_mask.nbytes
 
     @property
     def remaining(self) -> int:
@@ -77,6 +88,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget every row: position 0, every cache slot of the decode mask blocked."""
         self.position = 0
+        self.resets += 1
         self.decode_mask.fill(MASK_BLOCKED)
         self.decode_mask[0, 0, -1] = self._open
 
@@ -105,12 +117,12 @@ class KVCache:
         start = self.position
         if num_rows == 1:
             # Row assignment is the cheapest copy numpy offers for the per-token path.
-            self.keys[layer, 0, start] = k_rows[0, 0]
-            self.values[layer, 0, start] = v_rows[0, 0]
+            self.keys[layer][0, start] = k_rows[0, 0]
+            self.values[layer][0, start] = v_rows[0, 0]
         else:
-            self.keys[layer, 0, start : start + num_rows] = k_rows[0, :num_rows]
-            self.values[layer, 0, start : start + num_rows] = v_rows[0, :num_rows]
-        self.bytes_written += 2 * num_rows * self.kv_dim * self.keys.itemsize
+            self.keys[layer][0, start : start + num_rows] = k_rows[0, :num_rows]
+            self.values[layer][0, start : start + num_rows] = v_rows[0, :num_rows]
+        self.bytes_written += 2 * num_rows * self.kv_dim * self.keys[0].itemsize
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """The layer's full K and V arrays, each [1, capacity, kv_dim] (views, no copy)."""
@@ -120,15 +132,15 @@ class KVCache:
         """The layer's first `length` rows, each [1, length, kv_dim] (contiguous views)."""
         if not 0 <= length <= self.position:
             raise CacheFullError(f"history of {length} rows asked at position {self.position}")
-        return self.keys[layer, :, :length], self.values[layer, :, :length]
+        return self.keys[layer][:, :length], self.values[layer][:, :length]
 
     def snapshot(self, length: int | None = None) -> KVSnapshot:
         """Copy the first `length` rows (default: all filled rows) of every layer."""
         length = self.position if length is None else length
         if not 0 <= length <= self.position:
             raise CacheFullError(f"cannot snapshot {length} rows at position {self.position}")
-        keys = self.keys[:, 0, :length].copy()  # (n_layers, length, kv_dim)
-        values = self.values[:, 0, :length].copy()  # (n_layers, length, kv_dim)
+        keys = np.stack([k[0, :length] for k in self.keys])  # (n_layers, length, kv_dim)
+        values = np.stack([v[0, :length] for v in self.values])  # (n_layers, length, kv_dim)
         return KVSnapshot(length, keys, values)
 
     def restore(self, snapshot: KVSnapshot, length: int | None = None) -> None:
@@ -143,10 +155,23 @@ class KVCache:
         if length > self.capacity:
             raise CacheFullError(f"snapshot of {length} rows exceeds capacity {self.capacity}")
         self.reset()
-        self.keys[:, 0, :length] = snapshot.keys[:, :length]
-        self.values[:, 0, :length] = snapshot.values[:, :length]
-        self.bytes_written += 2 * self.n_layers * length * self.kv_dim * self.keys.itemsize
+        for layer in range(self.n_layers):
+            self.keys[layer][0, :length] = snapshot.keys[layer, :length]
+            self.values[layer][0, :length] = snapshot.values[layer, :length]
+        self.bytes_written += 2 * self.n_layers * length * self.kv_dim * self.keys[0].itemsize
         self.advance(length)
+
+
+def _checked_storage(storage, n_layers: int, shape: tuple[int, ...], dtype: np.dtype) -> tuple[tuple, tuple]:
+    """Per-layer K and V arrays handed in by a backend, each exactly `shape` of `dtype`, C-contiguous."""
+    keys, values = (tuple(part) for part in storage)
+    if len(keys) != n_layers or len(values) != n_layers:
+        raise ValueError(f"KV storage for {len(keys)}/{len(values)} layers, the cache has {n_layers}")
+    for array in keys + values:
+        if array.shape != shape or array.dtype != dtype or not array.flags.c_contiguous or not array.flags.writeable:
+            raise ValueError(f"KV storage array {array.shape} {array.dtype} is not a writable contiguous"
+                             f" {shape} {dtype} block")
+    return keys, values
 
 
 @dataclass(frozen=True)
