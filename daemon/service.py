@@ -51,10 +51,7 @@ def load_engine(config: Config) -> Any:
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
         data_path=m.data_path,
     )
-    facts = model.describe()
-    log.info("model loaded", name=facts["name"], backend=facts["backend"], data_path=facts["data_path"]["data_path"],
-             data_path_reason=facts["data_path"]["reason"])
-    return Engine(model)
+    return Engine(model)  # Service.start logs its one "model loaded" line (Model.summary, data path included)
 
 
 class Service:

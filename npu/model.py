@@ -69,10 +69,15 @@ class Model:
 
     def summary(self) -> dict[str, str | int | None]:
         """The facts `vlmd serve` logs at start and publishes in its stats, flat and JSON-able."""
-        s = self.shapes()
+        s, path = self.shapes(), self._data_path()
         return {"path": str(self.source) if self.source else None, "layout": self.layout, "backend": self.backend,
                 "provider": self.provider, "precision": self.precision, "template": self.template.name,
-                "kv_capacity": s.capacity, "prefill_chunk": s.chunk, "image_tokens": s.image_tokens}
+                "kv_capacity": s.capacity, "prefill_chunk": s.chunk, "image_tokens": s.image_tokens,
+                "data_path": path["data_path"], "data_path_reason": path["reason"]}
+
+    def _data_path(self) -> dict[str, Any]:
+        return self.data_path.describe() if self.data_path is not None else \
+            {"data_path": "host", "reason": f"{self.backend} backend: no device memory"}
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for logs and `vlmd model inspect`."""
@@ -86,9 +91,7 @@ class Model:
             "dtype": dtype_name(s.act_dtype), "vocab": s.vocab, "post_topk": s.topk_ids_index is not None,
             "vision": None if self.vision is None else {
                 "size": list(s.vision_size), "image_tokens": s.image_tokens, "dtype": dtype_name(s.vision_dtype)},
-            "data_path": self.data_path.describe() if self.data_path is not None else
-            {"data_path": "host", "reason": f"{self.backend} backend: no device memory"},
-            "cmm": self.cmm, "notes": list(self.notes),
+            "data_path": self._data_path(), "cmm": self.cmm, "notes": list(self.notes),
         }
 
 

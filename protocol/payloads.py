@@ -332,7 +332,7 @@ class Stats(_Outbound):
     rss_bytes: int | None = None
     model: dict[str, str | int | None] | None = Field(
         None, description="The loaded model, as logged at start: path, layout, backend, provider, precision,"
-        " template, kv_capacity, prefill_chunk, image_tokens.")
+        " template, kv_capacity, prefill_chunk, image_tokens, data_path, data_path_reason.")
 
 
 INBOUND_MODELS: tuple[type[BaseModel], ...] = (AskRequest, CancelRequest)

@@ -18,7 +18,7 @@ from tests.fixtures_daemon import Collector
 pytestmark = pytest.mark.broker
 
 FACTS = ("path", "layout", "backend", "provider", "precision", "template", "kv_capacity", "prefill_chunk",
-         "image_tokens")
+         "image_tokens", "data_path", "data_path_reason")
 
 
 def test_start_logs_the_model_once_and_stats_carry_it(json_logs, mosquitto, tmp_path, monkeypatch):
@@ -44,5 +44,5 @@ def test_start_logs_the_model_once_and_stats_carry_it(json_logs, mosquitto, tmp_
     facts = {key: line[key] for key in FACTS}
     assert facts == {"path": str(DEMO_MODEL_DIR), "layout": "hf", "backend": "reference", "provider": None,
                      "precision": "bf16", "template": "Hermes-2", "kv_capacity": 300, "prefill_chunk": 32,
-                     "image_tokens": 64}
+                     "image_tokens": 64, "data_path": "host", "data_path_reason": "reference backend: no device memory"}
     assert stats["model"] == facts
