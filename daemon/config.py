@@ -193,6 +193,14 @@ class FramesConfig(_Section):
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded frame (width x height)")
     history: int = Field(4, gt=0, description="raw frames kept per camera; the newest answers `camera` questions")
     max_cameras: int = Field(32, gt=0, description="unconfigured cameras whose frames are kept; frames from more are dropped (memory stays bounded)")
+    max_total_bytes: int = Field(256_000_000, gt=0, description="bytes of kept frames of all cameras together; beyond it the least recently active camera's frames are evicted (sized for a 4 GB board)")
+    unknown_camera_idle_s: float = Field(600.0, gt=0, description="an unconfigured camera that sent no frame and had none used for this long is forgotten")
+
+    @model_validator(mode="after")
+    def _budget(self) -> FramesConfig:
+        if self.max_total_bytes < self.max_bytes:
+            raise ValueError("max_total_bytes must be >= max_bytes (one frame must fit)")
+        return self
 
 
 class CameraConfig(_Section):
@@ -240,6 +248,17 @@ class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, JSON lines otherwise")
 
 
+class JournalConfig(_Section):
+    enabled: bool = Field(True, description="journal accepted requests so a crash still gives each one final")
+    directory: Path | None = Field(None, description="empty = $RUNTIME_DIRECTORY (systemd RuntimeDirectory=), else $XDG_STATE_HOME/vlmd, else ~/.local/state/vlmd")
+    max_bytes: int = Field(64_000_000, gt=0, description="live journal bound; an inline image that would pass it is not journaled (after a crash that request fails as restarted)")
+    compact_bytes: int = Field(4_000_000, gt=0, description="rewrite the file with its live records once it is larger than this and twice its live records")
+    id_window_s: float = Field(600.0, gt=0, description="a request id seen this recently is not run again: its final is republished")
+    id_window_max: int = Field(2000, gt=0, description="most finished request ids remembered")
+
+    _empty_is_none = field_validator("directory", mode="before")(_optional_path)
+
+
 class ShutdownConfig(_Section):
     drain_timeout_s: float = Field(10.0, ge=0, description="seconds to let the running job finish on stop")
     max_consecutive_failures: int = Field(3, gt=0, description="engine failures in a row before the daemon exits")
@@ -259,6 +278,7 @@ class Config(_Section):
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="fleet-wide shared questions")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and format")
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="stopping and giving up")
+    journal: JournalConfig = Field(default_factory=JournalConfig, description="the request journal (exactly one final across a crash)")
 
     @field_validator("device_id")
     @classmethod
@@ -286,7 +306,8 @@ class Config(_Section):
 
 # --- loading -------------------------------------------------------------------------
 
-_PATH_KEYS: set[Key] = {("model", "path"), ("mqtt", "password_file"), *(("mqtt", "tls", k) for k in ("ca_file", "cert_file", "key_file"))}
+_PATH_KEYS: set[Key] = {("model", "path"), ("mqtt", "password_file"), ("journal", "directory"),
+                        *(("mqtt", "tls", k) for k in ("ca_file", "cert_file", "key_file"))}
 
 
 def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None, overrides: dict | None = None) -> Config:

@@ -6,7 +6,11 @@ for a few dictionary operations. Only the worker calls `wait()`.
 Holds:
 - per camera, a small ring of the newest raw frames (decoded only when a job uses
   them). A frame that falls out of the ring without any job having used it counts
-  as dropped;
+  as dropped. The frames of all cameras together stay within `max_total_bytes`: a new
+  frame that would exceed it evicts the frames of the least recently active camera
+  (a frame received or used; unconfigured cameras before the `configured` ones), or
+  the oldest of its own camera's when it is alone;
+  `expire_cameras` forgets cameras idle for too long;
 - the bounded queue of questions (captions are not queued: the scheduler creates
   them from the frames when they are due);
 - the job currently running, so `cancel` can reach it.
@@ -18,7 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Collection, Literal
 
 from daemon.scheduler import CameraView, Frame, Job
 
@@ -29,6 +33,8 @@ class _CameraSlot:
     used: set = field(default_factory=set)  # seqs of ring frames some job used
     received: int = 0
     dropped: int = 0
+    last_active: float = 0.0  # service clock of the last frame received or used
+    num_bytes: int = 0  # of the frames in the ring
 
 
 SubmitResult = Literal["queued", "busy", "closed"]
@@ -44,11 +50,15 @@ class Inbox:
         frame_history: int = 4,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        max_total_bytes: int | None = None,
     ):
         if queue_size < 1 or frame_history < 1:
             raise ValueError("queue_size and frame_history must be >= 1")
         self.queue_size = queue_size
         self.frame_history = frame_history
+        self.max_total_bytes = max_total_bytes  # None: no overall bound
+        self.configured: frozenset[str] = frozenset()  # evicted last (a reference swap, set by the service)
+        self._total_bytes = 0
         self._clock = clock
         self._wall_clock = wall_clock
         self._lock = threading.Lock()
@@ -67,15 +77,42 @@ class Inbox:
                 slot = self._cameras[camera] = _CameraSlot(ring=deque(maxlen=self.frame_history))
             slot.received += 1
             frame = Frame(camera, slot.received, data, self._wall_clock(), self._clock())
+            slot.last_active = frame.received_at
             if len(slot.ring) == slot.ring.maxlen:
-                evicted = slot.ring[0]
-                if evicted.seq in slot.used:
-                    slot.used.discard(evicted.seq)
-                else:
-                    slot.dropped += 1
+                self._drop_oldest(slot)
             slot.ring.append(frame)
+            slot.num_bytes += len(data)
+            self._total_bytes += len(data)
+            self._keep_within_budget(slot)
             self._changed.notify_all()
             return frame
+
+    def _drop_oldest(self, slot: _CameraSlot) -> None:
+        evicted = slot.ring.popleft()
+        slot.num_bytes -= len(evicted.data)
+        self._total_bytes -= len(evicted.data)
+        if evicted.seq in slot.used:
+            slot.used.discard(evicted.seq)
+        else:
+            slot.dropped += 1
+
+    def _keep_within_budget(self, current: _CameraSlot) -> None:
+        """Evict whole least-recently-active cameras, unconfigured ones first (then the
+        current camera's oldest frames, never its newest) until all frames fit
+        `max_total_bytes`."""
+        if self.max_total_bytes is None:
+            return
+        while self._total_bytes > self.max_total_bytes:
+            others = [(name in self.configured, slot.last_active, name) for name, slot in self._cameras.items()
+                      if slot.ring and slot is not current]
+            if others:
+                victim = self._cameras[min(others)[2]]
+                while victim.ring:
+                    self._drop_oldest(victim)
+            elif len(current.ring) > 1:
+                self._drop_oldest(current)
+            else:
+                return  # one frame is at most frames.max_bytes, which the config keeps below the budget
 
     def frames(self, camera: str, count: int = 1) -> tuple[Frame, ...]:
         """The newest `count` frames of `camera`, oldest first (fewer if fewer are held).
@@ -88,7 +125,26 @@ class Inbox:
                 return ()
             picked = tuple(slot.ring)[-count:]
             slot.used.update(frame.seq for frame in picked)
+            if picked:
+                slot.last_active = self._clock()
             return picked
+
+    def expire_cameras(self, idle_s: float, keep: Collection[str] = ()) -> list[str]:
+        """Forget the cameras (frames and counts) not in `keep` whose last frame was
+        received or used more than `idle_s` ago; returns their names."""
+        with self._lock:
+            cutoff = self._clock() - idle_s
+            names = [name for name, slot in self._cameras.items() if name not in keep and slot.last_active < cutoff]
+            for name in names:
+                slot = self._cameras.pop(name)
+                self._total_bytes -= slot.num_bytes
+            return names
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of every camera's kept frames together."""
+        with self._lock:
+            return self._total_bytes
 
     def has_camera(self, camera: str) -> bool:
         with self._lock:

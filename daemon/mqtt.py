@@ -10,6 +10,13 @@ Contract:
 - `persistent_session`: MQTT 3.1.1 clean_session=False, MQTT 5 clean_start=False plus
   a session expiry, so QoS 1 questions sent while vlmd was away are delivered.
 - Callbacks never block and never raise into paho: handler errors are logged.
+- Manual acknowledgements (paho `manual_ack=True`): a QoS 1 message is acknowledged
+  (PUBACK) only after `on_message` returned, i.e. after the service journaled it, and
+  also when the handler failed (an unacknowledged message would hold one of the
+  broker's in-flight slots for this session until a reconnect).
+- `publish(..., on_delivered=fn)` calls `fn()` once the broker acknowledged that QoS 1
+  message (on paho's thread or the publishing one; never twice, never for a dropped
+  message).
 - `protocol="auto"` probes the broker with a bare MQTT 5 connection and uses 3.1.1 when
   the broker refuses it or hangs up (the embedded amqtt broker speaks 3.1.1 only); a
   broker that is not up yet is probed again with backoff before the real connection.
@@ -100,6 +107,7 @@ class Incoming:
     payload: bytes
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    redelivered: bool = False  # the broker's DUP flag: sent before, never acknowledged
 
 
 class MqttClient:
@@ -132,6 +140,12 @@ class MqttClient:
         self._attempt_reported = False  # this connection attempt's failure was logged already
         self._takeover_reason: str | None = None  # why the broker last ended a connection of ours
         self._socket_error: OSError | None = None  # what paho's read or write last failed with
+        # Delivery callbacks: held across client.publish() and the registration of its mid,
+        # so an acknowledgement that arrives in between is matched by the publisher itself;
+        # paho's thread only ever tries it (it calls on_publish holding paho's own lock).
+        self._delivery_lock = threading.Lock()
+        self._awaiting: dict[int, Callable[[], None]] = {}
+        self._acknowledged: deque[int] = deque()  # mids paho reported, not yet matched
 
     @property
     def is_v5(self) -> bool:
@@ -182,7 +196,8 @@ class MqttClient:
         client.loop_start()
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, correlation_data: bytes | None = None
+        self, topic: str, payload: bytes, qos: int, retain: bool, correlation_data: bytes | None = None,
+        on_delivered: Callable[[], None] | None = None,
     ) -> paho.MQTTMessageInfo | None:
         client = self._client
         if client is None:  # not started, or stopped: a late final during shutdown
@@ -192,10 +207,34 @@ class MqttClient:
         if self.is_v5 and correlation_data is not None:
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation_data
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+        with self._delivery_lock:
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            queued = info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)  # NO_CONN: sent on reconnect
+            if on_delivered is not None and qos > 0 and queued:
+                self._awaiting[info.mid] = on_delivered
+            delivered = self._match_acknowledged()
+        if not queued:
             log.warning("publish failed", topic=topic, rc=paho.error_string(info.rc))
+        _call_each(delivered)
         return info
+
+    def _match_acknowledged(self) -> list[Callable[[], None]]:
+        """Callbacks of the acknowledged mids (call with `_delivery_lock` held)."""
+        delivered = []
+        while self._acknowledged:
+            callback = self._awaiting.pop(self._acknowledged.popleft(), None)
+            if callback is not None:  # None: QoS 0, or a message nobody waits for
+                delivered.append(callback)
+        return delivered
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acknowledged.append(mid)
+        if self._delivery_lock.acquire(blocking=False):  # else its holder matches it before releasing
+            try:
+                delivered = self._match_acknowledged()
+            finally:
+                self._delivery_lock.release()
+            _call_each(delivered)
 
     def subscribe(self, subscriptions: list[tuple[str, int]]) -> None:
         client = self._client
@@ -237,7 +276,8 @@ class MqttClient:
         version = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
         session_kwargs = {} if protocol == "5" else {"clean_session": not self.settings.persistent_session}
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.settings.client_id, protocol=version, **session_kwargs
+            CallbackAPIVersion.VERSION2, client_id=self.settings.client_id, protocol=version, manual_ack=True,
+            **session_kwargs,
         )
         if self.settings.username:
             client.username_pw_set(self.settings.username, self.settings.password or None)
@@ -254,6 +294,7 @@ class MqttClient:
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
         client.on_socket_open = self._socket_opened
         client.enable_logger(_SocketErrorRecorder(self))  # only its errors: debug lines stay unformatted
         return client
@@ -361,9 +402,13 @@ class MqttClient:
             props = getattr(message, "properties", None)
             response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
             correlation = getattr(props, "CorrelationData", None) if props is not None else None
-            self._on_message(Incoming(message.topic, bytes(message.payload), response_topic or None, correlation))
+            self._on_message(Incoming(message.topic, bytes(message.payload), response_topic or None, correlation,
+                                      bool(message.dup)))
         except Exception:
             log.exception("message handler failed", topic=getattr(message, "topic", "?"))
+        finally:
+            if message.qos > 0:  # after the handler (the journal write): a crash before this is redelivered
+                client.ack(message.mid, message.qos)
 
     def _probe_v5(self, retry_in_s: float | None = None) -> bool | None:
         """Connect once with MQTT 5: True if the broker accepts it, False if it refuses the
@@ -453,6 +498,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def _call_each(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # a journal that cannot write must not break paho's thread
+            log.exception("delivery callback failed")
 
 
 def _no_delay(client, userdata, sock) -> None:

@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
+from protocol.requests import Reply  # noqa: F401  (re-exported: Job.reply is one)
+
 JobKind = Literal["ask", "caption"]
 
 
@@ -32,15 +34,6 @@ class Frame:
     data: bytes
     received_ts: float  # wall clock (unix seconds), for captions' frame_ts
     received_at: float  # service clock, for ages
-
-
-@dataclass(frozen=True)
-class Reply:
-    """Where a request's chunks and final go."""
-
-    topic: str
-    correlation_data: bytes | None = None  # MQTT 5 only; echoed on every reply
-    stream: bool = True  # False: the final only
 
 
 @dataclass

@@ -16,7 +16,7 @@ nothing slower.
 from __future__ import annotations
 
 import importlib.metadata
-import signal
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -27,13 +27,17 @@ from daemon.config import Config
 from daemon.ha import birth_topic, discovery_messages
 from daemon.inbox import Inbox
 from daemon.logs import get_logger
-from daemon.mqtt import ClientSettings, Incoming, MqttClient, TlsSettings
-from daemon.scheduler import CaptionPolicy, Job, Reply, Scheduler
-from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+from daemon import settings
+from daemon.mqtt import Incoming, MqttClient
+from daemon.journal import Journal, Recovery, open_journal
+from daemon.recovery import Restarted, revive
+from daemon.scheduler import Job, Scheduler
+from daemon.responder import Responder, RuntimeStats
+from daemon.worker import Worker
 from npu.board.cmm import read_cmm_info
 from protocol import codec, payloads
-from protocol.codec import ProtocolError
-from protocol.topics import SPEC, TopicError, Topics, check_publish_topic
+from protocol.requests import Refused, receive_ask, receive_cancel
+from protocol.topics import SPEC, Topics
 
 log = get_logger("vlmd.service")
 
@@ -61,15 +65,14 @@ class Service:
         self.config = config
         self.engine_factory = engine_factory
         self.clock, self.wall_clock = clock, wall_clock
-        self.topics = _topics(config)
-        self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock)
-        self.scheduler = Scheduler({name: _caption_policy(c) for name, c in config.cameras.items()})
+        self.topics = settings.topics(config)
+        self.inbox = Inbox(config.requests.queue_size, config.frames.history, clock, wall_clock,
+                           max_total_bytes=config.frames.max_total_bytes)
+        self.inbox.configured = frozenset(config.cameras)
+        self.scheduler = Scheduler(settings.caption_policies(config))
         self._num_camera_refusals = 0
         self.stats = RuntimeStats()
-        self.limits = payloads.AskLimits(
-            max_text_chars=config.requests.max_text_chars, max_frames=min(config.requests.max_frames, config.frames.history),
-            max_tokens=config.requests.max_tokens_limit,
-        )
+        self.limits = settings.ask_limits(config)
         self.broker: Any = None  # the embedded broker, when one was started
         self.client: MqttClient | None = None
         self.worker: Worker | None = None
@@ -80,6 +83,8 @@ class Service:
         self.started_at = clock()
         self._next_stats = 0.0
         self.model_facts: dict = {}  # Engine.model_summary(), once loaded
+        self.journal = Journal(None)  # the id window only, until start() opens the file
+        self._recovery: Recovery | None = None  # owed by an earlier run: settled on the first connection
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -89,15 +94,17 @@ class Service:
         engine = self.engine_factory(self.config)
         self.model_facts = engine.model_summary()
         log.info("model loaded", **self.model_facts)  # one line: what this daemon runs
+        self.journal = open_journal(self.config, os.environ, self.wall_clock)
+        self._recovery = self.journal.recover()
         self.client = MqttClient(
-            self._client_settings(url, protocol),
+            settings.client_settings(self.config, url, protocol),
             will=(self.topics.status(), payloads.STATUS_OFFLINE.encode(), SPEC["status"].qos, SPEC["status"].retain),
             on_message=self._on_message,
             on_connected=self._on_connected,
         )
-        self.responder = Responder(self.client, self.topics, self.stats, self.wall_clock)
+        self.responder = Responder(self.client, self.topics, self.stats, self.wall_clock, self.journal)
         self.worker = Worker(
-            engine, self.inbox, self.scheduler, self.responder, _worker_limits(self.config), self.clock
+            engine, self.inbox, self.scheduler, self.responder, settings.worker_limits(self.config), self.clock
         )
         self._worker_thread = threading.Thread(
             target=self.worker.run, args=(self._worker_stop,), name="vlmd-worker", daemon=True
@@ -126,6 +133,7 @@ class Service:
             self.client.stop(last=status)
         if self.broker is not None:
             self.broker.stop()
+        self.journal.close()
         self._stopped.set()
         log.info("service stopped")
 
@@ -160,10 +168,12 @@ class Service:
 
     def reload(self, config: Config) -> str:
         """Apply `config`'s cameras (caption settings, source topics) without touching
-        the model or the connection; other changed sections are logged as needing a
-        restart and ignored. Returns a one-line summary. Raises TopicError (nothing
-        applied) when the new source topics cannot be used."""
-        topics = _topics(config)  # validates before anything changes
+        the model or the connection; other changed sections (device id, root, fleet:
+        the subscriptions stay on the running root) are logged as needing a restart and
+        ignored. Returns a one-line summary. Raises TopicError (nothing applied) when
+        the new source topics cannot be used."""
+        # the running root and fleet topic, the new camera sources; validated before anything changes
+        topics = Topics(self.topics.root, settings.frame_sources(config), self.topics.fleet_ask_topic)
         old_sources, new_sources = set(self.topics.frame_sources), set(topics.frame_sources)
         ignored = [name for name in Config.model_fields if name != "cameras"
                    and getattr(config, name) != getattr(self.config, name)]
@@ -174,7 +184,8 @@ class Service:
         self.topics = topics
         if self.responder is not None:
             self.responder.topics = topics
-        self.scheduler.captions = {name: _caption_policy(c) for name, c in config.cameras.items()}
+        self.scheduler.captions = settings.caption_policies(config)
+        self.inbox.configured = frozenset(config.cameras)
         if self.client is not None:
             self.client.unsubscribe(sorted(old_sources - new_sources))
             self.client.subscribe([(topic, SPEC["frame"].qos) for topic in sorted(new_sources - old_sources)])
@@ -186,8 +197,14 @@ class Service:
         self.inbox.wake()  # a caption may be due now
         return summary
 
+    def _expire_cameras(self) -> None:
+        expired = self.inbox.expire_cameras(self.config.frames.unknown_camera_idle_s, keep=self.config.cameras)
+        if expired:
+            log.info("idle unconfigured cameras forgotten", cameras=expired[:10], count=len(expired))
+
     def tick(self) -> None:
-        """Main-loop duties: publish stats when due."""
+        """Main-loop duties: forget idle unconfigured cameras, publish stats when due."""
+        self._expire_cameras()
         now = self.clock()
         if now >= self._next_stats and self.client is not None and self.client.connected:
             self._next_stats = now + self.config.stats.interval_s
@@ -208,11 +225,11 @@ class Service:
             ts=self.wall_clock(), uptime_s=max(0.0, self.clock() - self.started_at), queue_depth=self.inbox.depth,
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
-            running=self.inbox.running is not None, cmm=cmm.describe() if cmm is not None else None,
-            model=self.model_facts or None,
+            running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
+            cmm=cmm.describe() if cmm is not None else None, model=self.model_facts or None,
         )
 
-    # -- broker and client settings ---------------------------------------------------
+    # -- the broker -------------------------------------------------------------------
 
     def _broker_url(self) -> tuple[str, str]:
         if self.config.mqtt.broker:
@@ -224,19 +241,15 @@ class Service:
         log.info("embedded broker started", url=self.broker.url)
         return self.broker.url, "3.1.1"  # amqtt speaks MQTT 3.1.1 only
 
-    def _client_settings(self, url: str, protocol: str) -> ClientSettings:
-        m = self.config.mqtt
-        tls = m.tls
-        return ClientSettings(
-            url=url, client_id=m.client_id, username=m.username, password=m.password_value() or "",
-            keepalive_s=m.keepalive_s, protocol=protocol, persistent_session=m.persistent_session,
-            reconnect_min_s=m.reconnect_min_s, reconnect_max_s=m.reconnect_max_s,
-            tls=TlsSettings(str(tls.ca_file or ""), str(tls.cert_file or ""), str(tls.key_file or ""), tls.insecure),
-        )
-
     # -- paho thread: handlers (never block, never raise: MqttClient logs what escapes) --
 
     def _on_connected(self) -> None:
+        if self._recovery is not None:  # before any message of this connection is handled
+            recovery, self._recovery = self._recovery, None
+            try:
+                self._settle(recovery)
+            except Exception:  # what is owed must not cost the connection its subscriptions
+                log.exception("journal recovery failed")
         subscriptions = self.topics.subscriptions()
         if self.config.fleet.enabled:
             if self.client.is_v5:
@@ -293,7 +306,8 @@ class Service:
         cameras = self.config.cameras
         if camera in cameras or self.inbox.has_camera(camera):
             return True
-        unconfigured = sum(name not in cameras for name in self.inbox.camera_names())  # only for a new name
+        self._expire_cameras()  # only for a new name: idle ones make room
+        unconfigured = sum(name not in cameras for name in self.inbox.camera_names())
         if unconfigured < self.config.frames.max_cameras:
             return True
         self._num_camera_refusals += 1
@@ -303,35 +317,59 @@ class Service:
         return False
 
     def _on_ask(self, message: Incoming) -> None:
-        now = self.clock()
-        try:
-            request = codec.decode_ask(message.payload, self.config.requests.max_payload_bytes, self.limits)
-        except ProtocolError as exc:
-            self._refuse(message, exc)
+        """Receive (protocol.requests validates and resolves the reply path), journal,
+        enqueue. The PUBACK goes out after this returns (MqttClient), so a crash before
+        the journal write makes the broker deliver the question again."""
+        now, wall_now = self.clock(), self.wall_clock()
+        received = receive_ask(message.payload, self.topics, self.config.requests.max_payload_bytes, self.limits,
+                               message.response_topic, message.correlation_data)
+        if isinstance(received, Refused):
+            self._refuse(received, message.topic)
             return
-        if request.id is None:
-            request = request.with_id(payloads.new_request_id())
-        reply = Reply(
-            topic=request.reply_to or _usable(message.response_topic) or self.topics.answer(request.id),
-            correlation_data=message.correlation_data, stream=request.stream,
-        )
+        request = received.request
+        if self._seen(request.id, message.redelivered):
+            return
         deadline = None if request.expires_ms is None else now + request.expires_ms / 1000.0
-        job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=reply)
-        if self._is_input_topic(reply.topic):  # replies there would come back to us as input
-            job.reply = Reply(self.topics.answer(request.id), message.correlation_data, stream=False)
-            self._final(job, "rejected", ("bad_request", f"reply_to: {reply.topic!r} is one of vlmd's input topics"))
-            return
+        job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=received.reply)
         if request.camera is not None and not self._pin_frames(job, request):
             return
+        expires_ts = None if request.expires_ms is None else wall_now + request.expires_ms / 1000.0
+        self.journal.accepted(job, wall_now, expires_ts)
+        self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> None:
         result = self.inbox.submit(job)
         if result == "busy":
             self._final(job, "rejected", ("busy", f"the request queue is full ({self.inbox.queue_size} waiting)"))
         elif result == "closed":
             self._final(job, "shutdown", ("shutdown", payloads.ERROR_DESCRIPTIONS["shutdown"]))
 
-    def _is_input_topic(self, topic: str) -> bool:
-        route = self.topics.parse(topic)
-        return route is not None and route.kind in ("ask", "fleet_ask", "cancel", "frame")
+    def _seen(self, request_id: str, redelivered: bool) -> bool:
+        """A request id within the id window is not run again (QoS 1 is at-least-once, and
+        reconnecting clients retransmit): still running, nothing; finished, its final again."""
+        seen = self.journal.lookup(request_id)
+        if seen is None:
+            return False
+        log.info("request id seen before: not run again", request_id=request_id, redelivered=redelivered,
+                 state="in progress" if seen == "in_progress" else "finished")
+        if seen != "in_progress":
+            self.responder.republish(seen)
+        return True
+
+    def _settle(self, recovery: Recovery) -> None:
+        """What an earlier run owed: its unacknowledged finals again, its unanswered
+        requests run again or failed as `restarted`."""
+        for final in recovery.unacknowledged:
+            self.responder.republish(final)
+        now, wall_now = self.clock(), self.wall_clock()
+        for pending in recovery.pending:
+            revived = revive(pending, self.inbox, self.limits, now, wall_now)
+            if isinstance(revived, Restarted):
+                self._final(revived.job, "failed", ("restarted", revived.why))
+            else:
+                self._enqueue(revived)
+        log.info("journal recovered", republished=len(recovery.unacknowledged), pending=len(recovery.pending),
+                 discarded_bytes=recovery.discarded_bytes)
 
     def _pin_frames(self, job: Job, request: payloads.AskRequest) -> bool:
         """Attach the camera frames the question is about; refuse it when there are none."""
@@ -346,23 +384,19 @@ class Service:
         job.frames = frames
         return True
 
-    def _refuse(self, message: Incoming, exc: ProtocolError) -> None:
+    def _refuse(self, refused: Refused, topic: str) -> None:
         """A refused ask: a final `rejected` where the client listens, else <root>/error."""
-        default = self.topics.answer(exc.request_id) if exc.request_id else None
-        topic = exc.reply_to or _usable(message.response_topic) or default
-        log.info("ask refused", code=exc.code, message=exc.message, request_id=exc.request_id)
-        if topic is None:
-            self.responder.error(exc.code, exc.message, message.topic, exc.request_id)
+        log.info("ask refused", code=refused.code, message=refused.message, request_id=refused.request_id)
+        if refused.reply is None:
+            self.responder.error(refused.code, refused.message, topic, refused.request_id)
             return
-        job = Job("ask", exc.request_id or payloads.new_request_id(), self.clock(),
-                  reply=Reply(topic, message.correlation_data, stream=False))
-        self._final(job, "rejected", (exc.code, exc.message))
+        job = Job("ask", refused.request_id or payloads.new_request_id(), self.clock(), reply=refused.reply)
+        self._final(job, "rejected", (refused.code, refused.message))
 
     def _on_cancel(self, message: Incoming) -> None:
-        try:
-            request = codec.decode_cancel(message.payload)
-        except ProtocolError as exc:
-            self.responder.error(exc.code, exc.message, message.topic)
+        request = receive_cancel(message.payload)
+        if isinstance(request, Refused):
+            self.responder.error(request.code, request.message, message.topic)
             return
         where, job = self.inbox.cancel(request.id)
         log.info("cancel", request_id=request.id, where=where)
@@ -378,36 +412,6 @@ def _version() -> str | None:
         return importlib.metadata.version("vlmd")
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _usable(response_topic: str | None) -> str | None:
-    """An MQTT 5 response topic we can publish to, else None (then the default applies)."""
-    if response_topic is None:
-        return None
-    try:
-        return check_publish_topic(response_topic)
-    except TopicError:
-        log.info("unusable response topic ignored", response_topic=response_topic)
-        return None
-
-
-def _topics(config: Config) -> Topics:
-    return Topics(
-        config.root,
-        frame_sources={c.topic: name for name, c in config.cameras.items() if c.topic},
-        fleet_ask_topic=config.fleet.ask_topic if config.fleet.enabled else None,
-    )
-
-
-def _caption_policy(camera) -> CaptionPolicy:
-    return CaptionPolicy(camera.caption, camera.interval_s, camera.prompt, camera.max_tokens, camera.min_change)
-
-
-def _worker_limits(config: Config) -> WorkerLimits:
-    return WorkerLimits(
-        default_max_tokens=config.requests.default_max_tokens, frame_max_bytes=config.frames.max_bytes,
-        frame_max_pixels=config.frames.max_pixels, max_consecutive_failures=config.shutdown.max_consecutive_failures,
-    )
 
 
 # -- the process main loop --------------------------------------------------------------

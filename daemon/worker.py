@@ -5,9 +5,12 @@ question or one caption (or sleep until something arrives), record progress for 
 watchdog. Every job leaves through `Responder.final` (questions) or a retained caption,
 so each request gets exactly one final whatever the engine does.
 
-Knows the engine only by its interface (`generate(prompt, options, should_stop)`
-yielding token events then one done event, errors with a `.code`), so tests drive it
-with a fake engine. Knows MQTT only through a `Publisher`.
+Knows the engine only by its interface (`npu.engine.EngineLike`: `generate(prompt,
+options, should_stop)` yielding TokenEvents then one DoneEvent), so tests drive it with
+a fake engine. Errors are told apart by type: a `RequestError` (too long, bad image,
+options the model cannot honour) is a refusal (`rejected`); anything else the engine
+raises is a failure (`failed`) and counts toward `max_consecutive_failures`. Knows MQTT
+only through a `Publisher`, and publishes only through the `Responder`.
 """
 
 from __future__ import annotations
@@ -15,29 +18,22 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
-from pydantic import ValidationError
 
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
+from daemon.responder import Responder
 from daemon.scheduler import CaptionPolicy, Frame, Job, Scheduler
-from protocol import codec, frames as frame_codec, payloads
-from protocol.topics import SPEC, Topics
+from npu.engine import DoneEvent, EngineError, EngineLike, GenerationOptions, Prompt, RequestError
+from protocol import frames as frame_codec
 
 log = get_logger("vlmd.worker")
 
 THUMBNAIL_SIDE = 32  # pixels; enough to see a scene change, cheap to compare
-
-
-class Publisher(Protocol):
-    def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, correlation_data: bytes | None = None
-    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -48,114 +44,18 @@ class WorkerLimits:
     max_consecutive_failures: int = 3
 
 
-@dataclass
-class RuntimeStats:
-    """Counters the stats message reports; written by the worker and the MQTT thread."""
-
-    outcomes: Counter = field(default_factory=Counter)  # finish_reason -> count
-    captions: Counter = field(default_factory=Counter)  # "done" / "skipped" / "failed"
-    last_ttft_ms: float | None = None
-    last_decode_tokens_per_s: float | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def count(self, outcome: str) -> None:
-        with self.lock:
-            self.outcomes[outcome] += 1
-
-    def count_caption(self, outcome: str) -> None:
-        with self.lock:
-            self.captions[outcome] += 1
-
-    def timings(self, timings: dict) -> None:
-        with self.lock:
-            self.last_ttft_ms = timings.get("ttft_ms", self.last_ttft_ms)
-            self.last_decode_tokens_per_s = timings.get("decode_tokens_per_s", self.last_decode_tokens_per_s)
-
-
-class Responder:
-    """Formats and publishes chunks and finals; the only place a final is sent."""
-
-    def __init__(self, publisher: Publisher, topics: Topics, stats: RuntimeStats, wall_clock=time.time):
-        self.publisher = publisher
-        self.topics = topics
-        self.stats = stats
-        self.wall_clock = wall_clock
-
-    def chunk(self, job: Job, seq: int, delta: str) -> None:
-        """Publish one chunk (QoS 0, may be lost anyway); failures are logged, never raised."""
-        self._send(job, payloads.AnswerChunk(id=job.job_id, seq=seq, delta=_utf8_safe(delta)), "answer_chunk")
-
-    def final(
-        self,
-        job: Job,
-        finish_reason: str,
-        *,
-        text: str = "",
-        seq: int = 0,
-        error: tuple[str, str] | None = None,
-        usage: tuple[int, int] = (0, 0),
-        timings: dict | None = None,
-    ) -> bool:
-        """Publish the job's one final; False (and nothing sent) if it already had one."""
-        if not job.claim_final():
-            return False
-        fields = dict(  # text from a runtime may hold what JSON cannot (lone surrogates)
-            id=job.job_id, seq=seq, text=_utf8_safe(text), finish_reason=finish_reason,
-            error=None if error is None else {"code": error[0], "message": _utf8_safe(error[1])},
-            usage={"prompt_tokens": usage[0], "completion_tokens": usage[1]},
-        )
-        try:
-            message = payloads.AnswerFinal(**fields, timings=timings or {})
-        except ValidationError:  # odd timings from an engine must not cost the client its final
-            log.exception("timings refused by the final's schema", timings=repr(timings))
-            message = payloads.AnswerFinal(**fields)
-        sent = self._send(job, message, "answer")
-        self.stats.count(finish_reason if sent else "unpublished")
-        log.info("final", request_id=job.job_id, finish_reason=finish_reason, error=error and error[0], sent=sent)
-        return True
-
-    def error(self, code: str, message: str, topic: str, request_id: str | None = None) -> None:
-        """A problem with a message that has no reply path: to <root>/error."""
-        body = payloads.ErrorMessage(code=code, message=_utf8_safe(message), topic=_utf8_safe(topic),
-                                     request_id=request_id, ts=self.wall_clock())
-        spec = SPEC["error"]
-        try:
-            self.publisher.publish(self.topics.error(), codec.encode(body), spec.qos, spec.retain)
-        except Exception:  # the caller is paho's thread or the worker: neither may die of it
-            log.exception("error message not published", code=code)
-
-    def _send(self, job: Job, message: Any, kind: str) -> bool:
-        """Publish on the job's reply path; False (logged) when it could not be sent.
-
-        Never raises: a broken connection or an unencodable payload must neither kill
-        the worker nor count as an engine failure (which could make vlmd exit).
-        """
-        spec = SPEC[kind]
-        reply = job.reply
-        try:
-            assert reply is not None, "asks always carry a reply path"
-            self.publisher.publish(reply.topic, codec.encode(message), spec.qos, spec.retain, reply.correlation_data)
-            return True
-        except Exception:
-            log.exception("reply not published", request_id=job.job_id, kind=kind)
-            return False
-
-
 class Worker:
     """Runs one job at a time: `run(stop)` on a thread, or `step()` from a test."""
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineLike,
         inbox: Inbox,
         scheduler: Scheduler,
         responder: Responder,
         limits: WorkerLimits = WorkerLimits(),
         clock: Callable[[], float] = time.monotonic,
     ):
-        from npu.engine import GenerationOptions, Prompt  # the engine's own value types
-
-        self._prompt_type, self._options_type = Prompt, GenerationOptions
         self.engine = engine
         self.inbox = inbox
         self.scheduler = scheduler
@@ -201,20 +101,23 @@ class Worker:
     # -- questions -------------------------------------------------------------------
 
     def _run_ask(self, job: Job) -> None:
+        progress = _Progress()
         try:  # inbox.take() made it the running job
             if job.cancel_event.is_set():
                 self.responder.final(job, "cancelled", error=("cancelled", "cancelled before it started"))
                 return
             prompt = self._ask_prompt(job)
-            self._generate(job, prompt, self._ask_options(job.request))
+            self._generate(job, prompt, self._ask_options(job.request), progress)
         except frame_codec.FrameError as exc:
             self.responder.final(job, "rejected", error=(exc.code, str(exc.message)))
-        except Exception as exc:  # the engine's errors carry .code; anything else is a failure
-            self._engine_failure(job, exc)
+        except RequestError as exc:  # what was asked, not the engine: never counts as a failure
+            self.responder.final(job, "rejected", error=(exc.code, exc.message))
+        except Exception as exc:  # the engine failed (or a bug): counts toward max_consecutive_failures
+            self._engine_failure(job, exc, progress)
         finally:
             self.inbox.set_running(None)
 
-    def _ask_prompt(self, job: Job) -> Any:
+    def _ask_prompt(self, job: Job) -> Prompt:
         request = job.request
         if job.frames:
             images = [self._decode(frame.data) for frame in job.frames]
@@ -225,9 +128,9 @@ class Worker:
             image_key = "inline:" + hashlib.sha256(data).hexdigest()[:32]
         else:
             images, image_key = [], None
-        return self._prompt_type(text=request.text, images=images, image_key=image_key, system=request.system)
+        return Prompt(text=request.text, images=images, image_key=image_key, system=request.system)
 
-    def _ask_options(self, request: Any) -> Any:
+    def _ask_options(self, request: Any) -> GenerationOptions:
         values = {
             "max_tokens": request.max_tokens or self.limits.default_max_tokens,
             "temperature": request.temperature,
@@ -236,28 +139,30 @@ class Worker:
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
         }
-        return self._options_type(**{k: v for k, v in values.items() if v is not None})
+        return GenerationOptions(**{k: v for k, v in values.items() if v is not None})
 
-    def _generate(self, job: Job, prompt: Any, options: Any) -> None:
-        """Stream the engine's tokens to the job's reply topic and publish its final."""
+    def _generate(self, job: Job, prompt: Prompt, options: GenerationOptions, progress: _Progress) -> None:
+        """Stream the engine's tokens to the job's reply topic and publish its final;
+        `progress` keeps what was sent, for a failure's final."""
         stopped_for: list[str] = []
         should_stop = self._stop_check(job, stopped_for)
-        seq = 0
         for event in self.engine.generate(prompt, options, should_stop=should_stop):
             self.last_progress = self.clock()
-            if hasattr(event, "finish_reason"):
+            if isinstance(event, DoneEvent):
                 reason = stopped_for[0] if event.finish_reason == "cancelled" and stopped_for else event.finish_reason
                 error = None if reason in ("stop", "length") else (reason, _STOP_MESSAGES.get(reason, reason))
                 self.responder.stats.timings(event.timings)
                 self.responder.final(
-                    job, reason, text=event.text, seq=seq, error=error,
+                    job, reason, text=event.text, seq=progress.seq, error=error,
                     usage=(event.prompt_tokens, event.completion_tokens), timings=event.timings,
                 )
                 self.consecutive_failures = 0
                 return
+            progress.pieces.append(event.delta)
+            progress.num_tokens += 1
             if event.delta and job.reply is not None and job.reply.stream:
-                self.responder.chunk(job, seq, event.delta)
-                seq += 1
+                self.responder.chunk(job, progress.seq, event.delta)
+                progress.seq += 1
         raise RuntimeError("the engine ended without a done event")
 
     def _stop_check(self, job: Job, stopped_for: list[str]) -> Callable[[], bool]:
@@ -274,14 +179,15 @@ class Worker:
 
         return should_stop
 
-    def _engine_failure(self, job: Job, exc: Exception) -> None:
-        code = getattr(exc, "code", None)
-        if code in ("too_long", "bad_image", "image_too_large"):
-            self.responder.final(job, "rejected", error=(code, str(exc)))
-            return
+    def _engine_failure(self, job: Job, exc: Exception, progress: _Progress) -> None:
         log.error("engine failed", request_id=job.job_id, error=str(exc), exc_type=type(exc).__name__)
         self.consecutive_failures += 1
-        self.responder.final(job, "failed", error=("engine_error", str(exc) or type(exc).__name__))
+        engine_error = isinstance(exc, EngineError)
+        code = exc.code if engine_error else "engine_error"
+        prompt_tokens = exc.prompt_tokens if engine_error else 0
+        # the protocol's final after chunks 0..n-1: seq n, the text and usage so far
+        self.responder.final(job, "failed", error=(code, str(exc) or type(exc).__name__),
+                             text="".join(progress.pieces), seq=progress.seq, usage=(prompt_tokens, progress.num_tokens))
 
     # -- captions --------------------------------------------------------------------
 
@@ -310,47 +216,35 @@ class Worker:
 
     def _caption(self, camera: str, frame: Frame, rgb: np.ndarray, policy: CaptionPolicy) -> bool:
         """Stream one caption; True when it finished and was retained."""
-        prompt = self._prompt_type(text=policy.prompt, images=[rgb], image_key=f"{camera}:{frame.seq}", system=None)
-        options = self._options_type(max_tokens=policy.max_tokens)
+        prompt = Prompt(text=policy.prompt, images=[rgb], image_key=f"{camera}:{frame.seq}", system=None)
+        options = GenerationOptions(max_tokens=policy.max_tokens)
         caption_id = f"{camera}-{frame.seq}"
-        stream = self.responder.topics.caption_stream(camera)
-        spec = SPEC["caption_stream"]
         seq = 0
         try:
             # a question arriving mid-caption goes first: the caption is dropped and redone after it
             should_stop = lambda: self.abort.is_set() or self.inbox.depth > 0  # noqa: E731
             for event in self.engine.generate(prompt, options, should_stop=should_stop):
                 self.last_progress = self.clock()
-                if hasattr(event, "finish_reason"):
+                if isinstance(event, DoneEvent):
                     return self._caption_done(camera, frame, caption_id, event)
                 if event.delta:
-                    chunk = payloads.CaptionChunk(camera=camera, seq=seq, delta=event.delta, caption_id=caption_id)
-                    self.responder.publisher.publish(stream, codec.encode(chunk), spec.qos, spec.retain)
+                    self.responder.caption_chunk(camera, caption_id, seq, event.delta)
                     seq += 1
         except Exception as exc:
             log.error("caption failed", camera=camera, error=str(exc), exc_type=type(exc).__name__)
             self.responder.stats.count_caption("failed")
-            if getattr(exc, "code", None) not in ("too_long", "bad_image"):
+            if not isinstance(exc, RequestError):  # a caption prompt too long for the model is not the NPU's fault
                 self.consecutive_failures += 1
         return False
 
-    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: Any) -> bool:
+    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: DoneEvent) -> bool:
         if event.finish_reason not in ("stop", "length"):  # the retained caption stays as it was
             if not self.abort.is_set():
                 self.scheduler.caption_preempted(camera)
                 self.responder.stats.count_caption("preempted")
             return False
         self.consecutive_failures = 0
-        self.responder.stats.timings(event.timings)
-        self.responder.stats.count_caption("done")
-        caption = payloads.Caption(
-            camera=camera, caption_id=caption_id, text=event.text, ts=self.responder.wall_clock(), frame_ts=frame.received_ts,
-            finish_reason=event.finish_reason,
-            usage={"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
-            timings=event.timings,
-        )
-        spec = SPEC["caption"]
-        self.responder.publisher.publish(self.responder.topics.caption(camera), codec.encode(caption), spec.qos, spec.retain)
+        self.responder.caption(camera, caption_id, frame, event)
         log.info("caption", camera=camera, frame_seq=frame.seq, chars=len(event.text))
         return True
 
@@ -358,20 +252,20 @@ class Worker:
         return frame_codec.decode_frame(data, self.limits.frame_max_bytes, self.limits.frame_max_pixels)
 
 
+@dataclass
+class _Progress:
+    """What a question has streamed so far: the failure final repeats it."""
+
+    seq: int = 0  # next chunk number
+    pieces: list[str] = field(default_factory=list)  # every delta, sent or empty
+    num_tokens: int = 0
+
+
 _STOP_MESSAGES = {
     "cancelled": "cancelled by a request on the cancel topic",
     "expired": "expires_ms passed while the answer was being generated",
     "shutdown": "the daemon is shutting down",
 }
-
-
-def _utf8_safe(text: str) -> str:
-    """`text` with lone surrogates (which no UTF-8 encoder accepts) replaced by U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _thumbnail(rgb: np.ndarray) -> np.ndarray:

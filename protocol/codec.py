@@ -30,15 +30,19 @@ class ProtocolError(Exception):
     """A refused message: an error code from payloads.ERROR_CODES and a readable message.
 
     `request_id` and `reply_to` are set when the payload carried valid ones, so the
-    refusal can be answered on the request's own reply topic.
+    refusal can be answered on the request's own reply topic. `reply_to_given` says the
+    payload named a reply topic at all (valid or not): then no other reply path may be
+    used instead of it (see protocol.requests.reply_path).
     """
 
-    def __init__(self, code: str, message: str, request_id: str | None = None, reply_to: str | None = None):
+    def __init__(self, code: str, message: str, request_id: str | None = None, reply_to: str | None = None,
+                 reply_to_given: bool = False):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
         self.reply_to = reply_to
+        self.reply_to_given = reply_to_given or reply_to is not None
 
 
 def encode(model: BaseModel) -> bytes:
@@ -61,6 +65,7 @@ def decode_cancel(payload: bytes, max_bytes: int = DEFAULT_MAX_CANCEL_BYTES) -> 
         return _decode_request(CancelRequest, payload, max_bytes, AskLimits())
     except ProtocolError as exc:
         exc.request_id = exc.reply_to = None
+        exc.reply_to_given = False
         raise
 
 
@@ -83,7 +88,7 @@ def _decode_request(model_cls: type[ModelT], payload: bytes, max_bytes: int, lim
     try:
         obj = parse_json_object(payload)
     except ProtocolError as exc:
-        exc.request_id = _scan_request_id(payload)
+        exc.request_id, exc.reply_to, exc.reply_to_given = _recover_reply_path(payload)
         raise
     return _validate(model_cls, obj, limits)
 
@@ -99,11 +104,15 @@ def validate_ask(obj: dict[str, Any], limits: AskLimits | None = None) -> AskReq
 
 def _validate(model_cls: type[ModelT], obj: dict[str, Any], limits: AskLimits) -> ModelT:
     request_id, reply_to = _reply_path(obj)
-    _check_version(obj, request_id, reply_to)
+    given = obj.get("reply_to") is not None
     try:
+        _check_version(obj, request_id, reply_to)
         return model_cls.model_validate(obj, context={"limits": limits})
     except ValidationError as exc:
-        raise ProtocolError("bad_request", describe_validation_error(exc), request_id, reply_to) from None
+        raise ProtocolError("bad_request", describe_validation_error(exc), request_id, reply_to, given) from None
+    except ProtocolError as exc:
+        exc.reply_to_given = given
+        raise
 
 
 def parse_json_object(payload: bytes) -> dict[str, Any]:
@@ -150,6 +159,24 @@ def _check_version(obj: dict[str, Any], request_id: str | None, reply_to: str | 
             request_id, reply_to,
         )
     raise ProtocolError("bad_request", f"v: must be the integer 1, got {version!r}", request_id, reply_to)
+
+
+def _recover_reply_path(payload: bytes) -> tuple[str | None, str | None, bool]:
+    """The top-level id and reply_to of a payload that is JSON once its invalid UTF-8
+    bytes are replaced (a value holding a replaced byte is not used: it is not what the
+    client sent); for anything else the best-effort scan."""
+    try:
+        obj = json.loads(payload.decode("utf-8", errors="replace"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return _scan_request_id(payload), None, False
+    if not isinstance(obj, dict):
+        return None, None, False
+    request_id, reply_to = _reply_path(obj)
+    if request_id is not None and "\ufffd" in request_id:
+        request_id = None
+    if reply_to is not None and "\ufffd" in reply_to:
+        reply_to = None
+    return request_id, reply_to, obj.get("reply_to") is not None
 
 
 def _scan_request_id(payload: bytes) -> str | None:

@@ -40,7 +40,7 @@ STATUS_STOPPED = "stopped"  # a clean exit
 ErrorCode = Literal[
     "bad_json", "bad_request", "unsupported_version", "payload_too_large", "bad_image",
     "image_too_large", "unknown_camera", "no_frame", "busy", "too_long", "expired",
-    "cancelled", "engine_error", "shutdown",
+    "cancelled", "engine_error", "numeric_error", "shutdown", "restarted",
 ]
 ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
 
@@ -59,7 +59,9 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     "expired": "expires_ms passed before the answer was finished (queued or running)",
     "cancelled": "a cancel message named the request",
     "engine_error": "the NPU runtime failed while answering",
+    "numeric_error": "the model produced NaN or infinite logits (a numeric overflow in the graphs)",
     "shutdown": "the daemon stopped before answering",
+    "restarted": "the daemon restarted (after a crash) and could not answer again: the request expired meanwhile or its camera frames were lost",
 }
 
 FinishReason = Literal["stop", "length", "cancelled", "expired", "rejected", "failed", "shutdown"]

@@ -277,6 +277,21 @@ class Topics:
         route = self.parse(topic)
         return route is not None and route.kind in _INPUT_KINDS
 
+    def reply_problem(self, topic: object) -> str | None:
+        """Why vlmd must not publish a client's replies on `topic`, or None when it may.
+
+        The one check for every topic vlmd publishes to on a client's behalf (a
+        `reply_to`, an MQTT 5 response topic): a valid publish topic that is not one of
+        the daemon's own input topics (a final there would become a frame, a cancel or
+        a question).
+        """
+        problem = _publish_topic_problem(topic)
+        if problem is not None:
+            return f"{_shown(topic)} {problem}"
+        if self.is_input(topic):
+            return f"{_shown(topic)} is one of vlmd's input topics (replies there would come back as input)"
+        return None
+
     def parse(self, topic: str) -> Route | None:
         """Route an incoming topic, or None when it is not one of ours (or malformed)."""
         if topic in self.frame_sources:
@@ -289,6 +304,12 @@ class Topics:
 
 
 _INPUT_KINDS = frozenset({"frame", "ask", "fleet_ask", "cancel"})
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages about client input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 _SINGLE_LEVEL_KINDS = frozenset({"status", "ask", "cancel", "error", "stats"})
 
 

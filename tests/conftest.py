@@ -14,17 +14,26 @@ pytest_plugins = [
 ]
 
 _cache_dir: str | None = None
+_state_dir: str | None = None
 
 
 def pytest_configure(config):
-    """Keep exported embedding caches out of the user's ~/.cache for the whole run."""
-    global _cache_dir
+    """Keep exported embedding caches out of ~/.cache and request journals out of
+    ~/.local/state for the whole run (daemons started by tests, in-process or as
+    subprocesses, inherit the environment)."""
+    global _cache_dir, _state_dir
     if "VLMD_CACHE_DIR" not in os.environ:
         _cache_dir = tempfile.mkdtemp(prefix="vlmd-test-cache-")
         os.environ["VLMD_CACHE_DIR"] = _cache_dir
+    _state_dir = tempfile.mkdtemp(prefix="vlmd-test-state-")
+    os.environ["XDG_STATE_HOME"] = _state_dir
+    os.environ.pop("RUNTIME_DIRECTORY", None)
 
 
 def pytest_unconfigure(config):
     if _cache_dir is not None:
         shutil.rmtree(_cache_dir, ignore_errors=True)
         os.environ.pop("VLMD_CACHE_DIR", None)
+    if _state_dir is not None:
+        shutil.rmtree(_state_dir, ignore_errors=True)
+        os.environ.pop("XDG_STATE_HOME", None)

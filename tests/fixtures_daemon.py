@@ -13,11 +13,16 @@ import json
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from daemon.config import Config
+from daemon.service import Service
+from npu.engine import DoneEvent, EngineError, NumericError, PromptTooLong, TokenEvent, UnsupportedOptions
 
 
 @pytest.fixture
@@ -48,7 +53,9 @@ def noise_png(seed: int, size=(64, 48)) -> bytes:
 class FakeEngine:
     """Streams a deterministic answer word by word; `token_delay_s` makes it slow.
 
-    Prompts whose text starts with "FAIL" raise EngineError, "TOOLONG" PromptTooLong.
+    Prompts whose text starts with "FAIL" raise EngineError, "TOOLONG" PromptTooLong,
+    "NAN" NumericError; with `greedy_only` (a post graph without scores) sampling options
+    raise UnsupportedOptions, as the real engine does, before any token.
     """
 
     SUMMARY = {"path": "/fake/model", "layout": "hf", "backend": "fake", "provider": None, "precision": "fp32",
@@ -57,24 +64,28 @@ class FakeEngine:
     def model_summary(self) -> dict:
         return dict(self.SUMMARY)
 
-    def __init__(self, token_delay_s: float = 0.0, extra_words: int = 0):
+    def __init__(self, token_delay_s: float = 0.0, extra_words: int = 0, greedy_only: bool = False):
         self.token_delay_s = token_delay_s
         self.extra_words = extra_words
+        self.greedy_only = greedy_only
         self.prompts: list = []
         self.options: list = []
         self.started = threading.Event()  # set when a generation starts
 
     def generate(self, prompt, options=None, should_stop=None):
-        from npu.engine import DoneEvent, EngineError, PromptTooLong, TokenEvent
-
         should_stop = should_stop or (lambda: False)
         self.prompts.append(prompt)
         self.options.append(options)
         self.started.set()
+        if self.greedy_only and options is not None and not options.is_plain_greedy:
+            raise UnsupportedOptions("this model's post graph returns token ids without scores: only greedy decoding")
         if prompt.text.startswith("FAIL"):
             raise EngineError("the fake NPU fell over")
         if prompt.text.startswith("TOOLONG"):
             raise PromptTooLong("prompt needs 5000 tokens, the cache holds 1023")
+        if prompt.text.startswith("NAN"):
+            yield TokenEvent(1000, "half", 0)
+            raise NumericError("the model produced a non-finite logit (nan) for token 17")
         sizes = ",".join(f"{image.shape[1]}x{image.shape[0]}" for image in prompt.images)
         words = [f"images={len(prompt.images)}", f"sizes={sizes}", f"key={prompt.image_key}", "café", "ünïcödé"]
         words += [f"w{n}" for n in range(self.extra_words)]
@@ -109,8 +120,10 @@ class Published:
 class RecordingPublisher:
     messages: list[Published] = field(default_factory=list)
 
-    def publish(self, topic, payload, qos, retain, correlation_data=None):
+    def publish(self, topic, payload, qos, retain, correlation_data=None, on_delivered=None):
         self.messages.append(Published(topic, payload, qos, retain, correlation_data))
+        if on_delivered is not None:  # a broker that acknowledges at once
+            on_delivered()
 
     def on(self, topic: str) -> list[Published]:
         return [m for m in self.messages if m.topic == topic]
@@ -170,3 +183,76 @@ class Collector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+# -- a started daemon on a real broker --------------------------------------------------
+
+
+def make_config(broker_url: str, **overrides) -> Config:
+    device_id = "t" + uuid.uuid4().hex[:10]
+    data = {
+        "device_id": device_id,
+        "mqtt": {"broker": broker_url, "protocol": "5", "persistent_session": False},
+        "stats": {"interval_s": 3600},
+        "shutdown": {"drain_timeout_s": 2.0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return Config.model_validate(data)
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def wait_frames(service: Service, camera: str, count: int) -> None:
+    received = lambda: service.inbox.frame_counts().get(camera, {}).get("received", 0)  # noqa: E731
+    wait_for(lambda: received() >= count, what=f"{count} frame(s) from {camera}")
+
+
+class Daemon:
+    """A started Service plus a test client subscribed to everything under its root."""
+
+    def __init__(self, broker, engine=None, v5=True, **overrides):
+        self.engine = engine or FakeEngine()
+        self.config = make_config(broker.url, **overrides)
+        self.service = Service(self.config, engine_factory=lambda config: self.engine)
+        self.root = self.config.root
+        self.topics = self.service.topics
+        self.client = Collector(broker.host, broker.port, [self.root + "/#"], v5=v5)
+        self.service.start()
+        assert self.service.client.wait_connected(10)
+        assert self.client.next(10, self.topics.status()).payload == b"online"
+
+    def ask(self, **request):
+        self.client.publish(self.topics.ask(), request)
+
+    def frame(self, camera: str, data: bytes) -> None:
+        self.client.publish(self.topics.frame(camera), data, qos=0)
+
+    def wait_frames(self, camera: str, count: int) -> None:
+        wait_frames(self.service, camera, count)
+
+    def close(self) -> None:
+        self.service.stop(2.0)
+        self.client.close()
+
+
+@pytest.fixture
+def daemon(mosquitto):
+    """Make started Daemons on the session mosquitto: `daemon(engine=..., **config sections)`."""
+    created = []
+
+    def make(**kwargs) -> Daemon:
+        created.append(Daemon(mosquitto, **kwargs))
+        return created[-1]
+
+    yield make
+    for d in created:
+        d.close()

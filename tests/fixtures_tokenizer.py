@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE, WordLevel
 
 from npu.text.tokenizer import Tokenizer
-from tests.tokenizer_files import write_internvl2_tokenizer
+from tests.tokenizer_files import require_qwen2_vocab, write_internvl2_tokenizer
 
 # The demo model's kind of special tokens (ChatML and InternVL's image tags).
 DEMO_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
@@ -24,6 +24,7 @@ DEMO_WORDS = ["<unk>", "a", "cat", "dog", "on", "the", "mat", "is", "what", "thi
 @pytest.fixture(scope="session")
 def internvl2_tokenizer_dir(tmp_path_factory) -> Path:
     """vocab.json + merges.txt + added_tokens.json + tokenizer_config.json, no tokenizer.json."""
+    require_qwen2_vocab()
     return write_internvl2_tokenizer(tmp_path_factory.mktemp("internvl2_tokenizer"))
 
 

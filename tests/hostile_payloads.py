@@ -32,6 +32,8 @@ class Case:
     camera: str = ""  # frames: the topic level after frame/
     response_topic: str | None = None  # MQTT 5 property on asks
     correlation_data: bytes | None = None
+    user_properties: list[tuple[str, str]] | None = None  # MQTT 5
+    payload_format: int | None = None  # MQTT 5 Payload Format Indicator (1 claims UTF-8)
     label: str = ""
 
 
@@ -181,6 +183,20 @@ def hand_written(root: str, max_payload_bytes: int, max_frame_bytes: int) -> lis
     cases += [_ask(f"rt{i}", {"id": rid(), "text": "x", "stream": False}, response_topic=topic, correlation_data=corr)
               for i, (topic, corr) in enumerate([(f"{root}/ask", None), (f"{root}/cancel", b"c"), ("hostile/rt/ok", b"\x00" * 65000),
                                                  ("hostile/rt/é", None), (f"{root}/frame/cam", None)])]
+    # MQTT 5 property abuse: the broker passes these on (mosquitto 2 forwards wildcard and
+    # $-prefixed response topics); each must be answered or refused, never crash the daemon
+    cases += [_ask(f"rt_bad{i}", {"id": rid(), "text": "x", "stream": False}, response_topic=topic)
+              for i, topic in enumerate(["a/+/b", "#", "+", "$SYS/x", "$share/g/t", "x/#"])]
+    cases += [_ask("corr_max", {"id": rid(), "text": "x", "stream": False}, correlation_data=bytes(range(256)) * 255 + b"x" * 255),
+              _ask("corr_max_refused", {"id": rid()}, correlation_data=b"\xff" * 65535),
+              _ask("user_props_bulk", {"id": rid(), "text": "x", "stream": False},
+                   user_properties=[(f"k{i}", "v" * 20) for i in range(2000)]),
+              _ask("user_props_odd", {"id": rid(), "text": "x", "stream": False},
+                   user_properties=[("id", "other"), ("reply_to", f"{root}/cancel"), ("", ""), ("é" * 100, "v")]),
+              _ask("format_lie", b'{"id": "' + rid().encode() + b'", "text": "\xff\xfe"}', payload_format=1),
+              _ask("format_lie_nested", b'{"x": {"id": "nested"}, "id": "' + rid().encode() + b'", "text": "\xff"}',
+                   payload_format=1),
+              _ask("format_binary_json", {"id": rid(), "text": "x", "stream": False}, payload_format=0)]
     cancels = [b"", b"{", b"[]", b"null", b'{"id": 5}', b'{"id": ""}', b'{"id": "a/b"}', b'{"id": "x' + b"y" * 5000 + b'"}',
                b'{"v": 2, "id": "h1"}', b'{"id": "h2"}', b'{"id": "never-seen"}', b"[" * 100000, b"\xff"]
     cases += [Case("cancel", body, label=f"cancel{i}") for i, body in enumerate(cancels)]

@@ -36,16 +36,18 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from tests.tokenizer_files import INTERNVL2_ADDED_TOKENS, INTERNVL2_VOCAB_SIZE, write_internvl2_tokenizer
-
-IMAGE_SIZE = 224
-PATCH = 14
-DOWNSAMPLE = 0.5
-N_IMAGE_TOKENS = int((IMAGE_SIZE // PATCH) ** 2 * DOWNSAMPLE**2)  # 64
-IMAGE_TOKEN_ID = INTERNVL2_ADDED_TOKENS["<IMG_CONTEXT>"]
-TEMPLATE = "Hermes-2"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from tests.model_dims import (  # noqa: F401  (re-exported: callers use model_factory.IMAGE_SIZE etc.)
+    DOWNSAMPLE,
+    IMAGE_SIZE,
+    IMAGE_TOKEN_ID,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    N_IMAGE_TOKENS,
+    PATCH,
+    TEMPLATE,
+    random_image,
+)
+from tests.tokenizer_files import INTERNVL2_VOCAB_SIZE, write_internvl2_tokenizer
 
 TEXT_DIMS = dict(
     hidden_size=64,
@@ -97,15 +99,6 @@ def pixel_values(images_nhwc_uint8: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc_uint8)).float() / 255.0  # (n, h, w, 3)
     x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     return x.permute(0, 3, 1, 2).contiguous()  # (n, 3, h, w)
-
-
-def random_image(seed: int = 0, height: int = IMAGE_SIZE, width: int = IMAGE_SIZE) -> np.ndarray:
-    """A deterministic uint8 RGB image [height, width, 3] with some structure (gradients + noise)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], axis=-1)
-    noise = rng.integers(-40, 41, size=(height, width, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- weight init

@@ -15,7 +15,7 @@ from npu.board.axengine_session import AxEngineSession
 from npu.engine import DoneEvent, Engine, GenerationOptions, Prompt, TokenEvent
 from npu.model import load_model
 from tests.fixtures_board import BOARD_BUILD
-from tests.model_factory import random_image
+from tests.model_dims import random_image
 
 QUESTION = "What is in this picture? Answer in detail please."
 

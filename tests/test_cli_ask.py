@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 
 from daemon.cli import main
-from tests import model_factory
+from tests import model_dims
 
 
 @pytest.fixture
 def image_file(tmp_path):
     path = tmp_path / "frame.png"
-    Image.fromarray(model_factory.random_image(seed=1, height=120, width=160)).save(path)
+    Image.fromarray(model_dims.random_image(seed=1, height=120, width=160)).save(path)
     return path
 
 
@@ -40,7 +40,7 @@ def test_ask_streams_the_answer_and_ends_with_the_final_json(capsys, tiny_intern
     final = json.loads(final_line)
     assert final["done"] is True and final["finish_reason"] in ("stop", "length")
     assert streamed == final["text"]
-    assert final["usage"]["prompt_tokens"] > model_factory.N_IMAGE_TOKENS
+    assert final["usage"]["prompt_tokens"] > model_dims.N_IMAGE_TOKENS
     assert 0 < final["usage"]["completion_tokens"] <= 6 or final["finish_reason"] == "stop"
     assert final["timings"]["images_encoded"] == 1 and final["timings"]["ttft_ms"] > 0
 

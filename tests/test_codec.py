@@ -378,3 +378,15 @@ def test_doc_subscribe_examples_run_verbatim(mosquitto, tmp_path):
     for line, run in zip(lines, runs):
         _, err = run.communicate(timeout=10)
         assert run.returncode == 27, f"{line}: exit {run.returncode} (27 = timed out waiting)\n{err}"
+
+
+def test_a_payload_that_is_not_utf8_keeps_its_top_level_id_not_a_nested_one():
+    payload = b'{"meta": {"id": "nested"}, "id": "top", "reply_to": "me/x", "text": "caf\xe9"}'
+    error = refused(payload)
+    assert error.code == "bad_json" and "UTF-8" in error.message
+    assert (error.request_id, error.reply_to) == ("top", "me/x")
+    # a value that held the invalid byte is not what the client sent: not used
+    error = refused(b'{"id": "t\xffp", "reply_to": "me/\xff", "text": "x"}')
+    assert error.request_id is None and error.reply_to is None and error.reply_to_given
+    # not JSON even leniently: the best-effort scan as before
+    assert refused(b'{"id": "q7", "text": "\xff unterminated').request_id == "q7"

@@ -15,14 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npu.engine import (DoneEvent, Engine, GenerationOptions, ImageError, Prompt, PromptTooLong, TokenEvent,
-                        argmax_logits, bf16_order_keys, plan_prefill)
+from npu.engine import (DoneEvent, Engine, EngineError, GenerationOptions, ImageError, NumericError, Prompt,
+                        PromptTooLong, RequestError, TokenEvent, UnsupportedOptions, argmax_logits, bf16_order_keys,
+                        plan_prefill)
 from npu.model import ModelError, read_shapes
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.session import BF16, TensorSpec, check_feed
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
-from tests.tokenizer_files import write_internvl2_tokenizer
+from tests.tokenizer_files import require_qwen2_vocab, write_internvl2_tokenizer
 
 HIDDEN, KV_DIM, N_LAYERS, IMAGE_TOKENS, VISION_SIDE = 8, 4, 2, 4, 28
 F32 = np.dtype(np.float32)
@@ -136,6 +137,30 @@ class FakeTopkPost(FakePost):
         return [logits[best].astype(self.dtype).reshape(1, 1, -1), best.astype(np.int32).reshape(1, 1, -1)]
 
 
+class FakeIdsOnlyPost(FakeTopkPost):
+    """A --post_topk build that returns only the candidate ids, no scores."""
+
+    def outputs(self, group=0):
+        return [spec("indices", (1, 1, self.k), np.int32)]
+
+    def run(self, feed, group=0):
+        return [super().run(feed, group)[1]]
+
+
+class PoisonedPost(FakePost):
+    """Returns `poison` (NaN or inf) as one logit from call `at` on: a bf16 overflow."""
+
+    def __init__(self, vocab, dtype, poison, at, **kwargs):
+        super().__init__(vocab, dtype, **kwargs)
+        self.poison, self.at = poison, at
+
+    def run(self, feed, group=0):
+        outputs = super().run(feed, group)
+        if self.calls > self.at:
+            outputs[0][0, 0, 17] = self.poison
+        return outputs
+
+
 class FakeVision:
     def __init__(self, dtype):
         self.name, self.num_groups, self.dtype = "vision", 1, np.dtype(dtype)
@@ -180,6 +205,7 @@ class FakeModel:
 
 @pytest.fixture(scope="module")
 def tokenizer_and_template(tmp_path_factory):
+    require_qwen2_vocab()
     directory = write_internvl2_tokenizer(tmp_path_factory.mktemp("tok"))
     tokenizer = Tokenizer.from_dir(directory)
     return tokenizer, ChatTemplate.from_checkpoint({"template": "Hermes-2"}, tokenizer)
@@ -407,7 +433,17 @@ def test_seeded_sampling_repeats_and_differs_from_greedy(make_model):
     greedy, _ = run(engine, prompt, max_tokens=12, ignore_stop=True)
     assert a == b and a != greedy
     penalised, _ = run(engine, prompt, max_tokens=12, ignore_stop=True, repetition_penalty=1.3)
-    assert len(penalised) == 12
+    assert len(penalised) == 12 and penalised != greedy  # the penalty reached the logits
+    # greedy with a penalty: every step takes the argmax of the penalised logits, recomputed here
+    post = engine.model.post
+    history = list(engine._encode(prompt).ids)
+    for logits, token in zip(post.seen[-12:], penalised):
+        penalised_logits = logits.copy()
+        seen = np.unique(history)
+        values = penalised_logits[seen]
+        penalised_logits[seen] = np.where(values > 0, values / 1.3, values * 1.3)
+        assert token == int(np.argmax(penalised_logits))
+        history.append(token)
 
 
 def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_template):
@@ -417,8 +453,13 @@ def test_topk_post_graphs_sample_from_candidates(make_model, tokenizer_and_templ
     topk_model = make_model(post=FakeTopkPost(tokenizer.vocab_size, F32))
     topk_greedy, _ = run(Engine(topk_model), prompt, max_tokens=8, ignore_stop=True)
     assert topk_greedy == greedy
+    calls_before = topk_model.post.calls
     sampled, _ = run(Engine(topk_model), prompt, max_tokens=8, ignore_stop=True, temperature=1.0, seed=3)
     assert len(sampled) == 8
+    # each sampled id is one of the k candidates that step's post graph returned
+    candidates = [set(np.argsort(-logits)[:topk_model.post.k].tolist()) for logits in topk_model.post.seen[calls_before:]]
+    assert len(candidates) == 8 and all(token in best for token, best in zip(sampled, candidates))
+    assert sampled != topk_greedy  # sampled, not greedy
 
 
 # ----------------------------------------------------------------------------- follow-ups
@@ -566,3 +607,62 @@ def test_load_model_reads_a_text_only_checkpoint(tiny_qwen2, tmp_path, monkeypat
     assert info["dtype"] == "float32" and info["template"] == model.template.name
     _, done = run(Engine(model), Prompt("Hi"), max_tokens=3, ignore_stop=True)
     assert done.completion_tokens == 3
+
+
+# ----------------------------------------------------------------------------- request errors and failures
+
+
+def test_sampling_on_a_post_graph_without_scores_is_refused_before_any_graph_call(make_model, tokenizer_and_template):
+    tokenizer, _ = tokenizer_and_template
+    model = make_model(post=FakeIdsOnlyPost(tokenizer.vocab_size, F32))
+    engine = Engine(model)
+    greedy, _ = run(engine, Prompt("What now?"), max_tokens=3, ignore_stop=True)
+    assert len(greedy) == 3
+    calls = (len(model.layers[0].calls), model.post.calls)
+    for options in ({"temperature": 0.7}, {"repetition_penalty": 1.2}):
+        with pytest.raises(UnsupportedOptions) as refused:
+            list(engine.generate(Prompt("What now?"), GenerationOptions(max_tokens=3, **options)))
+        assert isinstance(refused.value, RequestError) and refused.value.code == "bad_request"
+        assert "greedy" in refused.value.message
+    assert (len(model.layers[0].calls), model.post.calls) == calls, "refused only after running graphs"
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_non_finite_chosen_logit_fails_the_request_instead_of_becoming_a_token(make_model, tokenizer_and_template,
+                                                                                 dtype, poison):
+    tokenizer, _ = tokenizer_and_template
+    model = make_model(dtype=dtype, post=PoisonedPost(tokenizer.vocab_size, dtype, poison, at=3))
+    engine = Engine(model)
+    prompt = Prompt("What is it?", images=[image(1)], image_key="cam:1")
+    tokens = []
+    with pytest.raises(NumericError) as failed:
+        for event in engine.generate(prompt, GenerationOptions(max_tokens=20, ignore_stop=True)):
+            tokens.append(event)
+    assert len(tokens) == 3 and 17 not in [t.token_id for t in tokens]
+    error = failed.value
+    assert not isinstance(error, RequestError) and error.code == "numeric_error"
+    assert error.prompt_tokens == engine.count_prompt_tokens(prompt) and "non-finite" in error.message
+    assert len(engine.prefixes) == 0, "a prefix taken during a poisoned run must not be reused"
+    with pytest.raises(NumericError):  # sampled: the sampler refuses the same logits
+        list(engine.generate(prompt, GenerationOptions(max_tokens=20, temperature=1.0, seed=1, ignore_stop=True)))
+
+
+def test_a_graph_failure_after_prefill_reports_the_prompt_length(make_model):
+    from npu.session import SessionError
+
+    class Broken(FakeLayer):
+        def run(self, feed, group=0):
+            if group == 0 and len(self.calls) > 2:
+                raise SessionError("AX_ENGINE_RunSync failed")
+            return super().run(feed, group)
+
+    model = make_model()
+    model.layers[1] = Broken(1, 200, 16, (16, 32, 48), F32)
+    engine = Engine(model)
+    prompt = Prompt("Tell me a story.")
+    with pytest.raises(EngineError) as failed:
+        list(engine.generate(prompt, GenerationOptions(max_tokens=20, ignore_stop=True)))
+    assert not isinstance(failed.value, RequestError) and failed.value.code == "engine_error"
+    assert failed.value.prompt_tokens == engine.count_prompt_tokens(prompt) > 0
+

@@ -50,15 +50,30 @@ class SessionClient:
     def publish(self, topic: str, body: dict) -> None:
         self.client.publish(topic, json.dumps(body), qos=1)
 
+    def wait_for(self, topic: str, payload: bytes | None, timeout: float = 10.0) -> None:
+        """Until `payload` (None: any message) arrives on `topic`; other messages are dropped."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                message = self.messages.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if message.topic == topic and (payload is None or message.payload == payload):
+                return
+        raise TimeoutError(f"no {payload!r} on {topic} within {timeout}s")
+
     def finals(self, count: int, timeout: float) -> dict[str, list[dict]]:
         """Collect until `count` finals arrived (or timeout): {request id: [finals]}."""
         found: dict[str, list[dict]] = {}
         deadline = time.monotonic() + timeout
         while sum(map(len, found.values())) < count and time.monotonic() < deadline:
             try:
-                body = json.loads(self.messages.get(timeout=0.2).payload)
+                message = self.messages.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if message.topic.endswith("/status"):
+                continue
+            body = json.loads(message.payload)
             if body.get("done"):
                 found.setdefault(body["id"], []).append(body)
         return found
@@ -99,11 +114,11 @@ def test_broker_killed_and_restarted_mid_answer_loses_nothing(tmp_path):
     config = config_for(broker.url, reconnect_s=(10.0, 10.0))
     root = config.root
     service = Service(config, engine_factory=lambda c: engine)
-    asker = SessionClient(broker.port, [f"{root}/answer/#"])
+    asker = SessionClient(broker.port, [f"{root}/answer/#", f"{root}/status"])
     service.start()
     try:
         assert service.client.wait_connected(10)
-        time.sleep(0.3)
+        asker.wait_for(f"{root}/status", b"online")  # published after subscribing: the daemon listens
         asker.publish(f"{root}/ask", {"id": "mid", "text": "a long answer"})
         asker.publish(f"{root}/ask", {"id": "queued", "text": "waits behind it", "stream": False})
         assert engine.started.wait(10)
@@ -309,17 +324,18 @@ class FlakyPublisher:
         self.recorded = RecordingPublisher()
         self.fail_count = fail_count
 
-    def publish(self, topic, payload, qos, retain, correlation_data=None):
+    def publish(self, topic, payload, qos, retain, correlation_data=None, on_delivered=None):
         if qos == 1 and self.fail_count > 0:
             self.fail_count -= 1
             raise OSError("socket gone")
-        self.recorded.publish(topic, payload, qos, retain, correlation_data)
+        self.recorded.publish(topic, payload, qos, retain, correlation_data, on_delivered)
 
 
 def worker_rig(engine, publisher):
     from daemon.inbox import Inbox
     from daemon.scheduler import Scheduler
-    from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+    from daemon.responder import Responder, RuntimeStats
+    from daemon.worker import Worker, WorkerLimits
     from protocol.topics import Topics
 
     topics = Topics("vlmd/f")

@@ -132,12 +132,17 @@ def publish_all(client: Collector, root: str, cases: list) -> None:
     for case in cases:
         topic = f"{root}/{case.kind}" if case.kind != "frame" else f"{root}/frame/{case.camera}"
         properties = None
-        if case.response_topic is not None or case.correlation_data is not None:
+        if any(value is not None for value in (case.response_topic, case.correlation_data, case.user_properties,
+                                               case.payload_format)):
             properties = Properties(PacketTypes.PUBLISH)
             if case.response_topic is not None:
                 properties.ResponseTopic = case.response_topic
             if case.correlation_data is not None:
                 properties.CorrelationData = case.correlation_data
+            if case.user_properties is not None:
+                properties.UserProperty = case.user_properties
+            if case.payload_format is not None:
+                properties.PayloadFormatIndicator = case.payload_format
         qos = 0 if case.kind == "frame" else 1
         try:
             pending.append(client.client.publish(topic, case.payload, qos=qos, properties=properties))

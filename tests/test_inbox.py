@@ -93,6 +93,55 @@ def test_producers_never_block_each_other():
         thread.start()
     for thread in threads:
         thread.join(10)
+        assert not thread.is_alive()
     counts = inbox.frame_counts()
     assert all(counts[f"c{n}"] == {"received": 500, "dropped": 497} for n in range(4))
     assert inbox.depth == 200
+
+
+def test_all_cameras_frames_stay_within_the_byte_budget_least_recently_active_camera_first():
+    clock = FakeClock()
+    inbox = Inbox(frame_history=4, clock=clock, max_total_bytes=100)
+    for camera in ("a", "b", "c"):
+        clock.now += 1
+        inbox.put_frame(camera, bytes(30))
+    assert inbox.frame_bytes == 90
+    clock.now += 1
+    assert inbox.frames("a", 1)  # a question used camera a: b is now the least recently active
+    clock.now += 1
+    inbox.put_frame("d", bytes(30))  # 120 > 100: b's frames go
+    assert inbox.frame_bytes == 90
+    assert [len(inbox.frames(name, 4)) for name in "abcd"] == [1, 0, 1, 1]
+    assert inbox.frame_counts()["b"] == {"received": 1, "dropped": 1}  # evicted unused: dropped
+    # one camera alone over the budget keeps its newest frames only
+    for _ in range(4):
+        clock.now += 1
+        inbox.put_frame("e", bytes(40))
+    assert inbox.frame_bytes <= 100 and len(inbox.frames("e", 4)) == 2
+    assert inbox.frames("e", 1)[0].seq == 4
+
+
+def test_idle_unconfigured_cameras_expire_and_their_bytes_are_freed():
+    clock = FakeClock()
+    inbox = Inbox(clock=clock, max_total_bytes=1000)
+    inbox.put_frame("configured", bytes(10))
+    inbox.put_frame("stray", bytes(20))
+    clock.now += 50
+    inbox.put_frame("busy", bytes(5))
+    clock.now += 20
+    assert inbox.expire_cameras(60.0, keep={"configured"}) == ["stray"]
+    assert sorted(inbox.camera_names()) == ["busy", "configured"] and inbox.frame_bytes == 15
+    clock.now += 100
+    assert inbox.expire_cameras(60.0, keep={"configured"}) == ["busy"]
+
+
+def test_configured_cameras_are_evicted_after_unconfigured_ones():
+    clock = FakeClock()
+    inbox = Inbox(clock=clock, max_total_bytes=60)
+    inbox.configured = frozenset({"door"})
+    inbox.put_frame("door", bytes(30))  # the least recently active, but configured
+    clock.now += 1
+    inbox.put_frame("stray", bytes(30))
+    clock.now += 1
+    inbox.put_frame("other", bytes(30))
+    assert [len(inbox.frames(name)) for name in ("door", "stray", "other")] == [1, 0, 1]

@@ -24,13 +24,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from npu.engine import Engine, GenerationOptions, Prompt, TokenEvent
-from npu.image import to_vision_input
-from npu.model import load_model
-from tests import model_factory
-from tests.tokenizer_files import write_internvl2_tokenizer
+torch = pytest.importorskip("torch", reason="transformers parity needs torch (the dev extra)")
+pytest.importorskip("transformers", reason="transformers parity needs transformers (the dev extra)")
+
+from npu.engine import Engine, GenerationOptions, Prompt, TokenEvent  # noqa: E402
+from npu.image import to_vision_input  # noqa: E402
+from npu.model import load_model  # noqa: E402
+from tests import model_factory  # noqa: E402
+from tests.tokenizer_files import write_internvl2_tokenizer  # noqa: E402
 
 NEW_TOKENS = 24
 EMBEDDING_SCALE = 0.25

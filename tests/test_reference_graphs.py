@@ -12,13 +12,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
-from npu.reference.blueprint import Blueprint, BlueprintError
-from npu.reference.checkpoint import CheckpointError, load_checkpoint
-from npu.reference import build_reference_sessions
-from npu.session import BF16, MASK_BLOCKED, SessionError
-from tests import model_factory as mf
+torch = pytest.importorskip("torch", reason="the transformers oracle needs torch (the dev extra)")
+pytest.importorskip("transformers", reason="the transformers oracle needs transformers (the dev extra)")
+
+from npu.reference.blueprint import Blueprint, BlueprintError  # noqa: E402
+from npu.reference.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from npu.reference import build_reference_sessions  # noqa: E402
+from npu.session import BF16, MASK_BLOCKED, SessionError  # noqa: E402
+from tests import model_factory as mf  # noqa: E402
 
 CAPACITY, CHUNK, HISTORY = 48, 16, 2
 FP32_TOL = dict(rtol=1e-4, atol=1e-4)

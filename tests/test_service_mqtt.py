@@ -19,79 +19,10 @@ import pytest
 
 from daemon.config import Config
 from daemon.service import Service
-from tests.fixtures_daemon import Collector, FakeEngine, noise_png, png_bytes
+from tests.fixtures_daemon import Collector, Daemon, FakeEngine, make_config, noise_png, png_bytes, wait_for, wait_frames
 
 pytestmark = pytest.mark.broker
 pytest.importorskip("npu.engine", reason="the engine module is not importable yet")
-
-
-def make_config(broker_url: str, **overrides) -> Config:
-    device_id = "t" + uuid.uuid4().hex[:10]
-    data = {
-        "device_id": device_id,
-        "mqtt": {"broker": broker_url, "protocol": "5", "persistent_session": False},
-        "stats": {"interval_s": 3600},
-        "shutdown": {"drain_timeout_s": 2.0},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return Config.model_validate(data)
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def wait_frames(service: Service, camera: str, count: int) -> None:
-    received = lambda: service.inbox.frame_counts().get(camera, {}).get("received", 0)  # noqa: E731
-    wait_for(lambda: received() >= count, what=f"{count} frame(s) from {camera}")
-
-
-class Daemon:
-    """A started Service plus a test client subscribed to everything under its root."""
-
-    def __init__(self, broker, engine=None, v5=True, **overrides):
-        self.engine = engine or FakeEngine()
-        self.config = make_config(broker.url, **overrides)
-        self.service = Service(self.config, engine_factory=lambda config: self.engine)
-        self.root = self.config.root
-        self.topics = self.service.topics
-        self.client = Collector(broker.host, broker.port, [self.root + "/#"], v5=v5)
-        self.service.start()
-        assert self.service.client.wait_connected(10)
-        assert self.client.next(10, self.topics.status()).payload == b"online"
-
-    def ask(self, **request):
-        self.client.publish(self.topics.ask(), request)
-
-    def frame(self, camera: str, data: bytes) -> None:
-        self.client.publish(self.topics.frame(camera), data, qos=0)
-
-    def wait_frames(self, camera: str, count: int) -> None:
-        wait_frames(self.service, camera, count)
-
-    def close(self) -> None:
-        self.service.stop(2.0)
-        self.client.close()
-
-
-@pytest.fixture
-def daemon(mosquitto):
-    created = []
-
-    def make(**kwargs) -> Daemon:
-        created.append(Daemon(mosquitto, **kwargs))
-        return created[-1]
-
-    yield make
-    for d in created:
-        d.close()
 
 
 def test_frame_and_question_by_camera_stream_to_the_final(daemon):
@@ -157,9 +88,9 @@ def test_malformed_and_wrong_types_produce_errors(daemon):
     assert "text" in final["error"]["message"] and "max_tokens" in final["error"]["message"]
     d.client.publish(d.topics.cancel(), b"[]")
     assert json.loads(d.client.next(10, d.topics.error()).payload)["code"] == "bad_json"
-    d.ask(id="loop", text="?", reply_to=d.topics.ask())  # would feed our answers back to us
-    looped = d.client.answer(d.topics.answer("loop"))[1]
-    assert looped["error"]["code"] == "bad_request" and "reply_to" in looped["error"]["message"]
+    d.ask(id="loop", text="?", reply_to=d.topics.ask())  # would feed our answers back to us: to <root>/error
+    looped = json.loads(d.client.next(10, d.topics.error()).payload)
+    assert (looped["code"], looped["request_id"]) == ("bad_request", "loop") and "reply_to" in looped["message"]
 
 
 def test_unknown_camera_and_missing_frames_are_rejected(daemon):
@@ -394,7 +325,7 @@ def test_fleet_questions_are_shared_between_boards(daemon):
     reply = f"clients/{uuid.uuid4().hex}/fleet"
     sub = Collector(client.client.host, client.client.port, [reply])
     try:
-        time.sleep(0.2)  # both shared subscriptions in place
+        # both shared subscriptions are in place: each board published `online` after subscribing
         for n in range(6):
             client.publish(fleet["ask_topic"], {"id": f"f{n}", "text": "hi", "reply_to": reply, "stream": False})
         finals = [json.loads(sub.next(10, reply).payload) for _ in range(6)]
@@ -502,6 +433,7 @@ def test_serve_main_exits_0_on_sigterm_after_publishing_stopped(mosquitto, monke
         killer.start()
         assert main(config, engine_factory=lambda c: FakeEngine(), tick_s=0.05) == 0
         killer.join(5)
+        assert not killer.is_alive()
         assert client.next(10).payload == b"stopped"
         datagrams = []
         while True:
@@ -723,6 +655,7 @@ def test_serve_main_exits_1_after_repeated_engine_failures(mosquitto):
         asker.start()
         assert main(config, engine_factory=lambda c: FakeEngine(), tick_s=0.05) == 1
         asker.join(5)
+        assert not asker.is_alive()
         for n in range(2):
             assert client.answer(f"{config.root}/answer/bad{n}")[1]["finish_reason"] == "failed"
         assert client.next(10, config.root + "/status").payload == b"stopped"

@@ -11,6 +11,7 @@ captions without loading the model again.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -109,6 +110,24 @@ def make_config(broker_url: str, **sections) -> Config:
     return Config.model_validate(data)
 
 
+def wait_stats(client: Collector, root: str, predicate, timeout: float = 10.0) -> dict:
+    """The first stats message (the daemon publishes them every stats interval) that
+    satisfies `predicate`: what the in-process daemon has received, without a handle on it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = json.loads(client.next(max(0.01, deadline - time.monotonic()), root + "/stats").payload)
+        if predicate(body):
+            return body
+
+
+def wait_notified(notify: NotifySocket, predicate, timeout: float = 10.0, count: int = 1) -> None:
+    """Until `count` datagrams sent to the notify socket satisfy `predicate(fields)`."""
+    deadline = time.monotonic() + timeout
+    while sum(bool(predicate(fields)) for _, fields in list(notify.received)) < count:
+        assert time.monotonic() < deadline, "no such sd_notify message"
+        time.sleep(0.01)
+
+
 def in_background(fn) -> threading.Thread:
     errors: list[BaseException] = []
 
@@ -128,6 +147,7 @@ def joined(thread: threading.Thread) -> None:
     thread.join(30)
     if thread.errors:
         raise thread.errors[0]
+    assert not thread.is_alive(), "the scenario thread did not finish"
 
 
 class SlowEngine(FakeEngine):
@@ -145,7 +165,7 @@ def test_signal_drains_the_running_answer_and_shuts_the_queue(sig, mosquitto, no
     """Drain long enough: the running answer finishes normally; queued ones and one that
     arrives during the drain end `shutdown`; `stopped` retained; exit 0."""
     engine = FakeEngine(token_delay_s=0.02, extra_words=60)  # about 1.3 s
-    config = make_config(mosquitto.url)
+    config = make_config(mosquitto.url, stats={"interval_s": 0.05})
     root = config.root
     client = Collector(mosquitto.host, mosquitto.port, [root + "/#"])
 
@@ -154,9 +174,10 @@ def test_signal_drains_the_running_answer_and_shuts_the_queue(sig, mosquitto, no
         client.publish(root + "/ask", {"id": "running", "text": "long"})
         assert engine.started.wait(10)
         client.publish(root + "/ask", {"id": "queued", "text": "waits"})
-        time.sleep(0.3)
+        wait_stats(client, root, lambda stats: stats["queue_depth"] == 1)
+        wait_notified(notify, lambda fields: "WATCHDOG" in fields, count=3)  # serving: pinged
         os.kill(os.getpid(), sig)
-        time.sleep(0.2)
+        wait_notified(notify, lambda fields: "STOPPING" in fields)  # the drain has begun
         client.publish(root + "/ask", {"id": "late", "text": "during the drain"})
 
     loaded_at = []
@@ -273,7 +294,7 @@ def test_sighup_reloads_cameras_and_captions_without_reloading_the_model(mosquit
     root = f"vlmd/{device_id}"
     config_file = tmp_path / "vlmd.toml"
     base = (f'device_id = "{device_id}"\n[mqtt]\nbroker = "{mosquitto.url}"\nprotocol = "5"\n'
-            "persistent_session = false\n[stats]\ninterval_s = 3600\n")
+            "persistent_session = false\n[stats]\ninterval_s = 0.05\n")
     config_file.write_text(base + "[cameras.a]\ncaption = false\n")
     source = f"ext-{uuid.uuid4().hex[:6]}/b/snapshot"
     client = Collector(mosquitto.host, mosquitto.port, [root + "/#", source])
@@ -282,19 +303,19 @@ def test_sighup_reloads_cameras_and_captions_without_reloading_the_model(mosquit
         assert client.next(20, root + "/status").payload == b"online"
         client.publish(root + "/frame/a", noise_png(1), qos=1)
         client.publish(root + "/ask", {"id": "across", "text": "spans the reload"})
-        time.sleep(0.2)
+        wait_stats(client, root, lambda stats: stats["running"])
         config_file.write_text(base + "[cameras.a]\ncaption = true\ninterval_s = 0.1\nmax_tokens = 3\nmin_change = 0\n"
                                f'[cameras.b]\ntopic = "{source}"\n')
         os.kill(os.getpid(), signal.SIGHUP)
         caption = client.next(10, root + "/caption/a")
         assert b'"camera":"a"' in caption.payload
         client.publish(source, noise_png(2, size=(20, 10)), qos=1)
-        time.sleep(0.3)
+        wait_stats(client, root, lambda stats: stats["frames"].get("b", {}).get("received") == 1)
         client.publish(root + "/ask", {"id": "from-b", "text": "?", "camera": "b", "stream": False})
         engine_holder["from_b"] = client.answer(root + "/answer/from-b")[1]
         config_file.write_text(base + "[cameras.a]\ncaption = maybe\n")  # a broken file: kept the old config
         os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.3)
+        wait_notified(notify, lambda fields: "reload failed" in fields.get("STATUS", ""))
         client.publish(root + "/ask", {"id": "still", "text": "?", "stream": False})
         engine_holder["still"] = client.answer(root + "/answer/still")[1]
         os.kill(os.getpid(), signal.SIGTERM)

@@ -39,6 +39,8 @@ def test_unit_settings_the_daemon_relies_on():
     assert unit["LoadCredential"] == ["mqtt_password:/etc/vlmd/mqtt_password"]
     assert "PrivateDevices" not in unit  # would hide the NPU device nodes
     assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
+    # the request journal's default home survives a restart (not a reboot)
+    assert unit["RuntimeDirectory"] == ["vlmd"] and unit["RuntimeDirectoryPreserve"] == ["restart"]
 
 
 def test_every_setting_has_a_reason():

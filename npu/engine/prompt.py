@@ -1,6 +1,12 @@
 """What a request asks for, and how it becomes cache rows: the prompt, its token ids, the
 rows its images' features go to, and the errors a request can be refused with.
 
+The error tree: `EngineError` (code `engine_error`: the model runtime failed) with
+`NumericError` (NaN or infinite logits); `RequestError`, the request itself cannot be
+served by this model (a refusal before prefill, never an engine failure): `PromptTooLong`,
+`ImageError`, `UnsupportedOptions`. Callers tell them apart by type; `.code` is only
+the wire code.
+
 `encode_prompt` is the only place a prompt is tokenised; it checks the `<IMG_CONTEXT>`
 count against the images (ImageError). `check_fits` refuses a prompt that leaves no
 cache row for the answer (PromptTooLong). Both run before any graph call. This module
@@ -17,21 +23,43 @@ import numpy as np
 
 
 class EngineError(Exception):
-    """A request the engine could not serve; `code` is the wire error code."""
+    """A request the engine could not serve; `code` is the wire error code.
+
+    `prompt_tokens` is the prompt's length once it was tokenised (0 before), so a
+    failure's final can report the usage so far.
+    """
 
     code = "engine_error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.prompt_tokens = 0
 
 
-class PromptTooLong(EngineError):
+class NumericError(EngineError, ValueError):
+    """The post graph's chosen logit was NaN or infinite (e.g. a bf16 overflow on the NPU).
+    A ValueError too: the sampler's contract for logits it cannot use."""
+
+    code = "numeric_error"
+
+
+class RequestError(EngineError):
+    """What was asked cannot be served by this model: refused before prefill."""
+
+    code = "bad_request"
+
+
+class PromptTooLong(RequestError):
     code = "too_long"
 
 
-class ImageError(EngineError):
+class ImageError(RequestError):
     code = "bad_image"
+
+
+class UnsupportedOptions(RequestError):
+    """Generation options this model cannot honour (e.g. sampling on a top-k-ids post graph)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from npu.engine.prompt import NumericError
+
 
 # Top-p first looks for its nucleus among this many most likely tokens.
 _NUCLEUS_HEAD = 64
@@ -120,8 +122,8 @@ class Sampler:
         params = self.params
         if params.greedy:
             best = int(np.argmax(values))  # argmax lands on the first NaN if there is one
-            if math.isnan(values[best]):
-                raise ValueError("logits contain NaN")
+            if not math.isfinite(values[best]):
+                raise NumericError(f"logits contain NaN or infinity (the chosen one is {float(values[best])})")
             return best
         candidates = None
         if 0 < params.top_k < values.size:
@@ -137,11 +139,14 @@ class Sampler:
     def _probabilities(self, values: np.ndarray, temperature: float) -> np.ndarray:
         """Unnormalised softmax(values / temperature), max-shifted so the top is 1."""
         probs = self._probs_buffer(values.size)
-        np.subtract(values, values.max(), out=probs, dtype=np.float64)
+        top = values.max()  # NaN when any value is NaN
+        if not math.isfinite(top):
+            raise NumericError(f"logits contain NaN or infinity (the largest is {float(top)})")
+        np.subtract(values, top, out=probs, dtype=np.float64)
         probs /= temperature
         np.exp(probs, out=probs)
         if not np.isfinite(probs).all():
-            raise ValueError("logits contain NaN or infinity")
+            raise NumericError("logits contain NaN or infinity")
         return probs
 
     def _work_buffer(self, size: int) -> np.ndarray:

@@ -1,0 +1,184 @@
+"""The only place replies leave the daemon: chunks, finals, captions, error messages.
+
+`Responder` formats each message, publishes it through a `Publisher` (MqttClient is
+one) and never raises: a lone surrogate from a runtime becomes U+FFFD, timings the
+schema refuses are dropped, a publish error is logged and counted as "unpublished" (it
+is not an engine failure). Each job gets at most one final (`Job.claim_final`). With a
+journal, every final is journaled before it is published and marked delivered when the
+broker acknowledges it; `republish` sends a journaled final again, byte for byte.
+`RuntimeStats` holds the counters the stats message reports.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from pydantic import ValidationError
+
+from daemon.journal import FinalRecord, Journal
+from daemon.logs import get_logger
+from daemon.scheduler import Frame, Job
+from npu.engine import DoneEvent
+from protocol import codec, payloads
+from protocol.topics import SPEC, Topics
+
+log = get_logger("vlmd.responder")
+
+
+class Publisher(Protocol):
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, correlation_data: bytes | None = None,
+        on_delivered: Callable[[], None] | None = None,
+    ) -> None: ...
+
+
+@dataclass
+class RuntimeStats:
+    """Counters the stats message reports; written by the worker and the MQTT thread."""
+
+    outcomes: Counter = field(default_factory=Counter)  # finish_reason -> count
+    captions: Counter = field(default_factory=Counter)  # "done" / "skipped" / "failed"
+    last_ttft_ms: float | None = None
+    last_decode_tokens_per_s: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, outcome: str) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+
+    def count_caption(self, outcome: str) -> None:
+        with self.lock:
+            self.captions[outcome] += 1
+
+    def timings(self, timings: dict) -> None:
+        with self.lock:
+            self.last_ttft_ms = timings.get("ttft_ms", self.last_ttft_ms)
+            self.last_decode_tokens_per_s = timings.get("decode_tokens_per_s", self.last_decode_tokens_per_s)
+
+
+class Responder:
+    """Formats and publishes chunks and finals; the only place a final is sent. With a
+    `journal`, every final is journaled before it is published and marked delivered when
+    the broker acknowledges it."""
+
+    def __init__(self, publisher: Publisher, topics: Topics, stats: RuntimeStats, wall_clock=time.time,
+                 journal: Journal | None = None):
+        self.publisher = publisher
+        self.topics = topics
+        self.stats = stats
+        self.wall_clock = wall_clock
+        self.journal = journal
+
+    def chunk(self, job: Job, seq: int, delta: str) -> None:
+        """Publish one chunk (QoS 0, may be lost anyway); failures are logged, never raised."""
+        self._send(job, payloads.AnswerChunk(id=job.job_id, seq=seq, delta=_utf8_safe(delta)), "answer_chunk")
+
+    def final(
+        self,
+        job: Job,
+        finish_reason: str,
+        *,
+        text: str = "",
+        seq: int = 0,
+        error: tuple[str, str] | None = None,
+        usage: tuple[int, int] = (0, 0),
+        timings: dict | None = None,
+    ) -> bool:
+        """Publish the job's one final; False (and nothing sent) if it already had one."""
+        if not job.claim_final():
+            return False
+        fields = dict(  # text from a runtime may hold what JSON cannot (lone surrogates)
+            id=job.job_id, seq=seq, text=_utf8_safe(text), finish_reason=finish_reason,
+            error=None if error is None else {"code": error[0], "message": _utf8_safe(error[1])},
+            usage={"prompt_tokens": usage[0], "completion_tokens": usage[1]},
+        )
+        try:
+            message = payloads.AnswerFinal(**fields, timings=timings or {})
+        except ValidationError:  # odd timings from an engine must not cost the client its final
+            log.exception("timings refused by the final's schema", timings=repr(timings))
+            message = payloads.AnswerFinal(**fields)
+        sent = self._send(job, message, "answer", finish_reason)
+        self.stats.count(finish_reason if sent else "unpublished")
+        log.info("final", request_id=job.job_id, finish_reason=finish_reason, error=error and error[0], sent=sent)
+        return True
+
+    def republish(self, final: FinalRecord) -> None:
+        """A recorded final again, byte for byte (a retransmitted id, or one the broker never acknowledged)."""
+        spec = SPEC["answer"]
+        try:
+            self.publisher.publish(final.topic, final.payload, spec.qos, spec.retain, final.correlation_data,
+                                   on_delivered=self._delivered_callback(final.request_id))
+        except Exception:
+            log.exception("final not republished", request_id=final.request_id)
+        log.info("final republished", request_id=final.request_id, finish_reason=final.finish_reason)
+
+    def _delivered_callback(self, request_id: str) -> Callable[[], None] | None:
+        journal = self.journal
+        return None if journal is None else lambda: journal.delivered(request_id)
+
+    def caption_chunk(self, camera: str, caption_id: str, seq: int, delta: str) -> None:
+        """One streamed piece of a caption on caption/<camera>/stream (QoS 0)."""
+        chunk = payloads.CaptionChunk(camera=camera, seq=seq, delta=_utf8_safe(delta), caption_id=caption_id)
+        self._publish(self.topics.caption_stream(camera), chunk, "caption_stream")
+
+    def caption(self, camera: str, caption_id: str, frame: Frame, event: DoneEvent) -> None:
+        """A finished caption, retained on caption/<camera>."""
+        self.stats.timings(event.timings)
+        self.stats.count_caption("done")
+        caption = payloads.Caption(
+            camera=camera, caption_id=caption_id, text=_utf8_safe(event.text), ts=self.wall_clock(),
+            frame_ts=frame.received_ts, finish_reason=event.finish_reason,
+            usage={"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
+            timings=event.timings,
+        )
+        self._publish(self.topics.caption(camera), caption, "caption")
+
+    def _publish(self, topic: str, message: Any, kind: str) -> None:
+        spec = SPEC[kind]
+        try:
+            self.publisher.publish(topic, codec.encode(message), spec.qos, spec.retain)
+        except Exception:  # the caller is paho's thread or the worker: neither may die of it
+            log.exception("message not published", kind=kind, topic=topic)
+
+    def error(self, code: str, message: str, topic: str, request_id: str | None = None) -> None:
+        """A problem with a message that has no reply path: to <root>/error."""
+        body = payloads.ErrorMessage(code=code, message=_utf8_safe(message), topic=_utf8_safe(topic),
+                                     request_id=request_id, ts=self.wall_clock())
+        self._publish(self.topics.error(), body, "error")
+
+    def _send(self, job: Job, message: Any, kind: str, finish_reason: str | None = None) -> bool:
+        """Publish on the job's reply path (a final: journaled first); False (logged)
+        when it could not be sent.
+
+        Never raises: a broken connection or an unencodable payload must neither kill
+        the worker nor count as an engine failure (which could make vlmd exit).
+        """
+        spec = SPEC[kind]
+        reply = job.reply
+        try:
+            assert reply is not None, "asks always carry a reply path"
+            payload = codec.encode(message)
+            if finish_reason is None:
+                self.publisher.publish(reply.topic, payload, spec.qos, spec.retain, reply.correlation_data)
+                return True
+            if self.journal is not None:
+                self.journal.final(FinalRecord(job.job_id, reply.topic, payload, reply.correlation_data, finish_reason))
+            self.publisher.publish(reply.topic, payload, spec.qos, spec.retain, reply.correlation_data,
+                                   on_delivered=self._delivered_callback(job.job_id))
+            return True
+        except Exception:
+            log.exception("reply not published", request_id=job.job_id, kind=kind)
+            return False
+
+
+def _utf8_safe(text: str) -> str:
+    """`text` with lone surrogates (which no UTF-8 encoder accepts) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
