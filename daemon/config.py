@@ -250,7 +250,7 @@ class LoggingConfig(_Section):
 
 class JournalConfig(_Section):
     enabled: bool = Field(True, description="journal accepted requests so a crash still gives each one final")
-    directory: Path | None = Field(None, description="empty = $RUNTIME_DIRECTORY (systemd RuntimeDirectory=), else $XDG_STATE_HOME/vlmd, else ~/.local/state/vlmd")
+    directory: Path | None = Field(None, strict=False, description="empty = $RUNTIME_DIRECTORY (systemd RuntimeDirectory=), else $XDG_STATE_HOME/vlmd, else ~/.local/state/vlmd")
     max_bytes: int = Field(64_000_000, gt=0, description="live journal bound; an inline image that would pass it is not journaled (after a crash that request fails as restarted)")
     compact_bytes: int = Field(4_000_000, gt=0, description="rewrite the file with its live records once it is larger than this and twice its live records")
     id_window_s: float = Field(600.0, gt=0, description="a request id seen this recently is not run again: its final is republished")

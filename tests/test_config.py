@@ -508,3 +508,27 @@ def test_check_config_without_file_uses_defaults_and_env(capsys, monkeypatch):
 def test_check_config_missing_file_exits_78(capsys, tmp_path):
     assert vlmd_main(["check-config", str(tmp_path / "absent.toml")]) == EX_CONFIG
     assert "cannot read the config file" in capsys.readouterr().err
+
+
+def test_every_path_field_takes_text():
+    """Strict models refuse str for Path unless the field says so; TOML and the environment
+    only have text, so every Path field must take it (a new one forgetting strict=False fails here)."""
+    import typing
+    from pathlib import Path as _Path
+
+    from pydantic import BaseModel as _Model
+
+    def path_fields(model: type[_Model], prefix: str = ""):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            members = typing.get_args(annotation) or (annotation,)
+            if _Path in members:
+                yield f"{prefix}{name}", field
+            for member in members:
+                if isinstance(member, type) and issubclass(member, _Model):
+                    yield from path_fields(member, f"{prefix}{name}.")
+
+    fields = dict(path_fields(Config))
+    assert {"model.path", "mqtt.password_file", "mqtt.tls.ca_file"} <= set(fields)
+    lax = {name for name, field in fields.items() if any(getattr(m, "strict", None) is False for m in field.metadata)}
+    assert set(fields) - lax == set()
