@@ -22,72 +22,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from npu.engine import DoneEvent, Engine, GenerationOptions, Prompt
 from npu.model import Model
-from npu.session import BF16, TensorSpec
-from npu.text.template import ChatTemplate
-from npu.text.tokenizer import Tokenizer
 
-N_LAYERS, HIDDEN, CAPACITY, KV_DIM, VOCAB, CHUNK = 24, 896, 1023, 128, 151655, 128
-U32 = np.dtype(np.uint32)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zero_cost import ZeroCostShape, internvl2_tokenizer, zero_cost_model  # noqa: E402  (bench/ is not a package)
 
-
-class ZeroCostSession:
-    """Declares a graph's groups and returns the same preallocated outputs on every run."""
-
-    def __init__(self, name: str, inputs: list[list[TensorSpec]], outputs: list[list[TensorSpec]], fill=None):
-        self.name, self.num_groups = name, len(inputs)
-        self._inputs, self._outputs = inputs, outputs
-        self._results = [[np.zeros(s.shape, s.dtype) for s in group] for group in outputs]
-        if fill is not None:
-            for group in self._results:
-                fill(group)
-
-    def inputs(self, group=0):
-        return self._inputs[group]
-
-    def outputs(self, group=0):
-        return self._outputs[group]
-
-    def run(self, feed, group=0):
-        return self._results[group]
-
-
-def layer_session(index: int, dtype) -> ZeroCostSession:
-    def group(rows: int, kv_rows: int, mask_cols: int):
-        inputs = [TensorSpec("K_cache", (1, kv_rows, KV_DIM), dtype), TensorSpec("V_cache", (1, kv_rows, KV_DIM), dtype),
-                  TensorSpec("indices", (1, rows), U32), TensorSpec("input", (1, rows, HIDDEN), dtype),
-                  TensorSpec("mask", (1, rows, mask_cols), dtype)]
-        outputs = [TensorSpec("K_cache_out", (1, rows, KV_DIM), dtype),
-                   TensorSpec("V_cache_out", (1, rows, KV_DIM), dtype), TensorSpec("output", (1, rows, HIDDEN), dtype)]
-        return inputs, outputs
-
-    groups = [group(1, CAPACITY, CAPACITY + 1), group(CHUNK, 1, CHUNK)]
-    return ZeroCostSession(f"layer{index}", [g[0] for g in groups], [g[1] for g in groups])
-
-
-def post_session(dtype) -> ZeroCostSession:
-    def fill(results):
-        # Varied logits so the argmax scans real values; a different winner is irrelevant here.
-        results[0][...] = np.random.default_rng(0).standard_normal(results[0].shape)
-
-    return ZeroCostSession("post", [[TensorSpec("input", (1, 1, HIDDEN), dtype)]],
-                           [[TensorSpec("output", (1, 1, VOCAB), dtype)]], fill)
-
-
-class RowEmbeddings:
-    """A small table indexed modulo its size: the copy of one row is what a mmap lookup does."""
-
-    def __init__(self, dtype):
-        self.table = np.random.default_rng(1).standard_normal((4096, HIDDEN)).astype(dtype)  # (4096, hidden)
-
-    def lookup(self, ids, out):
-        if len(ids) == 1:
-            out[0] = self.table[int(ids[0]) % len(self.table)]
-        else:
-            np.take(self.table, np.asarray(ids) % len(self.table), axis=0, out=out)
+# InternVL2-1B's real shapes: 24 layers, hidden 896, KV cache 1023 x 128, vocab 151655, chunk 128.
+SHAPE = ZeroCostShape(name="zero-cost InternVL2-1B shapes")
 
 
 @dataclass
@@ -106,12 +49,7 @@ class Result:
 
 
 def build_model(precision: str, tokenizer_dir: Path) -> Model:
-    dtype = BF16 if precision == "bf16" else np.dtype(np.float32)
-    tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    template = ChatTemplate.from_checkpoint({"template": "Hermes-2"}, tokenizer)
-    layers = [layer_session(i, dtype) for i in range(N_LAYERS)]
-    return Model(None, layers, post_session(dtype), RowEmbeddings(dtype), tokenizer, template,
-                 name="zero-cost InternVL2-1B shapes", backend="bench", precision=precision)
+    return zero_cost_model(SHAPE, precision, tokenizer_dir)
 
 
 def measure(engine: Engine, tokens: int, sampling: bool) -> Result:
@@ -140,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = args.tokenizer
         if tokenizer_dir is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
-            from tests.tokenizer_files import write_internvl2_tokenizer
-
-            tokenizer_dir = write_internvl2_tokenizer(Path(scratch) / "tokenizer")
+            tokenizer_dir = internvl2_tokenizer(Path(scratch) / "tokenizer")
         results = []
         for precision in (("bf16", "fp32") if args.precision == "both" else (args.precision,)):
             engine = Engine(build_model(precision, tokenizer_dir))

@@ -30,6 +30,11 @@ def results(tmp_path_factory) -> Path:
         "--out", str(directory / "cpu_vs_transformers.json"))
     run("bench/followup.py", "--tiny", "--runs", "1", "--followups", "1", "--tokens", "2",
         "--replay", "always", "--compare-replay", "--out", str(directory / "followup.json"))
+    run("bench/reference_ab.py", "--tiny", "--runs", "1", "--base", "HEAD", "--out", str(directory / "reference_ab.json"))
+    run("bench/cpu_vs_transformers.py", "--tiny", "--runs", "1", "--tokens", "3", "--threads", "1", "--clock", "thread",
+        "--out", str(directory / "cpu_vs_transformers_thread.json"))
+    run("bench/board_sim.py", "--runs", "1", "--tokens", "2", "--builds", "internvl2_5-1b-364,internvl3-1b-448",
+        "--out", str(directory / "board_sim.json"))
     run("bench/device_traffic.py", "--tiny", "--tokens", "8", "--out", str(directory / "device_traffic.json"))
     return directory
 
@@ -56,6 +61,31 @@ def test_followup_json(results):
     assert resumed["prefill_rows"] < replayed["prefill_rows"]
     assert resumed["prefill_rows"] < data["first"]["prefill_rows"]
     assert data["ratio"] is not None and data["ratio_never"] is not None
+
+
+def test_reference_ab_and_thread_clock_json(results):
+    data = json.loads((results / "reference_ab.json").read_text())
+    assert data["base"] == "HEAD" and data["clock"] == "thread CPU time"
+    assert set(data["results"]) == {"vision encode", "layer prefill (128 rows)", "layer decode step"}
+    for case in data["results"].values():
+        assert case["base"]["min_ms"] > 0 and case["tree"]["min_ms"] > 0 and case["max_abs_difference"] < 1e-3
+    thread = json.loads((results / "cpu_vs_transformers_thread.json").read_text())
+    assert thread["clock"] == "thread" and thread["greedy_tokens_agree"] == "3/3"
+    assert thread["vlmd"]["median_image_ms"] > 0 and thread["vlmd"]["median_ttft_ms"] > thread["vlmd"]["median_image_ms"]
+
+
+def test_board_sim_json(results):
+    data = json.loads((results / "board_sim.json").read_text())
+    assert [b["build"] for b in data["builds"]] == ["internvl2_5-1b-364", "internvl3-1b-448"]
+    for build in data["builds"]:
+        runs = build["all_runs"]
+        assert runs["first"][0]["graph_ttft_ms"] > build["vision_ms"] > 0
+        # The engine's "auto" choice is priced by the table the clock charges: it is never dearer.
+        for auto, never, always in zip(runs["auto"], runs["never"], runs["always"], strict=True):
+            assert auto["graph_ttft_ms"] == pytest.approx(min(never["graph_ttft_ms"], always["graph_ttft_ms"]))
+            assert never["prefill_rows"] <= always["prefill_rows"] <= never["prompt_tokens"]
+            if not build["shape"]["history_lengths"]:  # nowhere to restart but row 0: replay runs everything
+                assert never["prefill_rows"] < always["prefill_rows"] == always["prompt_tokens"]
 
 
 def test_device_traffic_json(results):
@@ -87,7 +117,7 @@ def test_benchmarks_md_from_results(results, tmp_path):
     decode = json.loads((results / "decode_overhead.json").read_text())
     assert decode["results"][0]["precision"] == "bf16"
     for heading in ("## 1. Host overhead", "## 2. CPU", "## 3. Follow-up", "## 4. MQTT", "## 5. Profiles",
-                    "## 6. Board data path"):
+                    "## 6. Board data path", "## 7. Simulated AX630C", "## 8. Reference kernels"):
         assert heading in text
     assert f"{decode['results'][0]['us_per_token']:.1f}" in text
     assert "_Tiny dims (smoke run)" in text

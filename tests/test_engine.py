@@ -524,6 +524,21 @@ def test_follow_up_plan_is_priced_with_measured_graph_times(make_model):
         Engine(model, prefix_replay="sometimes")
 
 
+def test_given_prices_choose_the_plan_and_are_kept(make_model):
+    # A board's published prices (npu.engine.costs) decide, and measuring never overwrites them.
+    model = make_model(chunk=64, history=())
+    first = Prompt("What is in the picture?", images=[image(5)], image_key="cam1:1")
+    follow_up = Prompt(LONG_QUESTION, images=[image(5)], image_key="cam1:1")
+    for prices, replays in (({0: 1.0, 1: 1e-3}, True), ({0: 1e-6, 1: 1.0}, False)):
+        engine = Engine(model, prices=prices)
+        run(engine, first, max_tokens=2)
+        prompt_len = engine.count_prompt_tokens(follow_up)
+        _, done = run(engine, follow_up, max_tokens=2)
+        expected = prompt_len if replays else prompt_len - engine._encode(first).num_prefix_ids
+        assert done.timings["prefix_reused"] and done.timings["prefill_rows"] == expected
+        assert engine.stack_seconds == prices
+
+
 def test_prefix_is_not_reused_across_keys_or_system_prompts(make_model):
     model = make_model()
     engine = Engine(model)

@@ -15,7 +15,7 @@ next token's embedding row (greedy reads the logits in place).
 2. restore a KV prefix snapshot when the image, system prompt and template match an
    earlier request (no vision run), else reset the cache, look the embeddings up and
    splice each image's vision features over its context rows; a follow-up either
-   resumes at the snapshot's end or, when its measured graph times say that is cheaper,
+   resumes at the snapshot's end or, when its graph prices (given, or measured) say that is cheaper,
    restores only up to a chunk boundary and replays the rest of the prefix from the
    snapshot's saved input rows (`prefix_replay`);
 3. prefill (see `plan_prefill`): group 1 for the first chunk, a history group for a
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,14 +122,18 @@ class EngineLike(Protocol):
 class Engine:
     """Runs prompts on a model's sessions with one KV cache allocated here, once."""
 
-    def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto") -> None:
+    def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto",
+                 prices: Mapping[int, float] | None = None) -> None:
         if prefix_replay not in REPLAY_POLICIES:
             raise ValueError(f"prefix_replay must be one of {REPLAY_POLICIES}, got {prefix_replay!r}")
         self.model = model
         self.prefix_replay = prefix_replay
-        # Seconds per call of the whole layer stack, by shape group (moving average of
-        # what this engine measured): what a follow-up's prefill plan is priced with.
-        self.stack_seconds: dict[int, float] = {}
+        # Seconds per call of the whole layer stack, by shape group: what a follow-up's
+        # prefill plan is priced with. `prices` (a board's published times, see
+        # npu.engine.costs) are kept as given; without them, a moving average of what
+        # this engine measured.
+        self.stack_seconds: dict[int, float] = dict(prices or {})
+        self._measure_prices = prices is None
         self.shapes: GraphShapes = read_shapes(model)
         s = self.shapes
         # A board data path may keep the KV cache in the graphs' own buffers and run the
@@ -358,9 +362,10 @@ class Engine:
         started = time.perf_counter()
         hidden = self._stack.run(group, feeds, num_rows, should_stop)  # (1, 1, hidden): the last real row
         self.cache.advance(num_rows)
-        elapsed = time.perf_counter() - started
-        previous = self.stack_seconds.get(group)
-        self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
+        if self._measure_prices:
+            elapsed = time.perf_counter() - started
+            previous = self.stack_seconds.get(group)
+            self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
         return hidden
 
     def _decode_step(self, should_stop: Callable[[], bool]) -> np.ndarray:

@@ -125,8 +125,7 @@ class VisionEncoder:
         x += attn
         normed = ops.norm(v.norm, x, *layer.norm2, v.eps, out=self._normed)
         hidden = np.matmul(normed, layer.fc1_w, out=self._mlp)
-        hidden += layer.fc1_b
-        ops.gelu(hidden, out=hidden)
+        ops.gelu(hidden, out=hidden, bias=layer.fc1_b)
         out = np.matmul(hidden, layer.fc2_w, out=self._normed)
         out += layer.fc2_b
         out *= layer.ls2
@@ -145,8 +144,7 @@ class VisionEncoder:
         ops.layer_norm(tokens, *self.proj_norm, PROJECTOR_EPS, out=tokens)
         w1, b1 = self.proj_fc1
         hidden = tokens @ w1  # (n_image_tokens, text_hidden)
-        hidden += b1
-        ops.gelu(hidden, out=hidden)
+        ops.gelu(hidden, out=hidden, bias=b1)
         w2, b2 = self.proj_fc2
         out = hidden @ w2  # (n_image_tokens, text_hidden)
         out += b2

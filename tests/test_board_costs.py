@@ -1,0 +1,71 @@
+"""The board cost table (bench/board_costs.toml) and its prices (npu/engine/costs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from npu.engine.costs import CALL_KINDS, BoardCosts, CostTableError
+
+TABLE = Path(__file__).resolve().parents[1] / "bench" / "board_costs.toml"
+
+
+@pytest.fixture(scope="module")
+def costs() -> BoardCosts:
+    return BoardCosts.load(TABLE)
+
+
+def test_every_price_says_where_it_comes_from(costs):
+    assert costs.board == "AX630C" and {"internvl2-1b-224", "internvl2_5-1b-364", "internvl3-1b-448"} <= set(costs.shapes)
+    for row in costs.rows:
+        assert row["ms"] >= 0 and (row["source"].strip() or row["derivation"].strip()), row
+    for name in costs.shapes:
+        build = costs.build(name)  # raises unless every call kind is priced exactly once
+        assert build.chunk_rows == build.shape.prefill_chunk
+        assert 0 < build.post_s < build.decode_stack_s + build.post_s
+
+
+def test_stack_prices_follow_the_published_figures(costs):
+    build = costs.build("internvl3-1b-448")
+    shapes = SimpleNamespace(chunk=128, history_groups={h: g for g, h in enumerate(build.shape.history_lengths, 2)})
+    prices = build.stack_prices(shapes)
+    assert set(prices) == {0, 1, *range(2, 2 + len(build.shape.history_lengths))}
+    # 9.78 tok/s less post; 128-row prefill less post; each history row adds its increment.
+    assert prices[0] == pytest.approx(1 / 9.78 - build.post_s, rel=1e-4)
+    assert prices[1] == pytest.approx(0.36242 - build.post_s)
+    assert prices[9] - prices[1] == pytest.approx(1024 * build.history_row_s)
+    with pytest.raises(CostTableError, match="256-row"):
+        costs.build("internvl2_5-1b-364").stack_prices(SimpleNamespace(chunk=128, history_groups={}))
+
+
+def write(tmp_path, rows: str) -> Path:
+    path = tmp_path / "costs.toml"
+    path.write_text('board = "X"\n[[build]]\nname = "b"\nmodel = "m"\nimage_size = 224\nimage_tokens = 64\n'
+                    'template = "Hermes-2"\nkv_capacity = 63\nprefill_chunk = 16\nhistory_lengths = []\n'
+                    'source = "s"\n' + rows)
+    return path
+
+
+def row(call: str, ms: float = 1.0, build: str = "b", rows: int | None = 16) -> str:
+    extra = f"rows = {rows}\n" if rows is not None and call in ("prefill_ttft", "history_row") else ""
+    return f'[[cost]]\nbuild = "{build}"\ncall = "{call}"\nms = {ms}\n{extra}source = "s"\nderivation = ""\n'
+
+
+def test_a_table_that_cannot_price_a_build_is_refused(tmp_path):
+    complete = "".join(row(kind) for kind in CALL_KINDS)
+    assert BoardCosts.load(write(tmp_path, complete)).build("b").decode_stack_s == 0.0
+    with pytest.raises(CostTableError, match="no price for post"):
+        BoardCosts.load(write(tmp_path, "".join(row(k) for k in CALL_KINDS if k != "post"))).build("b")
+    with pytest.raises(CostTableError, match="two rows price vision"):
+        BoardCosts.load(write(tmp_path, complete + row("vision"))).build("b")
+    with pytest.raises(CostTableError, match="unknown build"):
+        BoardCosts.load(write(tmp_path, complete + row("vision", build="other")))
+    with pytest.raises(CostTableError, match="unknown call"):
+        BoardCosts.load(write(tmp_path, complete + row("warp")))
+    with pytest.raises(CostTableError, match="another chunk size"):
+        mixed = "".join(row(k, rows=32 if k == "history_row" else 16) for k in CALL_KINDS)
+        BoardCosts.load(write(tmp_path, mixed)).build("b")
+    with pytest.raises(CostTableError, match="no build 'c'"):
+        BoardCosts.load(write(tmp_path, complete)).build("c")
