@@ -98,7 +98,8 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    """The last event. `text` is every delta plus any tail the detokenizer held back."""
+    """The last event. `text` is exactly every delta joined: a character the answer stopped
+    inside (whose first bytes the detokenizer held back) is dropped, never a U+FFFD."""
 
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
@@ -115,6 +116,8 @@ class EngineLike(Protocol):
 
     def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
+
+    def model_summary(self) -> dict[str, str | int | None]: ...  # the service's start line and stats
 
 
 class Engine:
@@ -196,6 +199,10 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    def model_summary(self) -> dict[str, str | int | None]:
+        """The loaded model's facts (npu.model.Model.summary): for the daemon's start log and stats."""
+        return self.model.summary()
+
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt occupies in the cache, image tokens included."""
         return len(self._encode(prompt).ids)
@@ -257,8 +264,10 @@ class Engine:
             steps = max(len(pieces) - 1, 0)
             if steps and decode_s > 0:
                 timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
-        text = "".join(pieces) + detok.flush()
-        yield DoneEvent(text, finish, num_prompt, len(pieces), timings)
+        # What the detokenizer still holds is the start of a character the answer stopped
+        # inside (max_tokens, a stop token, a cancel): dropped, so `text` is exactly the deltas.
+        detok.flush()
+        yield DoneEvent("".join(pieces), finish, num_prompt, len(pieces), timings)
 
     def _check_options(self, options: GenerationOptions) -> None:
         """Refuse, before any graph call, what this model's graphs cannot do."""
