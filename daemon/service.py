@@ -57,13 +57,10 @@ def load_engine(config: Config) -> Any:
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
         data_path=m.data_path, resize=None if m.resize == "auto" else m.resize, sampling=m.sampling.overrides(),
     )
-    facts = model.describe()
-    log.info("model loaded", name=facts["name"], backend=facts["backend"], data_path=facts["data_path"]["data_path"],
-             data_path_reason=facts["data_path"]["reason"])
     limits = ConversationLimits(max_conversations=c.max_conversations, max_turns=c.max_turns,
                                 max_tokens=c.max_tokens or None, idle_s=c.idle_s, max_bytes=c.max_bytes,
                                 answer_room=c.answer_room)
-    return Engine(model, conversation_limits=limits)
+    return Engine(model, conversation_limits=limits)  # Service.start logs its one "model loaded" line
 
 
 class Service:
@@ -95,6 +92,7 @@ class Service:
         self._stopped = threading.Event()
         self.started_at = clock()
         self._next_stats = 0.0
+        self.model_facts: dict = {}  # Engine.model_summary(), once loaded
         self.journal = Journal(None)  # the id window only, until start() opens the file
         self._recovery: Recovery | None = None  # owed by an earlier run: settled on the first connection
 
@@ -104,6 +102,8 @@ class Service:
         """Start the broker (if none is configured), load the engine, connect, start the worker."""
         url, protocol = self._broker_url()
         engine = self.engine_factory(self.config)
+        self.model_facts = engine.model_summary()
+        log.info("model loaded", **self.model_facts)  # one line: what this daemon runs
         self.journal = open_journal(self.config, os.environ, self.wall_clock)
         self._recovery = self.journal.recover()
         self.client = MqttClient(
@@ -167,6 +167,11 @@ class Service:
     @property
     def healthy(self) -> bool:
         return self.worker is not None and self.worker.healthy
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the broker connection can never work with this config (TLS, credentials), else None."""
+        return self.client.fatal_error if self.client is not None else None
 
     @property
     def broker_url(self) -> str:
@@ -237,7 +242,8 @@ class Service:
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
             running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
-            cmm=cmm.describe() if cmm is not None else None, conversations=conversations, watches=watches,
+            cmm=cmm.describe() if cmm is not None else None, model=self.model_facts or None,
+            conversations=conversations, watches=watches,
         )
 
     # -- the broker -------------------------------------------------------------------

@@ -90,6 +90,19 @@ def _decode_request(model_cls: type[ModelT], payload: bytes, max_bytes: int, lim
     except ProtocolError as exc:
         exc.request_id, exc.reply_to, exc.reply_to_given = _recover_reply_path(payload)
         raise
+    return _validate(model_cls, obj, limits)
+
+
+def validate_ask(obj: dict[str, Any], limits: AskLimits | None = None) -> AskRequest:
+    """Check an already parsed question by the wire's rules (ranges, limits, messages).
+
+    For entry points that take a question without MQTT (`vlmd ask`), so both refuse the
+    same values with the same words. Raises ProtocolError; never anything else.
+    """
+    return _validate(AskRequest, obj, limits or AskLimits())
+
+
+def _validate(model_cls: type[ModelT], obj: dict[str, Any], limits: AskLimits) -> ModelT:
     request_id, reply_to = _reply_path(obj)
     given = obj.get("reply_to") is not None
     try:

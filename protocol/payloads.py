@@ -391,3 +391,7 @@ class Stats(_Outbound):
     last_ttft_ms: float | None = None
     last_decode_tokens_per_s: float | None = None
     rss_bytes: int | None = None
+    model: dict[str, str | int | None] | None = Field(
+        None, description="The loaded model, as logged at start: path, layout, backend, provider, precision,"
+        " template, kv_capacity, prefill_chunk, image_tokens, data_path, data_path_reason.")
+

@@ -27,6 +27,11 @@ HELP = "show the pipeline end to end: a drawn camera frame, a caption and a ques
 CAMERA = "demo"
 WATCH = "demo-circle"
 COLOURS = ("red", "green", "blue", "yellow", "white")
+STATUS_WAIT_S = 3.0  # a broker replays a retained status at once; this is only for slow links
+
+
+class DemoError(Exception):
+    """Why the demo cannot go on, in one line a person can act on."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vlmd demo: invalid configuration:\n{exc}", file=sys.stderr)
         return EX_CONFIG
-    except (ModelError, BrokerStartError, MqttError, OSError) as exc:
+    except (ModelError, BrokerStartError, MqttError, DemoError, OSError) as exc:
         print(f"vlmd demo: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -80,7 +85,7 @@ def _start_daemon(args: argparse.Namespace):
     service = Service(load_config(None, overrides=overrides))
     service.start()
     if not service.client.wait_connected(30):
-        raise SystemExit("vlmd demo: the daemon did not connect to the embedded broker")
+        raise DemoError("the daemon did not connect to the embedded broker")
     return service
 
 
@@ -94,6 +99,8 @@ def _converse(url: str, root: str, seed: int, timeout: float, service=None) -> i
     image.save(buffer, format="PNG")
     client = _DemoClient(url, topics)
     try:
+        if service is None:
+            _check_daemon(client.status(STATUS_WAIT_S), url, topics)
         client.publish(topics.frame(CAMERA), buffer.getvalue(), qos=1)
         print(f"published a {image.width}x{image.height} scene on {topics.frame(CAMERA)}")
         _wait_for_frame(service)
@@ -212,6 +219,23 @@ def _scene_seed(wanted) -> int:
     return next(seed for seed in range(100, 10_000) if wanted(draw_scene(seed)[1]))
 
 
+def _check_daemon(status: bytes | None, url: str, topics) -> None:
+    """A daemon elsewhere: its retained status says whether anyone will answer."""
+    from protocol.payloads import STATUS_OFFLINE, STATUS_ONLINE, STATUS_STOPPED
+
+    device_id = topics.root.rsplit("/", 1)[-1]
+    if status == STATUS_ONLINE.encode():
+        return
+    if status is None:
+        raise DemoError(f"no daemon serves device id {device_id!r} at {url}: nothing is retained on"
+                        f" {topics.status()} (a running vlmd keeps {STATUS_ONLINE!r} there); start"
+                        f" `vlmd serve --device-id {device_id}` on that broker, or pass the --device-id it uses")
+    how = {STATUS_OFFLINE.encode(): "vanished without stopping (its last will)",
+           STATUS_STOPPED.encode(): "was stopped"}.get(status, f"says {status[:40]!r}")
+    raise DemoError(f"the daemon with device id {device_id!r} at {url} {how}: {topics.status()} is not"
+                    f" {STATUS_ONLINE!r}; start `vlmd serve --device-id {device_id}` again")
+
+
 def _wait_for_frame(service, received_before: int = 0, timeout: float = 10.0) -> None:
     """The frame and the ask travel on different topics: let the frame land first."""
     if service is None:
@@ -248,6 +272,8 @@ class _DemoClient:
         address = parse_broker_url(url)
         self.topics = topics
         self._finals: dict[str, dict] = {}
+        self._status: list[bytes] = []
+        self._status_seen = threading.Event()
         self._done = threading.Condition()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
         if address.tls:
@@ -256,16 +282,22 @@ class _DemoClient:
         self._states: queue.Queue = queue.Queue()
         self._events: queue.Queue = queue.Queue()
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(
-            [(topics.answer_filter(), 1), (topics.watch(WATCH), 1), (topics.watch_event(WATCH), 1)])
+            [(topics.answer_filter(), 1), (topics.status(), 1), (topics.watch(WATCH), 1), (topics.watch_event(WATCH), 1)])
         self._client.on_subscribe = lambda *a: subscribed.set()
         self._client.on_message = self._on_message
         try:
             self._client.connect(address.host, address.port)
         except OSError as exc:
-            raise MqttError(f"cannot reach the broker at {url}: {exc}") from None
+            raise DemoError(f"cannot reach the broker at {url} ({exc}): is one running there? (`vlmd serve`"
+                            " with no broker configured starts one on 127.0.0.1:1883)") from None
         self._client.loop_start()
         if not subscribed.wait(10):
-            raise SystemExit(f"vlmd demo: could not subscribe at {url}")
+            raise DemoError(f"the broker at {url} accepted the connection but not the subscription")
+
+    def status(self, timeout: float) -> bytes | None:
+        """The retained status of the daemon's root (None: nothing retained there)."""
+        self._status_seen.wait(timeout)
+        return self._status[-1] if self._status else None
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self._client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(10)
@@ -296,11 +328,18 @@ class _DemoClient:
             while request_id not in self._finals:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise SystemExit(f"vlmd demo: no answer within {timeout:.0f}s")
+                    raise DemoError(f"no answer within {timeout:.0f}s on {self.topics.answer(request_id)}"
+                                    f" (the daemon's status: {self._status[-1].decode(errors='replace')!r})"
+                                    if self._status else f"no answer within {timeout:.0f}s and no daemon status"
+                                    f" on {self.topics.status()}")
                 self._done.wait(left)
             return self._finals.pop(request_id)
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == self.topics.status():
+            self._status.append(bytes(message.payload))
+            self._status_seen.set()
+            return
         try:
             body = json.loads(message.payload)
         except ValueError:

@@ -105,7 +105,8 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    """The last event. `text` is every delta plus any tail the detokenizer held back."""
+    """The last event. `text` is exactly every delta joined: a character the answer stopped
+    inside (whose first bytes the detokenizer held back) is dropped, never a U+FFFD."""
 
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
@@ -128,6 +129,8 @@ class EngineLike(Protocol):
     def forget_conversation(self, conversation_id: str) -> bool: ...
 
     def conversation_stats(self) -> dict[str, int]: ...
+
+    def model_summary(self) -> dict[str, str | int | None]: ...  # the service's start line and stats
 
 
 class Engine:
@@ -213,6 +216,10 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    def model_summary(self) -> dict[str, str | int | None]:
+        """The loaded model's facts (npu.model.Model.summary): for the daemon's start log and stats."""
+        return self.model.summary()
+
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt occupies in the cache, image tokens included."""
         return len(self._encode(prompt).ids)
@@ -288,7 +295,10 @@ class Engine:
             steps = max(len(pieces) - 1, 0)
             if steps and decode_s > 0:
                 timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
-        text = "".join(pieces) + detok.flush()
+        # What the detokenizer still holds is the start of a character the answer stopped
+        # inside (max_tokens, a stop token, a cancel): dropped, so `text` is exactly the deltas.
+        detok.flush()
+        text = "".join(pieces)
         extra = {} if typed is None else typed.final_fields(finish, timings)
         if plan is not None:
             turn = self.conversations.finish(plan, encoded, answer_ids, text, self.cache.position,
