@@ -46,6 +46,7 @@ from daemon.config_sources import (
 )
 from daemon.identity import default_device_id
 from protocol.topics import check_camera, check_publish_topic, check_root, is_valid_camera
+from protocol.watches import WatchDefinition, WatchName
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
 CREDENTIAL_NAME = "mqtt_password"
@@ -233,6 +234,26 @@ class CameraConfig(_Section):
         return check_publish_topic(value) if value else value  # an exact topic, no wildcards
 
 
+class ConversationsConfig(_Section):
+    max_conversations: int = Field(8, gt=0, description="conversations kept at once; a new one beyond is refused (limit)")
+    max_turns: int = Field(16, gt=0, description="turns one conversation may have; more are refused until it is reset")
+    max_tokens: int = Field(0, ge=0, description="KV cache rows one conversation may fill (old turns are dropped to fit); 0 = the whole cache")
+    idle_s: float = Field(600.0, gt=0, description="a conversation idle this long is forgotten")
+    max_bytes: int = Field(64 * 2**20, gt=0, description="memory for parked conversations (KV snapshots and image features)")
+    answer_room: int = Field(128, gt=0, description="rows kept free for an answer (at most its max_tokens) before old turns are dropped")
+
+
+class WatchConfig(WatchDefinition):
+    """One `[[watches]]` entry: a standing typed question about a configured camera."""
+
+    name: WatchName = Field(description="the watch's name: its topics are <root>/watch/<name>[/event]")
+
+
+class WatchLimitsConfig(_Section):
+    max_watches: int = Field(16, gt=0, description="watches at most, config file and MQTT together; more are refused")
+    min_interval_s: float = Field(1.0, gt=0, description="the shortest interval_s a watch may have")
+
+
 class StatsConfig(_Section):
     interval_s: float = Field(30.0, gt=0, description="seconds between retained stats messages")
 
@@ -289,6 +310,9 @@ class Config(_Section):
     requests: RequestsConfig = Field(default_factory=RequestsConfig, description="limits on questions")
     frames: FramesConfig = Field(default_factory=FramesConfig, description="limits on camera frames")
     cameras: dict[CameraName, CameraConfig] = Field(default_factory=dict, description="per-camera captions and source topics")
+    conversations: ConversationsConfig = Field(default_factory=ConversationsConfig, description="limits on conversations")
+    watches: list[WatchConfig] = Field(default_factory=list, description="standing typed questions ([[watches]] entries)")
+    watch_limits: WatchLimitsConfig = Field(default_factory=WatchLimitsConfig, description="limits on watches")
     stats: StatsConfig = Field(default_factory=StatsConfig, description="stats publishing")
     home_assistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig, description="Home Assistant discovery")
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="fleet-wide shared questions")
@@ -308,6 +332,22 @@ class Config(_Section):
     @classmethod
     def _root(cls, value: str) -> str:
         return check_root(value) if value else value
+
+    @model_validator(mode="after")
+    def _watches_fit(self) -> Config:
+        names = [watch.name for watch in self.watches]
+        for index, watch in enumerate(self.watches):
+            if names.index(watch.name) != index:
+                raise ValueError(f"watches[{index}].name: {watch.name!r} is used by an earlier watch")
+            if watch.camera not in self.cameras:
+                raise ValueError(f"watches[{index}].camera: {watch.camera!r} is not configured under [cameras]")
+            if watch.interval_s < self.watch_limits.min_interval_s:
+                raise ValueError(f"watches[{index}].interval_s: below watch_limits.min_interval_s"
+                                 f" ({self.watch_limits.min_interval_s:g})")
+        if len(self.watches) > self.watch_limits.max_watches:
+            raise ValueError(f"watches: {len(self.watches)} entries, more than watch_limits.max_watches"
+                             f" ({self.watch_limits.max_watches})")
+        return self
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Config:

@@ -189,10 +189,25 @@ def _scan_request_id(payload: bytes) -> str | None:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming its field: `text: String should have ...`."""
+    """One line per problem, each naming its field: `text: String should have ...` (checks
+    across fields have no location; their messages start with the field they blame)."""
     parts = []
     for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"]) or "request"
+        location = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{location}: {message}")
+        parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)
+
+
+def decode_text_question(payload: bytes, max_chars: int) -> str:
+    """A plain-text question (a dashboard's text entity on `<root>/dashboard/<camera>/ask`):
+    UTF-8, not blank, at most `max_chars`. Raises ProtocolError."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("bad_request", f"the question is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise ProtocolError("bad_request", "the question is empty")
+    if len(text) > max_chars:
+        raise ProtocolError("bad_request", f"the question is longer than {max_chars} characters ({len(text)})")
+    return text.strip()

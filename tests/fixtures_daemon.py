@@ -72,6 +72,12 @@ class FakeEngine:
         self.options: list = []
         self.started = threading.Event()  # set when a generation starts
 
+    def forget_conversation(self, conversation_id: str) -> bool:
+        return False
+
+    def conversation_stats(self) -> dict:
+        return {}
+
     def generate(self, prompt, options=None, should_stop=None):
         should_stop = should_stop or (lambda: False)
         self.prompts.append(prompt)

@@ -126,3 +126,18 @@ def test_options_are_refused_by_the_mqtt_rules_with_the_same_message(capsys, tmp
 def test_question_longer_than_the_daemons_limit_is_refused(capsys, tmp_path):
     code, _, err = ask(capsys, "--model", str(tmp_path / "no-model"), "x" * 4001)
     assert code == 2 and err == "vlmd ask: text: longer than 4000 characters (4001)\n"
+
+
+def test_ask_with_a_format_ends_with_value_and_confidence(capsys, tiny_qwen2):
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format",
+                         '{"type": "integer", "minimum": 0, "maximum": 20}', "--json", "How many?")
+    assert code == 0, err
+    final = json.loads(out.splitlines()[-1])
+    assert final["finish_reason"] == "stop" and json.loads(final["text"]) == final["value"]
+    assert type(final["value"]) is int and 0 <= final["value"] <= 20 and 0 <= final["confidence"] <= 1
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format", '{"type": "boolean", "pattern": "y"}',
+                         "--json", "Yes?")
+    assert code == 2 and "vlmd ask: format: pattern: unsupported keyword" in err
+    assert json.loads(out.splitlines()[-1])["error"]["code"] == "bad_request"
+    code, _, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format", "{boolean}", "Yes?")
+    assert code == 2 and "format: --format is not JSON" in err
