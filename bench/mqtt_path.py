@@ -70,6 +70,9 @@ class ZeroCostEngine:
         self.tokens = tokens
         self.ttft_ms: dict[str, float] = {}  # question text -> engine TTFT
 
+    def model_summary(self) -> dict:
+        return {"path": None, "layout": None, "backend": "zero-cost"}
+
     def generate(self, prompt, options=None, should_stop=None):
         from npu.engine import DoneEvent, TokenEvent
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from daemon.config_sources import (
     ENV_PREFIX,
@@ -38,13 +37,16 @@ from daemon.config_sources import (
     deep_merge,
     env_key,
     env_layer,
+    error_key,
     file_layer,
     issue_from_pydantic,
     leaves,
     located,
     set_key,
 )
-from protocol.topics import check_camera, check_publish_topic, check_root, is_valid_camera, topic_safe
+from daemon.identity import default_device_id
+from protocol.topics import check_camera, check_publish_topic, check_root, is_valid_camera
+from protocol.watches import WatchDefinition, WatchName
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
 CREDENTIAL_NAME = "mqtt_password"
@@ -81,13 +83,19 @@ def _optional_path(value: Any) -> Any:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # strict: "30" is no integer and "yes" no bool (environment values are parsed by
+    # their field's type before validation, daemon/config_sources.py env_layer); paths
+    # alone take text (TOML has no path type), marked strict=False where declared.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+
+
+CameraName = Annotated[str, AfterValidator(check_camera)]  # a dict key: checked alongside the values' errors
 
 
 class TlsConfig(_Section):
-    ca_file: Path | None = Field(None, description="CA bundle to verify the broker (PEM); empty = system store")
-    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
-    key_file: Path | None = Field(None, description="client private key (PEM); its contents are never logged")
+    ca_file: Path | None = Field(None, strict=False, description="CA bundle to verify the broker (PEM); empty = system store")
+    cert_file: Path | None = Field(None, strict=False, description="client certificate (PEM) for mutual TLS")
+    key_file: Path | None = Field(None, strict=False, description="client private key (PEM); its contents are never logged")
     insecure: bool = Field(False, description="skip broker host name verification (testing only)")
 
     _empty_is_none = field_validator("ca_file", "cert_file", "key_file", mode="before")(_optional_path)
@@ -108,7 +116,7 @@ class MqttConfig(_Section):
     client_id: str = Field("", description='MQTT client id; empty = "vlmd-<device_id>"')
     username: str = Field("", description="user name for the broker; empty = anonymous")
     password: SecretStr = Field(SecretStr(""), description="password (prefer password_file); never logged")
-    password_file: Path | None = Field(None, description="file holding the password, e.g. ${CREDENTIALS_DIRECTORY}/mqtt_password")
+    password_file: Path | None = Field(None, strict=False, description="file holding the password, e.g. ${CREDENTIALS_DIRECTORY}/mqtt_password")
     keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive in seconds")
     protocol: Literal["auto", "3.1.1", "5"] = Field("auto", description='"auto" tries MQTT 5 then falls back to 3.1.1')
     persistent_session: bool = Field(True, description="keep the session across reconnects so QoS 1 asks survive")
@@ -165,7 +173,7 @@ class SamplingConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: Path | None = Field(None, description="model directory (or an M5Stack mode_<model>.json); empty = the demo model shipped with vlmd")
+    path: Path | None = Field(None, strict=False, description="model directory (or an M5Stack mode_<model>.json); empty = the demo model shipped with vlmd")
     backend: Literal["auto", "reference", "axengine"] = Field("auto", description="auto: axengine when the model is compiled, else reference")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="reference backend dtype at graph boundaries")
     provider: Literal["auto", "AxEngineExecutionProvider", "AXCLRTExecutionProvider"] = Field("auto", description="axengine execution provider")
@@ -226,6 +234,26 @@ class CameraConfig(_Section):
         return check_publish_topic(value) if value else value  # an exact topic, no wildcards
 
 
+class ConversationsConfig(_Section):
+    max_conversations: int = Field(8, gt=0, description="conversations kept at once; a new one beyond is refused (limit)")
+    max_turns: int = Field(16, gt=0, description="turns one conversation may have; more are refused until it is reset")
+    max_tokens: int = Field(0, ge=0, description="KV cache rows one conversation may fill (old turns are dropped to fit); 0 = the whole cache")
+    idle_s: float = Field(600.0, gt=0, description="a conversation idle this long is forgotten")
+    max_bytes: int = Field(64 * 2**20, gt=0, description="memory for parked conversations (KV snapshots and image features)")
+    answer_room: int = Field(128, gt=0, description="rows kept free for an answer (at most its max_tokens) before old turns are dropped")
+
+
+class WatchConfig(WatchDefinition):
+    """One `[[watches]]` entry: a standing typed question about a configured camera."""
+
+    name: WatchName = Field(description="the watch's name: its topics are <root>/watch/<name>[/event]")
+
+
+class WatchLimitsConfig(_Section):
+    max_watches: int = Field(16, gt=0, description="watches at most, config file and MQTT together; more are refused")
+    min_interval_s: float = Field(1.0, gt=0, description="the shortest interval_s a watch may have")
+
+
 class StatsConfig(_Section):
     interval_s: float = Field(30.0, gt=0, description="seconds between retained stats messages")
 
@@ -259,7 +287,7 @@ class LoggingConfig(_Section):
 
 class JournalConfig(_Section):
     enabled: bool = Field(True, description="journal accepted requests so a crash still gives each one final")
-    directory: Path | None = Field(None, description="empty = $RUNTIME_DIRECTORY (systemd RuntimeDirectory=), else $XDG_STATE_HOME/vlmd, else ~/.local/state/vlmd")
+    directory: Path | None = Field(None, strict=False, description="empty = $RUNTIME_DIRECTORY (systemd RuntimeDirectory=), else $XDG_STATE_HOME/vlmd, else ~/.local/state/vlmd")
     max_bytes: int = Field(64_000_000, gt=0, description="live journal bound; an inline image that would pass it is not journaled (after a crash that request fails as restarted)")
     compact_bytes: int = Field(4_000_000, gt=0, description="rewrite the file with its live records once it is larger than this and twice its live records")
     id_window_s: float = Field(600.0, gt=0, description="a request id seen this recently is not run again: its final is republished")
@@ -274,14 +302,17 @@ class ShutdownConfig(_Section):
 
 
 class Config(_Section):
-    device_id: str = Field("", description="this board's id in topics; empty = the host name made topic-safe")
+    device_id: str = Field("", description="this board's id in topics and the MQTT client id; empty = <host name>-<last 6 hex digits of the primary interface's MAC> (unique per board)")
     root: str = Field("", description='topic root; empty = "vlmd/<device_id>"')
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="broker connection")
     embedded_broker: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig, description="used when mqtt.broker is empty")
     model: ModelConfig = Field(default_factory=ModelConfig, description="model directory and backend")
     requests: RequestsConfig = Field(default_factory=RequestsConfig, description="limits on questions")
     frames: FramesConfig = Field(default_factory=FramesConfig, description="limits on camera frames")
-    cameras: dict[str, CameraConfig] = Field(default_factory=dict, description="per-camera captions and source topics")
+    cameras: dict[CameraName, CameraConfig] = Field(default_factory=dict, description="per-camera captions and source topics")
+    conversations: ConversationsConfig = Field(default_factory=ConversationsConfig, description="limits on conversations")
+    watches: list[WatchConfig] = Field(default_factory=list, description="standing typed questions ([[watches]] entries)")
+    watch_limits: WatchLimitsConfig = Field(default_factory=WatchLimitsConfig, description="limits on watches")
     stats: StatsConfig = Field(default_factory=StatsConfig, description="stats publishing")
     home_assistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig, description="Home Assistant discovery")
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="fleet-wide shared questions")
@@ -302,17 +333,26 @@ class Config(_Section):
     def _root(cls, value: str) -> str:
         return check_root(value) if value else value
 
-    @field_validator("cameras")
-    @classmethod
-    def _camera_names(cls, value: dict[str, CameraConfig]) -> dict[str, CameraConfig]:
-        for name in value:
-            check_camera(name)
-        return value
+    @model_validator(mode="after")
+    def _watches_fit(self) -> Config:
+        names = [watch.name for watch in self.watches]
+        for index, watch in enumerate(self.watches):
+            if names.index(watch.name) != index:
+                raise ValueError(f"watches[{index}].name: {watch.name!r} is used by an earlier watch")
+            if watch.camera not in self.cameras:
+                raise ValueError(f"watches[{index}].camera: {watch.camera!r} is not configured under [cameras]")
+            if watch.interval_s < self.watch_limits.min_interval_s:
+                raise ValueError(f"watches[{index}].interval_s: below watch_limits.min_interval_s"
+                                 f" ({self.watch_limits.min_interval_s:g})")
+        if len(self.watches) > self.watch_limits.max_watches:
+            raise ValueError(f"watches: {len(self.watches)} entries, more than watch_limits.max_watches"
+                             f" ({self.watch_limits.max_watches})")
+        return self
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Config:
         # Frozen models: fill derived defaults through __dict__ during validation.
-        device_id = self.device_id or topic_safe(socket.gethostname())
+        device_id = self.device_id or default_device_id()
         self.__dict__["device_id"] = device_id
         self.__dict__["root"] = self.root or f"vlmd/{device_id}"
         if not self.mqtt.client_id:  # copy: a caller's MqttConfig instance stays untouched
@@ -332,7 +372,9 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
     layers: list[tuple[dict, dict[Key, str]]] = []
     if path is not None:
         layers.append(file_layer(Path(path), _PATH_KEYS))
-    layers.append(env_layer(env, Config.model_fields))
+    env_data, env_sources, env_issues = env_layer(env, Config)
+    layers.append((env_data, env_sources))
+    issues = list(env_issues.values())
     if overrides:
         layers.append((overrides, {key: "override" for key, _ in leaves(overrides)}))
     merged: dict = {}
@@ -343,7 +385,9 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
     try:
         config = Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError([issue_from_pydantic(err, provenance) for err in exc.errors()]) from None
+        issues += [issue_from_pydantic(err, provenance) for err in exc.errors() if error_key(err) not in env_issues]
+    if issues:
+        raise ConfigError(issues)
     return _resolve_files(config, env, provenance)
 
 

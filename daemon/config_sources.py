@@ -8,10 +8,15 @@ located with that provenance, so every message names the place to fix.
 
 from __future__ import annotations
 
+import re
 import sys
+import types
+import typing
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from pydantic import BaseModel
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,19 +72,89 @@ def env_key(name: str, sections: Collection[str]) -> Key | None:
     return key if key[0] in sections else None
 
 
-def env_layer(env: Mapping[str, str], sections: Collection[str]) -> Layer:
+def env_layer(env: Mapping[str, str], model: type[BaseModel]) -> tuple[dict, dict[Key, str], dict[Key, ConfigIssue]]:
+    """`VLMD_` variables under `model`'s sections, each parsed by its field's type.
+
+    Environment values are text, and pydantic's strict mode accepts no text for a bool
+    or a number; so each one is parsed here, explicitly: `true`/`false` for bools,
+    decimal integers, decimal floats; other fields keep the text. A value that does
+    not parse is an issue naming the variable, keyed by its key path (its text stays in
+    the layer, so pydantic still checks the rest of that path, e.g. a camera name, and
+    the caller drops pydantic's own message for the key); a key that is no field is left
+    for pydantic to report.
+    """
     data: dict = {}
     sources: dict[Key, str] = {}
+    issues: dict[Key, ConfigIssue] = {}
     for name in sorted(env):
-        key = env_key(name, sections) if name.startswith(ENV_PREFIX) else None
-        if key is not None:
-            set_key(data, key, env[name])
-            sources[key] = f"env {name}"
-    return data, sources
+        key = env_key(name, model.model_fields) if name.startswith(ENV_PREFIX) else None
+        if key is None:
+            continue
+        sources[key] = f"env {name}"
+        value = env[name]
+        try:
+            value = parse_env_value(value, field_type(model, key))
+        except ValueError as exc:
+            issues[key] = located(key, sources, str(exc))
+        set_key(data, key, value)
+    return data, sources, issues
+
+
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
+def parse_env_value(text: str, annotation: Any) -> Any:
+    """`text` as a value of `annotation` (bool, int, float, or anything else as text)."""
+    allowed = _union_members(annotation)
+    if text == "" and type(None) in allowed:
+        return text  # the fields' own validators turn "" into None
+    if bool in allowed:
+        if text in ("true", "false"):
+            return text == "true"
+        raise ValueError(f"expected true or false, got {text!r}")
+    if int in allowed:
+        if _INT.fullmatch(text):
+            return int(text)
+        raise ValueError(f"expected an integer, got {text!r}")
+    if float in allowed:
+        if _FLOAT.fullmatch(text):
+            return float(text)  # nan and inf parse, then the model refuses them by name
+        raise ValueError(f"expected a number, got {text!r}")
+    return text
+
+
+def field_type(model: type[BaseModel], key: Key) -> Any:
+    """The annotation of the field at `key` (through nested models and dict values); None if no such field."""
+    annotation: Any = model
+    parts = list(key)
+    while parts:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(parts.pop(0))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            parts.pop(0)  # the dict's key, e.g. a camera name
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return None  # deeper than a leaf: pydantic reports it
+    return annotation
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def error_key(error: dict) -> Key:
+    """The key path a pydantic error is about (a dict key's error is about that entry)."""
+    return tuple(str(part) for part in error["loc"] if part != "[key]")
 
 
 def issue_from_pydantic(error: dict, provenance: dict[Key, str]) -> ConfigIssue:
-    key = tuple(str(part) for part in error["loc"] if part != "[key]")
+    key = error_key(error)
     message = error["msg"].removeprefix("Value error, ")
     secret = any("password" in part for part in key)
     if error["type"] not in ("missing", "extra_forbidden", "value_error") and not secret and not isinstance(error.get("input"), dict):

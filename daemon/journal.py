@@ -167,7 +167,8 @@ class Journal:
         """Record an accepted question (before it is acknowledged to the broker)."""
         request = job.request.model_dump(mode="json", exclude_none=True)
         body = {"k": "ask", "id": job.job_id, "topic": job.reply.topic, "corr": _b64(job.reply.correlation_data),
-                "stream": job.reply.stream, "ts": received_ts, "expires": expires_ts, "request": request,
+                "stream": job.reply.stream, "retain": job.reply.retain, "ts": received_ts, "expires": expires_ts,
+                "request": request,
                 "frames": [{"camera": f.camera, "seq": f.seq, "received_ts": f.received_ts} for f in job.frames]}
         with self._lock:
             entry = self._entries.setdefault(job.job_id, _Entry())
@@ -289,7 +290,8 @@ def _final_body(entry: _Entry) -> dict[str, Any]:
 
 
 def _pending(body: dict[str, Any]) -> PendingAsk:
-    reply = Reply(str(body.get("topic", "")), _unb64(body.get("corr")), bool(body.get("stream", True)))
+    reply = Reply(str(body.get("topic", "")), _unb64(body.get("corr")), bool(body.get("stream", True)),
+                  bool(body.get("retain", False)))
     expires = body.get("expires")
     return PendingAsk(body["id"], reply, float(body.get("ts", 0.0)), None if expires is None else float(expires),
                       dict(body.get("request") or {}), list(body.get("frames") or []), bool(body.get("image_dropped")))

@@ -16,6 +16,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,14 +25,23 @@ from typing import Any, TextIO
 import structlog
 
 REDACTED = "<redacted>"
-_SECRET_WORDS = ("password", "passwd", "secret", "token", "authorization", "credential")
+_SECRET_WORDS = ("password", "passwd", "secret", "authorization", "credential")
+_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 # Chatty libraries: their INFO lines (per connection, per state change) drown ours.
 _QUIET_LIBRARIES = {"amqtt": logging.WARNING, "transitions": logging.WARNING, "websockets": logging.WARNING}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
-
 # Logger levels as they were before the first configure_logging, for reset_logging.
 _saved_levels: dict[str, int] = {}
+
+
+def _is_secret_key(key: Any) -> bool:
+    """A key naming a secret: it contains a secret word anywhere, or one of its words is a
+    token ("token", "access_token", "apitoken"); "tokens" counts text tokens (image_tokens,
+    max_tokens), never a credential."""
+    lowered = str(key).lower()
+    return any(word in lowered for word in _SECRET_WORDS) or any(
+        word.endswith("token") for word in _WORD_SPLIT.split(lowered))
 
 
 class _VlmdHandler(logging.StreamHandler):
@@ -41,10 +51,10 @@ class _VlmdHandler(logging.StreamHandler):
 def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     """structlog processor: blank the values of secret-looking keys (any nesting level 1)."""
     for key, value in event_dict.items():
-        if any(word in key.lower() for word in _SECRET_WORDS) and value not in (None, ""):
+        if _is_secret_key(key) and value not in (None, ""):
             event_dict[key] = REDACTED
         elif isinstance(value, dict):
-            event_dict[key] = {k: (REDACTED if any(w in str(k).lower() for w in _SECRET_WORDS) else v) for k, v in value.items()}
+            event_dict[key] = {k: (REDACTED if _is_secret_key(k) else v) for k, v in value.items()}
     return event_dict
 
 

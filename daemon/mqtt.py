@@ -20,11 +20,24 @@ Contract:
 - `protocol="auto"` probes the broker with a bare MQTT 5 connection and uses 3.1.1 when
   the broker refuses it or hangs up (the embedded amqtt broker speaks 3.1.1 only); a
   broker that is not up yet is probed again with backoff before the real connection.
+- Every failed attempt is logged with its reason (refused, unresolvable, timed out, the
+  CONNACK's reason code) and the delay before the next one. Failures a retry cannot fix
+  end the attempts and set `fatal_error` (the service then exits 78): a TLS failure
+  (certificate not trusted, wrong host, handshake refused, TLS to a plain port) and a
+  CONNACK refusing who we are (bad user name or password, not authorised, banned,
+  client id not valid, protocol version).
+- Two clients with one client id take the session from each other whenever one
+  connects: after `TAKEOVER_COUNT` connections the broker ended (MQTT 5 "Session taken
+  over", or the socket closed, as 3.1.1 and some brokers' MQTT 5 do) and at once let us
+  back in, within `TAKEOVER_WINDOW_S`, a warning says so, naming the client id.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -44,6 +57,12 @@ log = get_logger("vlmd.mqtt")
 
 SESSION_EXPIRY_S = 3600  # MQTT 5: how long the broker keeps our session (and queued asks) while we are away
 PROBE_TIMEOUT_S = 5.0
+TAKEOVER_COUNT, TAKEOVER_WINDOW_S = 3, 300.0
+# CONNACK refusals that name a setting of ours: retrying with the same settings cannot work.
+FATAL_REFUSALS = frozenset({
+    "Bad user name or password", "Not authorized", "Bad authentication method", "Banned",
+    "Client identifier not valid", "Unsupported protocol version",
+})
 
 
 class MqttError(RuntimeError):
@@ -113,6 +132,14 @@ class MqttClient:
         self._client: paho.Client | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # a late connect from the probe thread vs stop()
+        self.fatal_error: str | None = None  # set once: why connecting can never work
+        self._num_failures = 0  # connection attempts failed since the last CONNACK
+        self._connected_at = 0.0
+        self._takeovers: deque[float] = deque(maxlen=TAKEOVER_COUNT)
+        self._takeover_warned_at = -TAKEOVER_WINDOW_S
+        self._attempt_reported = False  # this connection attempt's failure was logged already
+        self._takeover_reason: str | None = None  # why the broker last ended a connection of ours
+        self._socket_error: OSError | None = None  # what paho's read or write last failed with
         # Delivery callbacks: held across client.publish() and the registration of its mid,
         # so an acknowledgement that arrives in between is matched by the publisher itself;
         # paho's thread only ever tries it (it calls on_publish holding paho's own lock).
@@ -147,8 +174,8 @@ class MqttClient:
 
     def _probe_then_connect(self) -> None:
         delay = self.settings.reconnect_min_s
-        while not self._stopping.wait(delay):
-            probed = self._probe_v5()
+        while not self._stopping.wait(delay) and self.fatal_error is None:
+            probed = self._probe_v5(retry_in_s=min(2 * delay, self.settings.reconnect_max_s))
             if probed is not None:
                 with self._lock:
                     if not self._stopping.is_set():
@@ -264,19 +291,32 @@ class MqttClient:
             max(1, round(self.settings.reconnect_min_s)), max(1, round(self.settings.reconnect_max_s))
         )
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
-        client.on_socket_open = _no_delay
+        client.on_socket_open = self._socket_opened
+        client.enable_logger(_SocketErrorRecorder(self))  # only its errors: debug lines stay unformatted
         return client
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
             if reason_code.is_failure:
                 self._connected.clear()
-                log.error("broker refused the connection", reason=str(reason_code), broker=self.settings.url)
+                self._attempt_reported = True
+                reason = str(reason_code)
+                if reason in FATAL_REFUSALS:
+                    self._give_up(client, f"the broker refused the connection: {reason}")
+                else:
+                    log.error("broker refused the connection", reason=reason, broker=self.settings.url,
+                              retry_in_s=self._next_delay())
                 return
             self.num_connects += 1
+            if self._takeover_reason is not None and self._num_failures == 0:
+                self._note_takeover(self._takeover_reason)
+            self._takeover_reason = None
+            self._num_failures = 0
+            self._connected_at = time.monotonic()
             self.session_present = bool(flags.session_present)
             self._connected.set()
             log.info("connected", broker=self.settings.url, protocol=self.protocol, session_present=flags.session_present)
@@ -284,11 +324,78 @@ class MqttClient:
         except Exception:
             log.exception("on_connect handler failed")
 
+    def _handle_connect_fail(self, client, userdata) -> None:
+        """paho calls this inside its `except OSError:` around the connection attempt, so
+        the exception being handled is the reason (paho passes none)."""
+        try:
+            self._attempt_reported = True
+            error = sys.exc_info()[1]
+            reason = describe_connect_error(error, self.address.host)
+            if is_tls_failure(error):
+                self._give_up(client, f"TLS with the broker failed: {reason}")
+                return
+            log.warning("cannot connect to the broker", reason=reason, broker=self.settings.url,
+                        retry_in_s=self._next_delay())
+        except Exception:
+            log.exception("on_connect_fail handler failed")
+
+    def _next_delay(self) -> float:
+        """The wait paho takes before its next attempt (its own doubling backoff)."""
+        self._num_failures += 1
+        first = max(1, round(self.settings.reconnect_min_s))
+        return float(min(first * 2 ** (self._num_failures - 1), max(1, round(self.settings.reconnect_max_s))))
+
+    def _give_up(self, client, reason: str) -> None:
+        self.fatal_error = reason
+        log.error("cannot connect to the broker, not retrying: a restart cannot fix this", reason=reason,
+                  broker=self.settings.url)
+        if client is not None:
+            client.disconnect()  # ends paho's reconnect loop (no socket: state DISCONNECTED)
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected:
-            log.warning("disconnected", reason=str(reason_code))
+        if not was_connected:
+            self._closed_before_connack()
+            return
+        log.warning("disconnected", reason=str(reason_code))
+        # The broker ended it (not our own DISCONNECT): a takeover if the next attempt gets
+        # straight back in (a restarting broker refuses it first), see _handle_connect.
+        self._takeover_reason = str(reason_code) if reason_code.is_failure else None
+
+    def _socket_opened(self, client, userdata, sock) -> None:
+        self._attempt_reported, self._socket_error = False, None  # a new attempt
+        _no_delay(client, userdata, sock)
+
+    def _closed_before_connack(self) -> None:
+        """The connection ended before any CONNACK: e.g. a TLS 1.3 broker refusing our client
+        certificate after the handshake (an alert on the first read)."""
+        if self._attempt_reported or self.fatal_error is not None or self._stopping.is_set():
+            return
+        self._attempt_reported = True
+        error = self._socket_error
+        reason = describe_connect_error(error, self.address.host) if error else "closed without a reason"
+        if is_tls_failure(error):
+            self._give_up(self._client, f"TLS with the broker failed: {reason}")
+        else:
+            log.warning("the broker closed the connection before accepting it", reason=reason,
+                        broker=self.settings.url, retry_in_s=self._next_delay())
+
+    def _note_takeover(self, reason: str) -> None:
+        """A takeover: the broker ended our connection (a DISCONNECT "Session taken over" on
+        newer MQTT 5 brokers, a closed socket on 3.1.1 and mosquitto 2.0.11) and let us
+        straight back in, which a broker restarting does not. Several within the window
+        are a fight over the client id, said once per window."""
+        now = time.monotonic()
+        self._takeovers.append(now)
+        recent = len(self._takeovers) == TAKEOVER_COUNT and now - self._takeovers[0] <= TAKEOVER_WINDOW_S
+        if not recent or now - self._takeover_warned_at < TAKEOVER_WINDOW_S:
+            return
+        self._takeover_warned_at = now
+        log.warning(f"the broker ended our connection {TAKEOVER_COUNT} times within {TAKEOVER_WINDOW_S:.0f} s:"
+                    " another client probably uses the same client id (two boards with one device_id?);"
+                    " give each board its own device_id or mqtt.client_id", client_id=self.settings.client_id,
+                    broker=self.settings.url, last_reason=reason)
 
     def _handle_message(self, client, userdata, message) -> None:
         try:
@@ -303,9 +410,9 @@ class MqttClient:
             if message.qos > 0:  # after the handler (the journal write): a crash before this is redelivered
                 client.ack(message.mid, message.qos)
 
-    def _probe_v5(self) -> bool | None:
+    def _probe_v5(self, retry_in_s: float | None = None) -> bool | None:
         """Connect once with MQTT 5: True if the broker accepts it, False if it refuses the
-        version, None if it cannot be reached yet."""
+        version, None if it cannot be reached yet or never will (TLS: `fatal_error` set)."""
         result: dict[str, bool] = {}
         done = threading.Event()
         probe = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv5)
@@ -328,13 +435,56 @@ class MqttClient:
         try:
             probe.connect(self.address.host, self.address.port, keepalive=10)
         except OSError as exc:
-            log.warning("broker not reachable yet; will probe its protocol again", error=str(exc))
+            reason = describe_connect_error(exc, self.address.host)
+            if is_tls_failure(exc):
+                self._give_up(None, f"TLS with the broker failed: {reason}")
+            else:
+                log.warning("broker not reachable yet; will probe its protocol again", reason=reason,
+                            broker=self.settings.url, retry_in_s=retry_in_s or self.settings.reconnect_min_s)
             return None
         probe.loop_start()
         done.wait(PROBE_TIMEOUT_S)
         probe.disconnect()
         probe.loop_stop()
         return result.get("v5", False)
+
+
+class _SocketErrorRecorder(logging.Logger):
+    """paho's logger, kept apart from the process's logging: it remembers the OSError that
+    paho logs a failed socket read or write with (it logs inside its `except`, so the
+    exception is at hand) and drops everything else."""
+
+    def __init__(self, owner: MqttClient):
+        super().__init__("vlmd.mqtt.paho", logging.ERROR)
+        self.propagate = False
+        self._owner = owner
+
+    def handle(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._owner._socket_error = error
+
+
+def is_tls_failure(error: BaseException | None) -> bool:
+    """A TLS error that the same settings will meet again (not a connection cut mid-handshake)."""
+    return isinstance(error, ssl.SSLError) and not isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+
+
+def describe_connect_error(error: BaseException | None, host: str) -> str:
+    """A failed connection attempt in words: what a person fixes it by."""
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host name {host!r} ({error.strerror})"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port?)"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate not accepted: {error.verify_message or error.reason}"
+    if isinstance(error, ssl.SSLError):
+        return f"{error.reason or error}" + (f" ({error.library})" if error.library else "")
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if error is None:
+        return "unknown reason"
+    return f"{type(error).__name__}: {error}"
 
 
 _VERSION_REFUSALS = frozenset({"Unsupported protocol version", "Protocol error", "Malformed packet"})

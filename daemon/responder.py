@@ -25,6 +25,7 @@ from daemon.scheduler import Frame, Job
 from npu.engine import DoneEvent
 from protocol import codec, payloads
 from protocol.topics import SPEC, Topics
+from protocol.watches import WatchEvent, WatchState
 
 log = get_logger("vlmd.responder")
 
@@ -44,6 +45,7 @@ class RuntimeStats:
     captions: Counter = field(default_factory=Counter)  # "done" / "skipped" / "failed"
     last_ttft_ms: float | None = None
     last_decode_tokens_per_s: float | None = None
+    conversations: dict | None = None  # the engine's conversation store, after the last question
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, outcome: str) -> None:
@@ -87,8 +89,10 @@ class Responder:
         error: tuple[str, str] | None = None,
         usage: tuple[int, int] = (0, 0),
         timings: dict | None = None,
+        extra: dict | None = None,
     ) -> bool:
-        """Publish the job's one final; False (and nothing sent) if it already had one."""
+        """Publish the job's one final; False (and nothing sent) if it already had one.
+        `extra`: the fields a typed answer or a conversation adds (DoneEvent.extra)."""
         if not job.claim_final():
             return False
         fields = dict(  # text from a runtime may hold what JSON cannot (lone surrogates)
@@ -97,9 +101,10 @@ class Responder:
             usage={"prompt_tokens": usage[0], "completion_tokens": usage[1]},
         )
         try:
-            message = payloads.AnswerFinal(**fields, timings=timings or {})
-        except ValidationError:  # odd timings from an engine must not cost the client its final
-            log.exception("timings refused by the final's schema", timings=repr(timings))
+            message = payloads.AnswerFinal(**fields, timings=timings or {}, **(extra or {}))
+        except ValidationError:  # odd timings or fields from an engine must not cost the client its final
+            log.exception("timings or typed fields refused by the final's schema", timings=repr(timings),
+                          extra=repr(extra))
             message = payloads.AnswerFinal(**fields)
         sent = self._send(job, message, "answer", finish_reason)
         self.stats.count(finish_reason if sent else "unpublished")
@@ -125,8 +130,9 @@ class Responder:
         chunk = payloads.CaptionChunk(camera=camera, seq=seq, delta=_utf8_safe(delta), caption_id=caption_id)
         self._publish(self.topics.caption_stream(camera), chunk, "caption_stream")
 
-    def caption(self, camera: str, caption_id: str, frame: Frame, event: DoneEvent) -> None:
-        """A finished caption, retained on caption/<camera>."""
+    def caption(self, camera: str, caption_id: str, frame: Frame, event: DoneEvent, image: bytes | None = None) -> None:
+        """A finished caption, retained on caption/<camera>; the frame it describes (JPEG)
+        retained on caption/<camera>/image first."""
         self.stats.timings(event.timings)
         self.stats.count_caption("done")
         caption = payloads.Caption(
@@ -135,12 +141,28 @@ class Responder:
             usage={"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
             timings=event.timings,
         )
+        if image is not None:
+            self._publish_bytes(self.topics.caption_image(camera), image, "caption_image")
         self._publish(self.topics.caption(camera), caption, "caption")
 
+    def watch(self, state: WatchState, event: WatchEvent | None = None) -> None:
+        """A watch's retained state; its event first when the value changed (a client that
+        sees the new state has had the event)."""
+        if event is not None:
+            self._publish(self.topics.watch_event(event.name), event, "watch_event")
+        self._publish(self.topics.watch(state.name), state, "watch")
+
+    def clear_watch(self, name: str) -> None:
+        """An empty retained message: a deleted watch leaves no state behind."""
+        self._publish_bytes(self.topics.watch(name), b"", "watch")
+
     def _publish(self, topic: str, message: Any, kind: str) -> None:
+        self._publish_bytes(topic, codec.encode(message), kind)
+
+    def _publish_bytes(self, topic: str, payload: bytes, kind: str) -> None:
         spec = SPEC[kind]
         try:
-            self.publisher.publish(topic, codec.encode(message), spec.qos, spec.retain)
+            self.publisher.publish(topic, payload, spec.qos, spec.retain)
         except Exception:  # the caller is paho's thread or the worker: neither may die of it
             log.exception("message not published", kind=kind, topic=topic)
 
@@ -167,7 +189,8 @@ class Responder:
                 return True
             if self.journal is not None:
                 self.journal.final(FinalRecord(job.job_id, reply.topic, payload, reply.correlation_data, finish_reason))
-            self.publisher.publish(reply.topic, payload, spec.qos, spec.retain, reply.correlation_data,
+            retain = spec.retain or reply.retain  # a dashboard's answer sensor keeps its last answer
+            self.publisher.publish(reply.topic, payload, spec.qos, retain, reply.correlation_data,
                                    on_delivered=self._delivered_callback(job.job_id))
             return True
         except Exception:

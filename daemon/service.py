@@ -15,7 +15,6 @@ nothing slower.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import threading
 import time
@@ -24,7 +23,8 @@ from typing import Any, Callable
 import psutil
 
 from daemon.config import Config
-from daemon.ha import birth_topic, discovery_messages
+from daemon.ha import birth_topic
+from daemon.home import Home
 from daemon.inbox import Inbox
 from daemon.logs import get_logger
 from daemon import settings
@@ -33,6 +33,7 @@ from daemon.journal import Journal, Recovery, open_journal
 from daemon.recovery import Restarted, revive
 from daemon.scheduler import Job, Scheduler
 from daemon.responder import Responder, RuntimeStats
+from daemon.watches import WatchLimits, WatchRegistry
 from daemon.worker import Worker
 from npu.board.cmm import read_cmm_info
 from protocol import codec, payloads
@@ -47,18 +48,19 @@ EngineFactory = Callable[[Config], Any]
 def load_engine(config: Config) -> Any:
     """The default engine factory: the configured model (or the demo model) on its backend."""
     from npu.engine import Engine
+    from npu.engine.conversation import ConversationLimits
     from npu.model import load_model
 
-    m = config.model
+    m, c = config.model, config.conversations
     model = load_model(
         m.path, backend=m.backend, precision=m.precision, kv_capacity=m.kv_capacity,
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
         data_path=m.data_path, resize=None if m.resize == "auto" else m.resize, sampling=m.sampling.overrides(),
     )
-    facts = model.describe()
-    log.info("model loaded", name=facts["name"], backend=facts["backend"], data_path=facts["data_path"]["data_path"],
-             data_path_reason=facts["data_path"]["reason"])
-    return Engine(model)
+    limits = ConversationLimits(max_conversations=c.max_conversations, max_turns=c.max_turns,
+                                max_tokens=c.max_tokens or None, idle_s=c.idle_s, max_bytes=c.max_bytes,
+                                answer_room=c.answer_room)
+    return Engine(model, conversation_limits=limits)  # Service.start logs its one "model loaded" line
 
 
 class Service:
@@ -73,6 +75,11 @@ class Service:
                            max_total_bytes=config.frames.max_total_bytes)
         self.inbox.configured = frozenset(config.cameras)
         self.scheduler = Scheduler(settings.caption_policies(config))
+        self.watches = WatchRegistry(WatchLimits(config.watch_limits.max_watches, config.watch_limits.min_interval_s),
+                                     known_camera=lambda camera: camera in self.config.cameras
+                                     or self.inbox.has_camera(camera))
+        self.watches.set_config_watches(config.watches)
+        self.home = Home(self)
         self._num_camera_refusals = 0
         self.stats = RuntimeStats()
         self.limits = settings.ask_limits(config)
@@ -85,6 +92,7 @@ class Service:
         self._stopped = threading.Event()
         self.started_at = clock()
         self._next_stats = 0.0
+        self.model_facts: dict = {}  # Engine.model_summary(), once loaded
         self.journal = Journal(None)  # the id window only, until start() opens the file
         self._recovery: Recovery | None = None  # owed by an earlier run: settled on the first connection
 
@@ -94,6 +102,8 @@ class Service:
         """Start the broker (if none is configured), load the engine, connect, start the worker."""
         url, protocol = self._broker_url()
         engine = self.engine_factory(self.config)
+        self.model_facts = engine.model_summary()
+        log.info("model loaded", **self.model_facts)  # one line: what this daemon runs
         self.journal = open_journal(self.config, os.environ, self.wall_clock)
         self._recovery = self.journal.recover()
         self.client = MqttClient(
@@ -104,7 +114,8 @@ class Service:
         )
         self.responder = Responder(self.client, self.topics, self.stats, self.wall_clock, self.journal)
         self.worker = Worker(
-            engine, self.inbox, self.scheduler, self.responder, settings.worker_limits(self.config), self.clock
+            engine, self.inbox, self.scheduler, self.responder, settings.worker_limits(self.config), self.clock,
+            watches=self.watches,
         )
         self._worker_thread = threading.Thread(
             target=self.worker.run, args=(self._worker_stop,), name="vlmd-worker", daemon=True
@@ -158,6 +169,11 @@ class Service:
         return self.worker is not None and self.worker.healthy
 
     @property
+    def fatal_error(self) -> str | None:
+        """Why the broker connection can never work with this config (TLS, credentials), else None."""
+        return self.client.fatal_error if self.client is not None else None
+
+    @property
     def broker_url(self) -> str:
         return self.client.settings.url if self.client is not None else ""
 
@@ -170,12 +186,14 @@ class Service:
         # the running root and fleet topic, the new camera sources; validated before anything changes
         topics = Topics(self.topics.root, settings.frame_sources(config), self.topics.fleet_ask_topic)
         old_sources, new_sources = set(self.topics.frame_sources), set(topics.frame_sources)
-        ignored = [name for name in Config.model_fields if name != "cameras"
+        ignored = [name for name in Config.model_fields if name not in ("cameras", "watches")
                    and getattr(config, name) != getattr(self.config, name)]
         if ignored:
             log.warning("reload: these settings need a restart and were left as they are", sections=ignored)
         # each a single reference swap: the paho and worker threads see old or new, never half
-        self.config = self.config.model_copy(update={"cameras": config.cameras})
+        self.config = self.config.model_copy(update={"cameras": config.cameras, "watches": config.watches})
+        for change in self.watches.set_config_watches(config.watches):
+            self.home.watch_changed(change)
         self.topics = topics
         if self.responder is not None:
             self.responder.topics = topics
@@ -215,13 +233,17 @@ class Service:
             outcomes = dict(self.stats.outcomes)
             captions = dict(self.stats.captions)
             ttft, tok_s = self.stats.last_ttft_ms, self.stats.last_decode_tokens_per_s
+            conversations = self.stats.conversations
+        runner = self.worker.watch_runner if self.worker is not None else None
+        watches = {"defined": len(self.watches.watches()), **(dict(runner.counts) if runner is not None else {})}
         cmm = read_cmm_info()  # the board's device memory (None off a board)
         return payloads.Stats(
             ts=self.wall_clock(), uptime_s=max(0.0, self.clock() - self.started_at), queue_depth=self.inbox.depth,
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
             running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
-            cmm=cmm.describe() if cmm is not None else None,
+            cmm=cmm.describe() if cmm is not None else None, model=self.model_facts or None,
+            conversations=conversations, watches=watches,
         )
 
     # -- the broker -------------------------------------------------------------------
@@ -260,15 +282,7 @@ class Service:
         self._next_stats = 0.0  # fresh stats soon after every (re)connect
 
     def _publish_discovery(self) -> None:
-        ha = self.config.home_assistant
-        if not ha.enabled:
-            return
-        cameras = [name for name, camera in self.config.cameras.items() if camera.caption]
-        messages = discovery_messages(
-            self.topics, self.config.device_id, cameras, ha.discovery_prefix, sw_version=_version()
-        )
-        for message in messages:
-            self.client.publish(message.topic, message.payload, 1, True)
+        self.home.publish_discovery()
 
     def _on_message(self, message: Incoming) -> None:
         if self.config.home_assistant.enabled and message.topic == birth_topic(self.config.home_assistant.discovery_prefix):
@@ -284,6 +298,10 @@ class Service:
             self._on_ask(message)
         elif route.kind == "cancel":
             self._on_cancel(message)
+        elif route.kind == "watch_config":
+            self.home.on_watch_config(route.name, message)
+        elif route.kind == "dashboard_ask":
+            self.home.on_dashboard_ask(route.camera, message)
 
     def _on_frame(self, camera: str, data: bytes) -> None:
         if not data:
@@ -401,12 +419,6 @@ class Service:
     def _final(self, job: Job, reason: str, error: tuple[str, str]) -> None:
         self.responder.final(job, reason, error=error)
 
-
-def _version() -> str | None:
-    try:
-        return importlib.metadata.version("vlmd")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # -- the process main loop --------------------------------------------------------------

@@ -55,7 +55,8 @@ def line_for(key: Key, lines: dict[Key, int]) -> int | None:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Nested dict of scalars -> TOML text: each table's scalars, then its sub-tables."""
+    """Nested dict of scalars (and lists of them, and tables inside lists, written inline)
+    -> TOML text: each table's scalars, then its sub-tables."""
     out: list[str] = []
     _dump_table(data, (), out)
     return "\n".join(out).strip() + "\n"
@@ -83,6 +84,10 @@ def _scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):  # e.g. [[watches]] entries, written as inline tables
+        return "[" + ", ".join(_scalar(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_quote_key(k)} = {_scalar(v)}" for k, v in value.items()) + " }"
     return _string(str(value))
 
 

@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
+from daemon.frame_change import changed, jpeg, thumbnail
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
 from daemon.responder import Responder
 from daemon.scheduler import CaptionPolicy, Frame, Job, Scheduler
+from daemon.watches import WatchRegistry, WatchRunner
 from npu.engine import DoneEvent, EngineError, EngineLike, GenerationOptions, Prompt, RequestError
 from protocol import frames as frame_codec
 
 log = get_logger("vlmd.worker")
-
-THUMBNAIL_SIDE = 32  # pixels; enough to see a scene change, cheap to compare
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,7 @@ class Worker:
         responder: Responder,
         limits: WorkerLimits = WorkerLimits(),
         clock: Callable[[], float] = time.monotonic,
+        watches: WatchRegistry | None = None,
     ):
         self.engine = engine
         self.inbox = inbox
@@ -66,6 +66,10 @@ class Worker:
         self.last_progress = clock()  # service clock of the last step or token, for the watchdog
         self.consecutive_failures = 0
         self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32) float32 of the last caption
+        self.watch_runner = None if watches is None else WatchRunner(
+            watches, engine, inbox, responder, self._decode,
+            min_change=lambda camera: self.scheduler.captions.get(camera, CaptionPolicy()).min_change,
+            max_tokens=limits.default_max_tokens, should_stop=self.abort.is_set)
 
     @property
     def healthy(self) -> bool:
@@ -80,7 +84,7 @@ class Worker:
                 self.consecutive_failures += 1
 
     def step(self, idle_s: float = 1.0) -> str:
-        """One turn; returns what it did: "ask", "caption" or "idle"."""
+        """One turn; returns what it did: "ask", "watch", "caption" or "idle"."""
         self.last_progress = now = self.clock()
         decision = self.scheduler.decide(now, self.inbox.queued(), self.inbox.camera_views())
         for job in decision.expired:
@@ -90,6 +94,8 @@ class Worker:
             with log_context(request_id=decision.ask.job_id, camera=decision.ask.camera):
                 self._run_ask(decision.ask)
             return "ask"
+        if self.watch_runner is not None and self.watch_runner.step(now):  # after questions, before captions
+            return "watch"
         if decision.caption_camera is not None:
             with log_context(camera=decision.caption_camera):
                 self._run_caption(decision.caption_camera, now)
@@ -105,6 +111,8 @@ class Worker:
         try:  # inbox.take() made it the running job
             if job.cancel_event.is_set():
                 self.responder.final(job, "cancelled", error=("cancelled", "cancelled before it started"))
+                return
+            if job.request.reset and not self._reset(job):
                 return
             prompt = self._ask_prompt(job)
             self._generate(job, prompt, self._ask_options(job.request), progress)
@@ -128,7 +136,17 @@ class Worker:
             image_key = "inline:" + hashlib.sha256(data).hexdigest()[:32]
         else:
             images, image_key = [], None
-        return Prompt(text=request.text, images=images, image_key=image_key, system=request.system)
+        return Prompt(text=request.text, images=images, image_key=image_key, system=request.system,
+                      conversation=request.conversation)
+
+    def _reset(self, job: Job) -> bool:
+        """Forget the request's conversation; True when a question follows in the same request."""
+        forgotten = self.engine.forget_conversation(job.request.conversation)
+        log.info("conversation reset", conversation=job.request.conversation, existed=forgotten)
+        if job.request.text is not None:
+            return True
+        self.responder.final(job, "stop", extra={"conversation": job.request.conversation, "turn": 0})
+        return False
 
     def _ask_options(self, request: Any) -> GenerationOptions:
         values = {
@@ -138,6 +156,7 @@ class Worker:
             "top_k": request.top_k,
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
+            "format": request.format,
         }
         # The model's sampling defaults (its package's, then config's) stand in for the fields
         # the request did not send.
@@ -157,9 +176,11 @@ class Worker:
                 reason = stopped_for[0] if event.finish_reason == "cancelled" and stopped_for else event.finish_reason
                 error = None if reason in ("stop", "length") else (reason, _STOP_MESSAGES.get(reason, reason))
                 self.responder.stats.timings(event.timings)
+                if job.request.conversation is not None:  # engines without conversations need no such method
+                    self.responder.stats.conversations = self.engine.conversation_stats()
                 self.responder.final(
                     job, reason, text=event.text, seq=progress.seq, error=error,
-                    usage=(event.prompt_tokens, event.completion_tokens), timings=event.timings,
+                    usage=(event.prompt_tokens, event.completion_tokens), timings=event.timings, extra=event.extra,
                 )
                 self.consecutive_failures = 0
                 return
@@ -211,13 +232,12 @@ class Worker:
             log.warning("caption frame rejected", camera=camera, code=exc.code)
             self.responder.stats.count_caption("failed")
             return
-        thumbnail = _thumbnail(rgb)
-        previous = self._thumbnails.get(camera)
-        if previous is not None and float(np.abs(thumbnail - previous).mean()) / 255.0 < policy.min_change:
+        picture = thumbnail(rgb)
+        if not changed(picture, self._thumbnails.get(camera), policy.min_change):
             self.responder.stats.count_caption("skipped")
             return
         if self._caption(camera, frame, rgb, policy):
-            self._thumbnails[camera] = thumbnail
+            self._thumbnails[camera] = picture
 
     def _caption(self, camera: str, frame: Frame, rgb: np.ndarray, policy: CaptionPolicy) -> bool:
         """Stream one caption; True when it finished and was retained."""
@@ -231,7 +251,7 @@ class Worker:
             for event in self.engine.generate(prompt, options, should_stop=should_stop):
                 self.last_progress = self.clock()
                 if isinstance(event, DoneEvent):
-                    return self._caption_done(camera, frame, caption_id, event)
+                    return self._caption_done(camera, frame, caption_id, event, rgb)
                 if event.delta:
                     self.responder.caption_chunk(camera, caption_id, seq, event.delta)
                     seq += 1
@@ -242,14 +262,14 @@ class Worker:
                 self.consecutive_failures += 1
         return False
 
-    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: DoneEvent) -> bool:
+    def _caption_done(self, camera: str, frame: Frame, caption_id: str, event: DoneEvent, rgb: np.ndarray) -> bool:
         if event.finish_reason not in ("stop", "length"):  # the retained caption stays as it was
             if not self.abort.is_set():
                 self.scheduler.caption_preempted(camera)
                 self.responder.stats.count_caption("preempted")
             return False
         self.consecutive_failures = 0
-        self.responder.caption(camera, caption_id, frame, event)
+        self.responder.caption(camera, caption_id, frame, event, image=jpeg(rgb))
         log.info("caption", camera=camera, frame_seq=frame.seq, chars=len(event.text))
         return True
 
@@ -272,7 +292,3 @@ _STOP_MESSAGES = {
     "shutdown": "the daemon is shutting down",
 }
 
-
-def _thumbnail(rgb: np.ndarray) -> np.ndarray:
-    image = Image.fromarray(rgb).convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR)
-    return np.asarray(image, dtype=np.float32)  # (32, 32)

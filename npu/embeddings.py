@@ -105,14 +105,19 @@ def cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "vlmd"
 
 
-def cached_embeddings_file(checkpoint_dir: str | Path, directory: str | Path | None = None) -> Path:
-    """The board-format embeddings of a HF checkpoint, exported once into the cache."""
+def cached_embeddings_path(checkpoint_dir: str | Path, directory: str | Path | None = None) -> Path:
+    """Where `cached_embeddings_file` keeps a checkpoint's export (whether or not it exists yet)."""
     checkpoint_dir = Path(checkpoint_dir).resolve()
     digest = hashlib.sha256(str(checkpoint_dir).encode())
     for path in checkpoint_files(checkpoint_dir):
         stat = path.stat()
         digest.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    target = Path(directory or cache_dir()) / "embeddings" / digest.hexdigest()[:24] / EMBEDDINGS_FILE
+    return Path(directory or cache_dir()) / "embeddings" / digest.hexdigest()[:24] / EMBEDDINGS_FILE
+
+
+def cached_embeddings_file(checkpoint_dir: str | Path, directory: str | Path | None = None) -> Path:
+    """The board-format embeddings of a HF checkpoint, exported once into the cache."""
+    target = cached_embeddings_path(checkpoint_dir, directory)
     if not target.is_file():
-        export_embeddings(checkpoint_dir, target)
+        export_embeddings(Path(checkpoint_dir).resolve(), target)
     return target

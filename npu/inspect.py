@@ -19,10 +19,11 @@ from typing import Any
 from npu.board.data_path import select_data_path
 from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, layout_template, open_board_graphs
 from npu.board.layout import ModelLayout, detect_layout
+from npu.embeddings import cached_embeddings_path
 from npu.errors import ModelError
 from npu.image import ImagePreprocess
+from npu.model import DEMO_MODEL_DIR, load_part
 from npu.reference import build_reference_sessions
-from npu.session import SessionError
 from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.tokenizer import Tokenizer
 
@@ -35,14 +36,15 @@ def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
     layout = detect_layout(path)
     problems = list(layout.problems)
     report: dict[str, Any] = {"path": str(layout.root), "layout": layout.kind, "notes": list(layout.notes),
+                              "demo_model": _is_demo_model(layout.root),
                               "template": layout.template or ("chat_template" if layout.chat_template else None),
                               "template_source": layout.template_source, "files": _files(layout),
                               "sampling_defaults": dict(layout.sampling), "sampling_source": layout.sampling_source,
                               "image_preprocess": _preprocess(layout)}
     try:
-        graphs = _reference_graphs(layout, precision) if layout.kind == "hf" else \
-            open_board_graphs(layout, provider, device_id)
-    except (ModelError, SessionError, OSError) as exc:
+        graphs = load_part("checkpoint graphs", layout.root, _reference_graphs, layout, precision) \
+            if layout.kind == "hf" else load_part("board", layout.root, open_board_graphs, layout, provider, device_id)
+    except ModelError as exc:
         report["problems"] = problems + [f"graphs not opened: {exc}"]
         return report
     paths = layout.graph_paths()
@@ -65,9 +67,31 @@ def inspect_model(path: str | Path, provider: str = "auto", device_id: int = 0,
         report["data_path"] = {"data_path": "host", "reason": "reference backend: no device memory"}
     rows = check_embeddings(layout, shapes, problems) if layout.is_compiled else shapes.vocab
     report["embedding_rows"] = rows
+    report["embeddings"] = _embeddings_report(layout, shapes, rows)
     report["tokenizer"] = tokenizer_report(layout, shapes, rows, problems)
+    if report["tokenizer"].get("template"):  # the template the engine would use, inferred ones included
+        report["template"] = report["tokenizer"]["template"]
     report["problems"] = problems
     return report
+
+
+def _is_demo_model(root: Path) -> bool:
+    try:
+        return Path(root).resolve() == DEMO_MODEL_DIR.resolve()
+    except OSError:
+        return False
+
+
+def _embeddings_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None) -> dict[str, Any]:
+    """Where the token embeddings come from: the package's bf16 file, or (a checkpoint) its
+    weights, exported once into vlmd's cache on the first load."""
+    if layout.is_compiled:
+        file = str(layout.embeddings) if layout.embeddings is not None else None
+        return {"file": file, "rows": rows, "hidden": shapes.hidden, "source": "the package's bf16 file"}
+    cached = cached_embeddings_path(layout.root)
+    return {"file": str(cached), "rows": rows, "hidden": shapes.hidden,
+            "source": "exported from the checkpoint's weights" + (" (cached)" if cached.is_file() else
+                                                                   " on the first load")}
 
 
 def _files(layout: ModelLayout) -> dict[str, str | None]:
@@ -79,7 +103,8 @@ def _files(layout: ModelLayout) -> dict[str, str | None]:
     files = {graph: name(path) for graph, path in layout.graph_paths().items() if not graph.startswith("layer")}
     if layout.layers:
         files["layers"] = f"{name(layout.layers[0])} .. {name(layout.layers[-1])} ({len(layout.layers)})"
-    files.update(embeddings=name(layout.embeddings), tokenizer=name(layout.tokenizer_dir))
+    embeddings = name(layout.embeddings) if layout.is_compiled else "(exported from the checkpoint's weights)"
+    files.update(embeddings=embeddings, tokenizer=name(layout.tokenizer_dir))
     return files
 
 
@@ -101,12 +126,12 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     if layout.tokenizer_dir is None:
         return {}
     try:
-        tokenizer = Tokenizer.from_dir(layout.tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        problems.append(f"tokenizer in {layout.tokenizer_dir} unusable: {exc}")
+        tokenizer = load_part("tokenizer", layout.tokenizer_dir, Tokenizer.from_dir, layout.tokenizer_dir)
+    except ModelError as exc:
+        problems.append(f"unusable: {exc}")
         return {}
     special = {token: tokenizer.token_id(token) for token in SPECIAL_TOKENS}
-    report: dict[str, Any] = {"dir": str(layout.tokenizer_dir), "special_ids": special}
+    report: dict[str, Any] = {"dir": str(Path(layout.tokenizer_dir).resolve()), "special_ids": special}
     top = max((i for i in special.values() if i is not None), default=None)
     if rows is not None and top is not None and top >= rows:
         problems.append(f"tokenizer id {top} is past the embedding file's {rows} rows")
@@ -116,8 +141,8 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     if layout.template is None and layout.chat_template is None and shapes.image_tokens:
         problems.append("no chat template for a vision model: " + layout.template_source)
     try:
-        template = layout_template(layout, tokenizer)
-    except ValueError as exc:
+        template = load_part("template", layout.root, layout_template, layout, tokenizer)
+    except ModelError as exc:
         problems.append(str(exc))
         return report
     report["template"] = template.name
@@ -134,7 +159,8 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable form of `inspect_model`'s report."""
-    lines = [f"model     {report['path']}", f"layout    {report['layout']}"]
+    demo = "  (the demo model shipped with vlmd)" if report.get("demo_model") else ""
+    lines = [f"model     {report['path']}{demo}", f"layout    {report['layout']}"]
     lines += [f"          {note}" for note in report.get("notes", [])]
     lines.append(f"template  {report.get('template')} ({report.get('template_source')})")
     if report.get("sampling_defaults"):
@@ -159,6 +185,10 @@ def format_report(report: dict[str, Any]) -> str:
                      f"  image tokens {facts['image_tokens']}  image size {_size(facts['image_size'])}"
                      f"  vision dtype {facts['vision_dtype']}  vision input {facts.get('vision_input')}")
         lines.append(f"embedding rows {report.get('embedding_rows')}")
+    embeddings = report.get("embeddings")
+    if embeddings:
+        lines.append(f"embeddings {embeddings['file']}  ({embeddings['rows']} x {embeddings['hidden']} bf16,"
+                     f" {embeddings['source']})")
     lines += _board_lines(report)
     tokenizer = report.get("tokenizer") or {}
     if tokenizer:

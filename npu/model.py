@@ -21,27 +21,28 @@ engine's run state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from npu.board.data_path import DATA_PATHS, select_data_path
 from npu.board.graphs import BoardModelError, check_embeddings, layout_template, open_board_graphs
-from npu.board.layout import LayoutError, ModelLayout, detect_layout
+from npu.board.layout import ModelLayout, detect_layout
 from npu.embeddings import Embeddings, cached_embeddings_file
 from npu.errors import ModelError
 from npu.image import RESIZE_METHODS, ImagePreprocess
 from npu.reference import build_reference_sessions
-from npu.session import Session, SessionError, dtype_name
+from npu.session import Session, dtype_name
 from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.jinja_template import JinjaChatTemplate
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
 
 __all__ = ["BACKENDS", "DATA_PATHS", "DEMO_MODEL_DIR", "PRECISIONS", "GraphShapes", "Model", "ModelError", "ShapeError",
-           "load_model", "read_shapes"]
+           "load_part", "load_model", "read_shapes"]
 
+T = TypeVar("T")
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_model"
 BACKENDS = ("auto", "reference", "axengine")
 PRECISIONS = ("bf16", "fp32")
@@ -70,15 +71,30 @@ class Model:
     # GenerationOptions fields to use when a request gives none (the package's, then config's)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     template_source: str = ""
+    layout: str | None = None  # "hf", "axera", "m5stack", "manifest" (npu.board.layout)
+    provider: str | None = None  # the axengine execution provider; None on the reference backend
 
     def shapes(self) -> GraphShapes:
         return read_shapes(self)
+
+    def summary(self) -> dict[str, str | int | None]:
+        """The facts `vlmd serve` logs at start and publishes in its stats, flat and JSON-able."""
+        s, path = self.shapes(), self._data_path()
+        return {"path": str(self.source) if self.source else None, "layout": self.layout, "backend": self.backend,
+                "provider": self.provider, "precision": self.precision, "template": self.template.name,
+                "kv_capacity": s.capacity, "prefill_chunk": s.chunk, "image_tokens": s.image_tokens,
+                "data_path": path["data_path"], "data_path_reason": path["reason"]}
+
+    def _data_path(self) -> dict[str, Any]:
+        return self.data_path.describe() if self.data_path is not None else \
+            {"data_path": "host", "reason": f"{self.backend} backend: no device memory"}
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for logs and `vlmd model inspect`."""
         s = self.shapes()
         return {
-            "name": self.name, "source": str(self.source) if self.source else None, "backend": self.backend,
+            "name": self.name, "source": str(self.source) if self.source else None, "layout": self.layout,
+            "backend": self.backend, "provider": self.provider,
             "precision": self.precision, "template": getattr(self.template, "name", None),
             "template_source": self.template_source, "sampling_defaults": dict(self.sampling_defaults),
             "resize": self.preprocess.resize,
@@ -88,9 +104,7 @@ class Model:
             "vision": None if self.vision is None else {
                 "size": list(s.vision_size), "image_tokens": s.image_tokens, "dtype": dtype_name(s.vision_dtype),
                 "input": s.vision_layout},
-            "data_path": self.data_path.describe() if self.data_path is not None else
-            {"data_path": "host", "reason": f"{self.backend} backend: no device memory"},
-            "cmm": self.cmm, "notes": list(self.notes),
+            "data_path": self._data_path(), "cmm": self.cmm, "notes": list(self.notes),
         }
 
 
@@ -121,10 +135,7 @@ def load_model(path: str | Path | None = None, backend: str = "auto", precision:
             raise ModelError(f"no --model given and the demo model is not installed at {DEMO_MODEL_DIR}:"
                              " pass --model DIR (a Hugging Face InternVL2 checkpoint or a board model directory)")
         path = DEMO_MODEL_DIR
-    try:
-        layout = detect_layout(path)
-    except LayoutError as exc:
-        raise ModelError(str(exc)) from exc
+    layout = load_part("layout", path, detect_layout, path)
     if layout.kind == "hf":
         if backend == "axengine":
             raise ModelError(f"{layout.root} is a Hugging Face checkpoint: axengine runs compiled .axmodel graphs;"
@@ -151,52 +162,63 @@ def _preprocess(layout: ModelLayout, resize: str | None) -> ImagePreprocess:
     return ImagePreprocess()
 
 
-def _template(layout: ModelLayout, tokenizer: Tokenizer) -> ChatTemplate | JinjaChatTemplate:
+def load_part(part: str, where: Any, load: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Load one part of a model; any failure becomes one ModelError naming the part.
+
+    This is the load boundary: layouts, checkpoints, sessions, tokenizers (tokenizers
+    raises bare Exceptions), templates and embedding files each fail in their own way,
+    and every caller (`vlmd serve`, `ask`, `bench`, `check`) prints one line for them.
+    """
     try:
-        return layout_template(layout, tokenizer)
-    except ValueError as exc:
-        raise ModelError(f"{layout.root}: {exc}") from exc
+        return load(*args, **kwargs)
+    except ModelError as exc:
+        if exc.part is None:
+            exc.part = part
+        raise
+    except Exception as exc:  # the boundary: whatever a part raises, the caller gets one ModelError
+        reason = str(exc) or type(exc).__name__
+        if not isinstance(exc, (ValueError, OSError, RuntimeError)):
+            reason = f"{type(exc).__name__}: {reason}"
+        raise ModelError(f"{where}: {part}: {reason}", part=part) from exc
 
 
 def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefill_chunk: int,
                     history_groups: int, history_lengths: Sequence[int] | None) -> Model:
     root = Path(layout.root)
-    try:
-        built = build_reference_sessions(root, precision=precision, kv_capacity=kv_capacity,
-                                         prefill_chunk=prefill_chunk, history_groups=history_groups,
-                                         history_lengths=history_lengths)
-    except ValueError as exc:
-        raise ModelError(f"{root}: {exc}") from exc
-    tokenizer = Tokenizer.from_dir(root)
-    template = _template(layout, tokenizer)
-    embeddings = Embeddings(cached_embeddings_file(root), built.blueprint.vocab, built.blueprint.hidden)
+    built = load_part("checkpoint graphs", root, build_reference_sessions, root, precision=precision,
+                      kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, history_groups=history_groups,
+                      history_lengths=history_lengths)
+    tokenizer = load_part("tokenizer", root, Tokenizer.from_dir, root)
+    template = load_part("template", root, layout_template, layout, tokenizer)
+    embeddings_file = load_part("embeddings", root, cached_embeddings_file, root)
+    embeddings = load_part("embeddings", root, Embeddings, embeddings_file, built.blueprint.vocab, built.blueprint.hidden)
     return Model(built.vision, list(built.layers), built.post, embeddings, tokenizer, template,
                  name=root.name, backend="reference", precision=precision, source=root,
-                 notes=tuple(layout.notes) + (f"template {template.name}: {layout.template_source}",))
+                 notes=tuple(layout.notes) + (f"template {template.name}: {layout.template_source}",), layout=layout.kind)
 
 
 def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: str) -> Model:
     """The engine's `Model` for a compiled directory; BoardModelError lists every inconsistency."""
-    try:
-        graphs = open_board_graphs(layout, provider, device_id)
-    except SessionError as exc:  # axengine missing, or a graph it refused to open
-        raise ModelError(f"{layout.root}: {exc}") from exc
+    graphs = load_part("board", layout.root, open_board_graphs, layout, provider, device_id)  # axengine, graphs
     problems = list(layout.problems)
     try:
         shapes = read_shapes(graphs)
     except ShapeError as exc:
-        raise BoardModelError(f"{layout.root}: {exc} (see `vlmd model inspect {layout.root}`)") from None
+        raise BoardModelError(f"{layout.root}: graphs: {exc} (see `vlmd model inspect {layout.root}`)",
+                              part="graphs") from None
     rows = check_embeddings(layout, shapes, problems)
     if rows is None or layout.tokenizer_dir is None:
         problems.append("the model needs its embedding file and tokenizer files")
     if problems:
-        raise BoardModelError(f"{layout.root}: " + "; ".join(problems) + f" (see `vlmd model inspect {layout.root}`)")
-    tokenizer = Tokenizer.from_dir(layout.tokenizer_dir)
-    template = _template(layout, tokenizer)
-    embeddings = Embeddings(layout.embeddings, rows, shapes.hidden)
+        raise BoardModelError(f"{layout.root}: " + "; ".join(problems) + f" (see `vlmd model inspect {layout.root}`)",
+                              part="layout")
+    tokenizer = load_part("tokenizer", layout.tokenizer_dir, Tokenizer.from_dir, layout.tokenizer_dir)
+    template = load_part("template", layout.root, layout_template, layout, tokenizer)
+    embeddings = load_part("embeddings", layout.embeddings, Embeddings, layout.embeddings, rows, shapes.hidden)
     notes = layout.notes + (f"template {template.name}: {layout.template_source}",)
-    path = select_data_path(graphs.layers, graphs.post, shapes, data_path)
+    path = load_part("data path", layout.root, select_data_path, graphs.layers, graphs.post, shapes, data_path)
     return Model(graphs.vision, graphs.layers, getattr(path, "post", None) or graphs.post, embeddings, tokenizer,
                  template, name=layout.root.name, backend="axengine",
                  precision="bf16" if dtype_name(shapes.act_dtype) == "bfloat16" else "fp32",
-                 source=layout.root, notes=notes, data_path=path, cmm=graphs.cmm)
+                 source=layout.root, notes=notes, data_path=path, cmm=graphs.cmm, layout=layout.kind,
+                 provider=getattr(graphs.post, "provider", None))  # AxEngineSession.provider: what axengine chose

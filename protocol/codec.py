@@ -90,6 +90,19 @@ def _decode_request(model_cls: type[ModelT], payload: bytes, max_bytes: int, lim
     except ProtocolError as exc:
         exc.request_id, exc.reply_to, exc.reply_to_given = _recover_reply_path(payload)
         raise
+    return _validate(model_cls, obj, limits)
+
+
+def validate_ask(obj: dict[str, Any], limits: AskLimits | None = None) -> AskRequest:
+    """Check an already parsed question by the wire's rules (ranges, limits, messages).
+
+    For entry points that take a question without MQTT (`vlmd ask`), so both refuse the
+    same values with the same words. Raises ProtocolError; never anything else.
+    """
+    return _validate(AskRequest, obj, limits or AskLimits())
+
+
+def _validate(model_cls: type[ModelT], obj: dict[str, Any], limits: AskLimits) -> ModelT:
     request_id, reply_to = _reply_path(obj)
     given = obj.get("reply_to") is not None
     try:
@@ -176,10 +189,25 @@ def _scan_request_id(payload: bytes) -> str | None:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming its field: `text: String should have ...`."""
+    """One line per problem, each naming its field: `text: String should have ...` (checks
+    across fields have no location; their messages start with the field they blame)."""
     parts = []
     for error in exc.errors(include_url=False):
-        location = ".".join(str(part) for part in error["loc"]) or "request"
+        location = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{location}: {message}")
+        parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)
+
+
+def decode_text_question(payload: bytes, max_chars: int) -> str:
+    """A plain-text question (a dashboard's text entity on `<root>/dashboard/<camera>/ask`):
+    UTF-8, not blank, at most `max_chars`. Raises ProtocolError."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("bad_request", f"the question is not valid UTF-8 (byte {exc.start})") from None
+    if not text.strip():
+        raise ProtocolError("bad_request", "the question is empty")
+    if len(text) > max_chars:
+        raise ProtocolError("bad_request", f"the question is longer than {max_chars} characters ({len(text)})")
+    return text.strip()

@@ -18,8 +18,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
+from protocol.formats import FormatError, parse_format
 from protocol.topics import (
     CAMERA_PATTERN,
     PUBLISH_TOPIC_PATTERN,
@@ -40,7 +41,7 @@ STATUS_STOPPED = "stopped"  # a clean exit
 ErrorCode = Literal[
     "bad_json", "bad_request", "unsupported_version", "payload_too_large", "bad_image",
     "image_too_large", "unknown_camera", "no_frame", "busy", "too_long", "expired",
-    "cancelled", "engine_error", "numeric_error", "shutdown", "restarted",
+    "cancelled", "engine_error", "numeric_error", "shutdown", "restarted", "limit",
 ]
 ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
 
@@ -62,12 +63,14 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     "numeric_error": "the model produced NaN or infinite logits (a numeric overflow in the graphs)",
     "shutdown": "the daemon stopped before answering",
     "restarted": "the daemon restarted (after a crash) and could not answer again: the request expired meanwhile or its camera frames were lost",
+    "limit": "a configured limit on conversations, turns or watches was reached (the message names it)",
 }
 
 FinishReason = Literal["stop", "length", "cancelled", "expired", "rejected", "failed", "shutdown"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 
 DEFAULT_MAX_TEXT_CHARS = 4000
+CONVERSATION_ID_MAX_CHARS = 64
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100.0  # or exactly 0 (greedy)
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
@@ -128,7 +131,8 @@ class AskRequest(_Inbound):
     """A question on `<root>/ask`. At most one image source: camera, camera+frames or image_b64."""
 
     id: RequestId | None = Field(None, description="Echoed in every reply; generated when absent.")
-    text: str = Field(min_length=1, description="The question; at most max_text_chars (default 4000).")
+    text: str | None = Field(None, min_length=1, description="The question; at most max_text_chars (default 4000)."
+                             " Required, except in a conversation reset.")
     camera: str | None = Field(
         None,
         description="Use this camera's newest frame (or last `frames`).",
@@ -156,6 +160,30 @@ class AskRequest(_Inbound):
     )
     expires_ms: int | None = Field(None, gt=0, description="Deadline in ms after receipt; then the request ends `expired`.")
     system: str | None = Field(None, min_length=1, description="Replace the model's system prompt.")
+    conversation: str | None = Field(
+        None, min_length=1, max_length=CONVERSATION_ID_MAX_CHARS,
+        description="A client-chosen id: earlier turns of this conversation stay in context.")
+    reset: bool = Field(False, description="With conversation: forget it first (without text: only that).")
+    format: dict[str, Any] | None = Field(
+        None, description="Typed answer: a JSON-Schema subset (boolean, bounded integer/number, enum of strings,"
+        " a flat object of those); the answer is decoded to fit it and the final adds value and confidence.")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse_format(value)
+        except FormatError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("conversation")
+    @classmethod
+    def _conversation_id(cls, value: str | None) -> str | None:
+        if value is not None and (not value.isprintable() or not value.strip()):
+            raise ValueError("must be a short printable string (no control characters, not blank)")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -211,10 +239,22 @@ class AskRequest(_Inbound):
     @model_validator(mode="after")
     def _one_image_source(self) -> AskRequest:
         if self.camera is not None and self.image_b64 is not None:
-            raise ValueError("give either camera or image_b64, not both")
+            raise ValueError("image_b64: give either camera or image_b64, not both")
         if self.frames is not None and self.camera is None:
-            raise ValueError("frames needs camera")
+            raise ValueError("frames: needs camera")
+        if self.reset and self.conversation is None:
+            raise ValueError("reset: needs conversation")
+        if self.text is None and not self.reset:
+            raise ValueError("text: required (only a conversation reset comes without one)")
+        if self.text is None:
+            asked = [name for name in ("camera", "image_b64", "format", "system") if getattr(self, name) is not None]
+            if asked:
+                raise ValueError(f"{asked[0]}: a reset without text asks nothing; send text too, or leave {asked[0]} out")
         return self
+
+    @property
+    def is_reset_only(self) -> bool:
+        return self.reset and self.text is None
 
     def with_id(self, request_id: str) -> AskRequest:
         """A copy carrying `request_id` (the daemon's generated id when the client sent none)."""
@@ -278,6 +318,25 @@ class AnswerFinal(_Outbound):
     error: ErrorInfo | None = Field(None, description="Set when finish_reason is not stop/length.")
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=dict, description="ms figures, tokens/s, prefix reuse.")
+    # Present only when they apply (left out of the JSON when None).
+    value: Any = Field(None, description="With format: the answer as JSON (boolean, number, string or object).")
+    confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="With format: probability of the value among the allowed answers.")
+    conversation: str | None = Field(None, description="With conversation: its id, echoed.")
+    turn: int | None = Field(None, ge=0, description="With conversation: this turn's number (1, 2, ...; 0 for a reset).")
+    dropped_turns: int | None = Field(None, ge=0, description="Oldest turns dropped so that this one fits.")
+    notes: list[str] | None = Field(None, description="Explanations: dropped turns, a format decoded without scores.")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler: Any):  # no return annotation: the schema stays the model's
+        data = handler(self)
+        for name in _FINAL_OPTIONAL:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
+
+
+_FINAL_OPTIONAL = ("value", "confidence", "conversation", "turn", "dropped_turns", "notes")
 
 
 class Caption(_Outbound):
@@ -332,19 +391,7 @@ class Stats(_Outbound):
     last_ttft_ms: float | None = None
     last_decode_tokens_per_s: float | None = None
     rss_bytes: int | None = None
+    model: dict[str, str | int | None] | None = Field(
+        None, description="The loaded model, as logged at start: path, layout, backend, provider, precision,"
+        " template, kv_capacity, prefill_chunk, image_tokens, data_path, data_path_reason.")
 
-
-INBOUND_MODELS: tuple[type[BaseModel], ...] = (AskRequest, CancelRequest)
-OUTBOUND_MODELS: tuple[type[BaseModel], ...] = (
-    AnswerChunk, AnswerFinal, Caption, CaptionChunk, ErrorMessage, Stats,
-)
-
-
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """`{ModelName: JSON Schema}` of every payload, as written by `vlmd schema`."""
-    schemas: dict[str, dict[str, Any]] = {}
-    for model in INBOUND_MODELS:
-        schemas[model.__name__] = model.model_json_schema(mode="validation")
-    for model in OUTBOUND_MODELS:
-        schemas[model.__name__] = model.model_json_schema(mode="serialization")
-    return schemas

@@ -33,6 +33,7 @@ class Reply:
     topic: str
     correlation_data: bytes | None = None  # MQTT 5 only; echoed on every reply
     stream: bool = True  # False: the final only
+    retain: bool = False  # the final retained (a dashboard's answer sensor)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ DEFAULT_HA_PREFIX = "homeassistant"
 
 Kind = Literal[
     "status", "frame", "ask", "answer", "answer_chunk", "caption", "caption_stream",
-    "cancel", "error", "stats", "fleet_ask",
+    "cancel", "error", "stats", "fleet_ask", "caption_image", "watch", "watch_event",
+    "watch_config", "dashboard_ask", "dashboard_answer",
 ]
 
 
@@ -78,6 +79,14 @@ SPEC: dict[str, TopicSpec] = {
     "cancel": TopicSpec(qos=1, retain=False),
     "error": TopicSpec(qos=1, retain=False),
     "stats": TopicSpec(qos=0, retain=True),
+    # the frame a caption describes, as JPEG (Home Assistant's image entity shows it)
+    "caption_image": TopicSpec(qos=1, retain=True),
+    "watch": TopicSpec(qos=1, retain=True),
+    "watch_event": TopicSpec(qos=1, retain=False),
+    "watch_config": TopicSpec(qos=1, retain=True),
+    # plain-text questions from a dashboard's text entity, and their answers (a sensor's state)
+    "dashboard_ask": TopicSpec(qos=1, retain=False),
+    "dashboard_answer": TopicSpec(qos=1, retain=True),
 }
 
 
@@ -88,6 +97,7 @@ class Route:
     kind: str
     camera: str | None = None
     request_id: str | None = None
+    name: str | None = None  # a watch's name
 
 
 # --- validators -----------------------------------------------------------------
@@ -233,6 +243,24 @@ class Topics:
     def caption_stream(self, camera: str) -> str:
         return self.caption(camera) + "/stream"
 
+    def caption_image(self, camera: str) -> str:
+        return self.caption(camera) + "/image"
+
+    def watch(self, name: str) -> str:
+        return self._prefix + "watch/" + check_camera(name)
+
+    def watch_event(self, name: str) -> str:
+        return self.watch(name) + "/event"
+
+    def watch_config(self, name: str) -> str:
+        return self._prefix + "watches/" + check_camera(name) + "/config"
+
+    def dashboard_ask(self, camera: str) -> str:
+        return self._prefix + "dashboard/" + check_camera(camera) + "/ask"
+
+    def dashboard_answer(self, camera: str) -> str:
+        return self._prefix + "dashboard/" + check_camera(camera) + "/answer"
+
     def cancel(self) -> str:
         return self._prefix + "cancel"
 
@@ -252,6 +280,12 @@ class Topics:
     def frame_filter(self) -> str:
         return self._prefix + "frame/+"
 
+    def watch_config_filter(self) -> str:
+        return self._prefix + "watches/+/config"
+
+    def dashboard_ask_filter(self) -> str:
+        return self._prefix + "dashboard/+/ask"
+
     def subscriptions(self) -> list[tuple[str, int]]:
         """What the daemon subscribes to on its own root: [(topic_filter, qos)].
 
@@ -261,6 +295,8 @@ class Topics:
             (self.frame_filter(), SPEC["frame"].qos),
             (self.ask(), SPEC["ask"].qos),
             (self.cancel(), SPEC["cancel"].qos),
+            (self.watch_config_filter(), SPEC["watch_config"].qos),
+            (self.dashboard_ask_filter(), SPEC["dashboard_ask"].qos),
         ]
         subs += [(topic, SPEC["frame"].qos) for topic in self.frame_sources]
         return subs
@@ -303,13 +339,15 @@ class Topics:
         return _parse_relative(topic[len(self._prefix):])
 
 
-_INPUT_KINDS = frozenset({"frame", "ask", "fleet_ask", "cancel"})
+_INPUT_KINDS = frozenset({"frame", "ask", "fleet_ask", "cancel", "watch_config", "dashboard_ask"})
 
 
 def _shown(value: object, limit: int = 80) -> str:
     """`repr(value)` cut to `limit` characters, for error messages about client input."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 _SINGLE_LEVEL_KINDS = frozenset({"status", "ask", "cancel", "error", "stats"})
 
 
@@ -330,6 +368,19 @@ def _parse_relative(rest: str) -> Route | None:
             return Route("caption", camera=camera)
         if suffix == "stream":
             return Route("caption_stream", camera=camera)
+        if suffix == "image":
+            return Route("caption_image", camera=camera)
+        return None
+    name, _, suffix = tail.partition("/")
+    if not is_valid_camera(name):
+        return None
+    if head == "watch":
+        return Route("watch", name=name) if "/" not in tail else Route("watch_event", name=name) if suffix == "event" \
+            else None
+    if head == "watches" and suffix == "config":
+        return Route("watch_config", name=name)
+    if head == "dashboard" and suffix in ("ask", "answer"):
+        return Route("dashboard_" + suffix, camera=name)
     return None
 
 

@@ -1,5 +1,5 @@
 """Daemon test helpers: a fake engine with the real engine's interface, a recording
-publisher, a PNG maker, and an MQTT test client that collects messages.
+publisher, a PNG maker, an MQTT test client that collects messages, and `json_logs`.
 
 The fake engine uses npu.engine's own Prompt, GenerationOptions and events, so the
 worker is tested against the real value types; it answers with a description of what it
@@ -25,6 +25,17 @@ from daemon.service import Service
 from npu.engine import DoneEvent, EngineError, NumericError, PromptTooLong, TokenEvent, UnsupportedOptions
 
 
+@pytest.fixture
+def json_logs():
+    """vlmd's logs as JSON lines into memory (debug and up); call it for the lines so far."""
+    from daemon.logs import configure_logging, reset_logging
+
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    reset_logging()
+
+
 def png_bytes(colour=(200, 30, 30), size=(64, 48)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
@@ -47,6 +58,12 @@ class FakeEngine:
     raise UnsupportedOptions, as the real engine does, before any token.
     """
 
+    SUMMARY = {"path": "/fake/model", "layout": "hf", "backend": "fake", "provider": None, "precision": "fp32",
+               "template": "Hermes-2", "kv_capacity": 1023, "prefill_chunk": 128, "image_tokens": 64}
+
+    def model_summary(self) -> dict:
+        return dict(self.SUMMARY)
+
     def __init__(self, token_delay_s: float = 0.0, extra_words: int = 0, greedy_only: bool = False):
         self.token_delay_s = token_delay_s
         self.extra_words = extra_words
@@ -54,6 +71,12 @@ class FakeEngine:
         self.prompts: list = []
         self.options: list = []
         self.started = threading.Event()  # set when a generation starts
+
+    def forget_conversation(self, conversation_id: str) -> bool:
+        return False
+
+    def conversation_stats(self) -> dict:
+        return {}
 
     def generate(self, prompt, options=None, should_stop=None):
         should_stop = should_stop or (lambda: False)

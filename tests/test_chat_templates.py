@@ -227,3 +227,24 @@ def test_a_template_that_cannot_be_used_is_a_model_error(hf_checkpoint, tmp_path
     (broken / "chat_template.jinja").write_text("{{ messages[0]['content'] | upper }}<|im_end|>")
     with pytest.raises(ModelError, match="does not render the question"):
         load_model(broken, backend="reference", precision="fp32")
+
+
+def test_a_conversation_on_a_jinja_template_prefills_only_its_turns(model):
+    """Later turns append exactly what the checkpoint's template puts between an answer and
+    the next question (the rows so far read back as the template's own rendering of the
+    conversation), and prefill only those rows."""
+    engine = Engine(model)
+    turns, dones = [], []
+    for number, question in enumerate(("What is in this picture?", "And its colour?", "Is it big?")):
+        images = [model_factory.random_image(3, 120, 160)] if number == 0 else []
+        events = list(engine.generate(Prompt(question, images=images, conversation="j1"),
+                                      GenerationOptions(max_tokens=3, ignore_stop=True)))
+        dones.append(events[-1])
+        turns.append(Turn(question, len(images), events[-1].text))
+    conversation = engine.conversations.get("j1")
+    rendered = model.template.render_conversation(turns, engine.shapes.image_tokens)
+    history = model.tokenizer.decode(conversation.ids)  # the answers as generated, decoded
+    assert rendered.startswith(history) and rendered[len(history):] == "<|im_end|>\n"  # only the last turn's close
+    for previous, done in zip(dones, dones[1:]):
+        assert done.timings["history_rows"] == previous.prompt_tokens + previous.completion_tokens - 1
+        assert done.timings["prefill_rows"] == done.prompt_tokens - done.timings["history_rows"] < 30

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_inspect_without_axengine_still_explains_the_layout(axera_board_dir, tmp
     assert code == 1
     assert "layout    axera" in out and "file      layers     qwen2_p32_l0_together.axmodel .. " in out
     assert "file      tokenizer  ../internvl2_tiny_tokenizer" not in out  # outside the folder: absolute
-    assert "graphs not opened: axengine is not importable" in out
+    assert "graphs not opened: " in out and ": board: axengine is not importable" in out  # the part named
 
 
 def test_inspect_unknown_directory(tmp_path, capsys):
@@ -255,3 +256,28 @@ def test_bench_on_an_m5stack_internvl2_5_package_meets_the_cpp_runtimes_bytes(ax
 def test_bench_refuses_bad_arguments(capsys):
     code, out = run_cli(capsys, "bench", "--runs", "0")
     assert code == 2 and "--runs" in out
+
+
+def test_inspect_reports_template_tokenizer_and_embeddings_for_every_layout(
+        axengine_standin, axera_board_dir, m5stack_board_dir, tiny_internvl_native, capsys):
+    from npu.model import DEMO_MODEL_DIR
+
+    for path in (axera_board_dir, m5stack_board_dir, tiny_internvl_native.path, DEMO_MODEL_DIR):
+        code, out = run_cli(capsys, "model", "inspect", "--json", path)
+        assert code == 0, out
+        report = json.loads(out)
+        assert report["template"] == "Hermes-2", (path, report["template"])
+        assert Path(report["tokenizer"]["dir"]).is_dir() and report["tokenizer"]["special_ids"]["<IMG_CONTEXT>"] is not None
+        embeddings = report["embeddings"]
+        assert embeddings["file"] and embeddings["rows"] == report["facts"]["vocab"] and embeddings["hidden"] > 0
+        assert report["demo_model"] == (path == DEMO_MODEL_DIR)
+
+
+def test_inspect_without_a_directory_explains_the_demo_model(capsys):
+    code, out = run_cli(capsys, "model", "inspect")
+    assert code == 0, out
+    assert out.startswith("model     ") and "(the demo model shipped with vlmd)" in out.splitlines()[0]
+    assert "template  Hermes-2 (config.json)" in out
+    assert "tokenizer " + str((Path(__file__).parents[1] / "npu" / "assets" / "demo_model").resolve()) in out
+    assert "embeddings " in out and "exported from the checkpoint's weights" in out
+    assert "file      embeddings None" not in out

@@ -89,3 +89,55 @@ def test_console_script_runs(tiny_qwen2, tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["usage"]["completion_tokens"] >= 0
+
+
+@pytest.mark.parametrize(("flags", "fields"), [
+    (["--temperature", "1000"], {"temperature": 1000.0}),
+    (["--temperature", "1e-9"], {"temperature": 1e-9}),
+    (["--max-tokens", "5000"], {"max_tokens": 5000}),
+    (["--max-tokens", "0"], {"max_tokens": 0}),
+    (["--top-p", "0"], {"top_p": 0.0}),
+    (["--top-k", "-1"], {"top_k": -1}),
+    (["--repetition-penalty", "1000"], {"repetition_penalty": 1000.0}),
+    (["--seed", "-3"], {"seed": -3}),
+    (["--system", "  "], {"system": "  "}),
+    (["--temperature", "nan"], {"temperature": float("nan")}),
+])
+def test_options_are_refused_by_the_mqtt_rules_with_the_same_message(capsys, tmp_path, flags, fields):
+    """`vlmd ask` refuses exactly what the daemon refuses on <root>/ask, in the same words,
+    before it loads any model (the model path does not even exist here)."""
+    from daemon.config import RequestsConfig
+    from protocol.codec import ProtocolError, decode_ask
+    from protocol.payloads import AskLimits
+
+    defaults = RequestsConfig()
+    limits = AskLimits(max_text_chars=defaults.max_text_chars, max_tokens=defaults.max_tokens_limit)
+    wire = json.dumps({"id": "q", "text": "hi", **fields}).replace("NaN", "1e999").encode()
+    with pytest.raises(ProtocolError) as refused:  # what the daemon's MQTT path does with it
+        decode_ask(wire, defaults.max_payload_bytes, limits)
+    code, out, err = ask(capsys, "--model", str(tmp_path / "no-model"), *flags, "--json", "hi")
+    assert code == 2
+    assert err == f"vlmd ask: {refused.value.message}\n"
+    final = json.loads(out.splitlines()[-1])
+    assert final["finish_reason"] == "rejected"
+    assert final["error"] == {"code": refused.value.code, "message": refused.value.message}
+
+
+def test_question_longer_than_the_daemons_limit_is_refused(capsys, tmp_path):
+    code, _, err = ask(capsys, "--model", str(tmp_path / "no-model"), "x" * 4001)
+    assert code == 2 and err == "vlmd ask: text: longer than 4000 characters (4001)\n"
+
+
+def test_ask_with_a_format_ends_with_value_and_confidence(capsys, tiny_qwen2):
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format",
+                         '{"type": "integer", "minimum": 0, "maximum": 20}', "--json", "How many?")
+    assert code == 0, err
+    final = json.loads(out.splitlines()[-1])
+    assert final["finish_reason"] == "stop" and json.loads(final["text"]) == final["value"]
+    assert type(final["value"]) is int and 0 <= final["value"] <= 20 and 0 <= final["confidence"] <= 1
+    code, out, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format", '{"type": "boolean", "pattern": "y"}',
+                         "--json", "Yes?")
+    assert code == 2 and "vlmd ask: format: pattern: unsupported keyword" in err
+    assert json.loads(out.splitlines()[-1])["error"]["code"] == "bad_request"
+    code, _, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format", "{boolean}", "Yes?")
+    assert code == 2 and "format: --format is not JSON" in err

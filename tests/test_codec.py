@@ -18,11 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from protocol import payloads
-from protocol.codec import ProtocolError, decode_ask, decode_cancel, decode_message, encode
+from protocol import payloads, watches
+from protocol.codec import ProtocolError, decode_ask, decode_cancel, decode_message, decode_text_question, encode
 from protocol.frames import decode_b64_image
 from protocol.payloads import AnswerChunk, AnswerFinal, AskLimits, AskRequest, ErrorInfo, Usage
 from protocol.topics import CAMERA_PATTERN, Topics, check_topic_filter
+from protocol.watches import decode_watch
 from tests.fixtures_broker import start_mosquitto
 
 MAX = 100_000
@@ -238,6 +239,11 @@ def check_published(topic: str, payload: bytes) -> str:
             assert decode_b64_image(request.image_b64, 10**7, 10**7).ndim == 3
     elif route.kind == "cancel":
         decode_cancel(payload)
+    elif route.kind == "watch_config":
+        if payload:  # empty: a deletion
+            assert decode_watch(payload, route.name).name == route.name
+    elif route.kind == "dashboard_ask":
+        assert decode_text_question(payload, 4000)
     else:
         assert route.kind == "frame"
     return route.kind
@@ -246,7 +252,8 @@ def check_published(topic: str, payload: bytes) -> str:
 def example_out_topics() -> list[str]:
     return [DOC_TOPICS.status(), DOC_TOPICS.answer("q1"), DOC_TOPICS.caption("front"),
             DOC_TOPICS.caption_stream("front"), DOC_TOPICS.error(), DOC_TOPICS.stats(),
-            "clients/me/answers", "clients/me/fleet"]
+            DOC_TOPICS.caption_image("front"), DOC_TOPICS.watch("parcel"), DOC_TOPICS.watch_event("parcel"),
+            DOC_TOPICS.dashboard_answer("front"), "clients/me/answers", "clients/me/fleet"]
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
@@ -270,9 +277,9 @@ def test_doc_examples_decode():
                 payload = template.replace("%s", base64.b64encode(tiny_jpeg()).decode()).encode()
                 kinds.add(check_published(option(argv, "-t"), payload))
             else:
-                assert "-f" in argv, line
+                assert "-f" in argv or "-n" in argv, line
                 kinds.add(check_published(option(argv, "-t"), b""))
-    assert kinds == {"ask", "fleet_ask", "cancel", "frame"}
+    assert kinds == {"ask", "fleet_ask", "cancel", "frame", "watch_config", "dashboard_ask"}
 
 
 def test_doc_json_examples_are_valid_replies():
@@ -280,7 +287,7 @@ def test_doc_json_examples_are_valid_replies():
     examples = re.findall(r"<!-- model: (\w+) -->\n```json\n(.*?)```", text, flags=re.S)
     assert len(examples) == len(re.findall("```json", text)) >= 7
     for model_name, body in examples:
-        decode_message(getattr(payloads, model_name), body.strip())
+        decode_message(getattr(payloads, model_name, None) or getattr(watches, model_name), body.strip())
 
 
 def test_doc_lists_every_error_code_and_finish_reason():

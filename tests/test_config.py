@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-import daemon.config as config_module
 from daemon.cli import main as vlmd_main
 from daemon.config import (
     EX_CONFIG,
@@ -50,12 +49,16 @@ def issues_of(excinfo) -> list[str]:
 # --- defaults and the model ----------------------------------------------------------
 
 
-def test_defaults_fill_device_id_root_and_client_id(monkeypatch):
-    monkeypatch.setattr(config_module.socket, "gethostname", lambda: "M5Stack LLM/630")
+def test_defaults_fill_device_id_root_and_client_id(monkeypatch, tmp_path):
+    import daemon.identity as identity
+
+    monkeypatch.setattr(identity.socket, "gethostname", lambda: "M5Stack LLM/630")
+    monkeypatch.setattr(identity, "SYS_CLASS_NET", tmp_path / "no-interfaces")
     config = Config()
-    assert config.device_id == "M5Stack-LLM-630"
+    assert config.device_id == "M5Stack-LLM-630"  # no MAC to read: the host name alone
     assert config.root == "vlmd/M5Stack-LLM-630"
     assert config.mqtt.client_id == "vlmd-M5Stack-LLM-630"
+    assert Config().device_id == identity.default_device_id()
     assert config.mqtt.broker_address is None  # embedded broker
     assert config.model.path is None  # demo model
     assert config.mqtt.password_value() is None
@@ -107,18 +110,87 @@ def test_precedence_defaults_file_env_overrides(tmp_path):
     assert config.frames.history == 4  # default
 
 
-def test_env_nesting_coercion_and_cameras():
+def test_env_nesting_parsing_and_cameras():
     env = {
         "VLMD_CAMERAS__FRONT__CAPTION": "true",
         "VLMD_CAMERAS__FRONT__INTERVAL_S": "12.5",
-        "VLMD_MQTT__PERSISTENT_SESSION": "no",
+        "VLMD_CAMERAS__FRONT__MAX_TOKENS": "+40",
+        "VLMD_MQTT__PERSISTENT_SESSION": "false",
+        "VLMD_MQTT__RECONNECT_MAX_S": "90",  # an integer is a float
         "VLMD_LOGGING__LEVEL": "debug",
+        "VLMD_MODEL__PATH": "",  # empty: the demo model
     }
     config = load_config(None, env)
     assert config.cameras["front"].caption is True
     assert config.cameras["front"].interval_s == 12.5
+    assert config.cameras["front"].max_tokens == 40
     assert config.mqtt.persistent_session is False
+    assert config.mqtt.reconnect_max_s == 90.0
     assert config.logging.level == "debug"
+    assert config.model.path is None
+
+
+def test_file_values_are_never_coerced(tmp_path):
+    """A string is no integer, float or bool in the file (the README says "validated strictly")."""
+    path = write(tmp_path, """
+        [mqtt]
+        keepalive_s = "30"
+        persistent_session = 1
+
+        [cameras.front]
+        caption = "yes"
+        interval_s = "5"
+        max_tokens = 12.0
+    """)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, {})
+    messages = issues_of(excinfo)
+    assert len(messages) == 5, messages
+    for line, key in ((2, "mqtt.keepalive_s"), (3, "mqtt.persistent_session"), (6, "cameras.front.caption"),
+                      (7, "cameras.front.interval_s"), (8, "cameras.front.max_tokens")):
+        assert any(m.startswith(f"{path}:{line} {key}:") for m in messages), (key, messages)
+    good = write(tmp_path, "[cameras.front]\ninterval_s = 5\n", "good.toml")  # TOML's integer for a float field
+    assert load_config(good, {}).cameras["front"].interval_s == 5.0
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("VLMD_CAMERAS__FRONT__CAPTION", "yes", "expected true or false, got 'yes'"),
+    ("VLMD_CAMERAS__FRONT__CAPTION", "1", "expected true or false, got '1'"),
+    ("VLMD_CAMERAS__FRONT__CAPTION", "True", "expected true or false, got 'True'"),
+    ("VLMD_MQTT__KEEPALIVE_S", "30.0", "expected an integer, got '30.0'"),
+    ("VLMD_MQTT__KEEPALIVE_S", " 30", "expected an integer, got ' 30'"),
+    ("VLMD_CAMERAS__FRONT__INTERVAL_S", "5s", "expected a number, got '5s'"),
+    ("VLMD_MODEL__DEVICE", "", "expected an integer, got ''"),
+])
+def test_env_values_are_parsed_by_field_type(name, value, expected):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, {name: value})
+    key = ".".join(part.lower() for part in name.removeprefix("VLMD_").split("__"))
+    assert issues_of(excinfo) == [f"env {name} {key}: {expected}"]
+
+
+def test_every_env_and_file_error_at_once_bad_camera_name_included(tmp_path):
+    path = write(tmp_path, """
+        [mqtt]
+        keepalive_s = 2
+
+        [cameras."a+b"]
+        caption = true
+
+        [cameras.ok]
+        interval_s = -1
+    """)
+    env = {"VLMD_CAMERAS__C+D__CAPTION": "yes", "VLMD_FRAMES__HISTORY": "many"}
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env)
+    messages = issues_of(excinfo)
+    assert len(messages) == 6, messages
+    assert any(m.startswith(f"{path}:2 mqtt.keepalive_s:") for m in messages)
+    assert any(m.startswith(f"{path}:5 cameras.a+b:") and "invalid camera name" in m for m in messages)
+    assert any(m.startswith(f"{path}:8 cameras.ok.interval_s:") for m in messages)
+    assert "env VLMD_CAMERAS__C+D__CAPTION cameras.c+d.caption: expected true or false, got 'yes'" in messages
+    assert any(m.startswith("env VLMD_CAMERAS__C+D__CAPTION cameras.c+d:") and "invalid camera name" in m for m in messages)
+    assert "env VLMD_FRAMES__HISTORY frames.history: expected an integer, got 'many'" in messages
 
 
 def test_unrelated_vlmd_variables_are_ignored_and_listed():
@@ -256,7 +328,7 @@ def test_bad_broker_urls(url, why):
         ({"VLMD_DEVICE_ID": "a/b"}, "device_id must be"),
         ({"VLMD_ROOT": "vlmd/+/x"}, "wildcards"),
         ({"VLMD_ROOT": "vlmd/"}, "must not start or end"),
-        ({"VLMD_CAMERAS__A+B__CAPTION": "1"}, "invalid camera name"),
+        ({"VLMD_CAMERAS__A+B__CAPTION": "true"}, "invalid camera name"),
         ({"VLMD_CAMERAS__FRONT__TOPIC": "frigate/+/snapshot"}, "wildcards"),
         ({"VLMD_FLEET__GROUP": "a/b"}, "one topic level"),
         ({"VLMD_MQTT__RECONNECT_MIN_S": "10", "VLMD_MQTT__RECONNECT_MAX_S": "5"}, "reconnect_max_s"),
@@ -436,3 +508,27 @@ def test_check_config_without_file_uses_defaults_and_env(capsys, monkeypatch):
 def test_check_config_missing_file_exits_78(capsys, tmp_path):
     assert vlmd_main(["check-config", str(tmp_path / "absent.toml")]) == EX_CONFIG
     assert "cannot read the config file" in capsys.readouterr().err
+
+
+def test_every_path_field_takes_text():
+    """Strict models refuse str for Path unless the field says so; TOML and the environment
+    only have text, so every Path field must take it (a new one forgetting strict=False fails here)."""
+    import typing
+    from pathlib import Path as _Path
+
+    from pydantic import BaseModel as _Model
+
+    def path_fields(model: type[_Model], prefix: str = ""):
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            members = typing.get_args(annotation) or (annotation,)
+            if _Path in members:
+                yield f"{prefix}{name}", field
+            for member in members:
+                if isinstance(member, type) and issubclass(member, _Model):
+                    yield from path_fields(member, f"{prefix}{name}.")
+
+    fields = dict(path_fields(Config))
+    assert {"model.path", "mqtt.password_file", "mqtt.tls.ca_file"} <= set(fields)
+    lax = {name for name, field in fields.items() if any(getattr(m, "strict", None) is False for m in field.metadata)}
+    assert set(fields) - lax == set()

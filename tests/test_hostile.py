@@ -50,6 +50,9 @@ DAEMON_SCRIPT = textwrap.dedent(
     from npu.engine import DoneEvent, ImageError, TokenEvent
 
     class QuickEngine:
+        def model_summary(self):
+            return {"path": None, "layout": None, "backend": "quick"}
+
         def generate(self, prompt, options=None, should_stop=None):
             for image in prompt.images:
                 if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

@@ -201,6 +201,20 @@ def test_prefix_store_evicts_least_recently_used():
         store.put("d", [1], snap)
 
 
+def test_rewind_forgets_the_rows_after_a_length_and_blocks_their_slots():
+    cache = make_cache()
+    fill(cache, 5, seed=1)
+    kept = np.stack([k[0, :3] for k in cache.keys])
+    cache.rewind(3)
+    assert cache.position == 3
+    assert_mask_matches_position(cache)
+    np.testing.assert_array_equal(np.stack([k[0, :3] for k in cache.keys]), kept)
+    fill(cache, 2, seed=7)  # writing goes on at the rewound position
+    np.testing.assert_array_equal(cache.keys[0][0, 3:5], rows(2, 7)[0])
+    with pytest.raises(CacheFullError):
+        cache.rewind(6)
+
+
 def storage(n_layers: int = N_LAYERS, capacity: int = 16, dtype=np.float32):
     """Per-layer K/V arrays as a backend hands them in (separate blocks, like per-graph device buffers)."""
     return ([np.zeros((1, capacity, KV_DIM), dtype) for _ in range(n_layers)],

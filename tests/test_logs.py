@@ -113,6 +113,16 @@ def test_secrets_are_redacted(stream):
     assert line["password"] == "<redacted>" and line["settings"] == {"password": "<redacted>", "host": "h"}
 
 
+def test_token_counts_are_not_secrets_but_tokens_are(stream):
+    configure_logging("info", "json", stream)
+    get_logger("vlmd.test").info("model loaded", image_tokens=64, max_tokens=32, completion_tokens=5,
+                                 access_token=SECRET, apitoken=SECRET, auth={"token": SECRET, "tokens": 3})
+    (line,) = lines(stream)
+    assert (line["image_tokens"], line["max_tokens"], line["completion_tokens"]) == (64, 32, 5)
+    assert line["access_token"] == line["apitoken"] == "<redacted>"
+    assert line["auth"] == {"token": "<redacted>", "tokens": 3}
+
+
 def test_exceptions_are_one_json_line(stream):
     configure_logging("info", "json", stream)
     try:

@@ -24,9 +24,10 @@ from protocol.payloads import (
     ErrorMessage,
     Stats,
     Usage,
-    json_schemas,
     new_request_id,
 )
+from protocol.codec import describe_validation_error
+from protocol.schemas import json_schemas
 from protocol.topics import is_valid_request_id
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,15 +100,15 @@ def test_bad_fields_are_named(fields, field):
 def test_missing_text_is_named():
     with pytest.raises(ValidationError) as exc:
         AskRequest.model_validate({"camera": "front"})
-    assert error_fields(exc) == ["text"]
+    assert describe_validation_error(exc.value).startswith("text: required")
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [
         ({"camera": "c", "image_b64": "AAAA"}, "not both"),
-        ({"frames": 2}, "frames needs camera"),
-        ({"image_b64": "AAAA", "frames": 2}, "frames needs camera"),
+        ({"frames": 2}, "frames: needs camera"),
+        ({"image_b64": "AAAA", "frames": 2}, "frames: needs camera"),
     ],
 )
 def test_at_most_one_image_source(fields, message):
@@ -186,7 +187,7 @@ def test_stats_is_open_for_extra_counters():
 
 def test_error_codes_and_finish_reasons():
     assert set(ERROR_DESCRIPTIONS) == set(ERROR_CODES)
-    assert len(ERROR_CODES) == 16
+    assert len(ERROR_CODES) == 17
     assert FINISH_REASONS == ("stop", "length", "cancelled", "expired", "rejected", "failed", "shutdown")
 
 
@@ -194,9 +195,10 @@ def test_every_model_has_a_schema():
     schemas = json_schemas()
     assert set(schemas) == {
         "AskRequest", "CancelRequest", "AnswerChunk", "AnswerFinal", "Caption", "CaptionChunk", "ErrorMessage",
-        "Stats",
+        "Stats", "WatchDefinition", "WatchState", "WatchEvent",
     }
-    assert schemas["AskRequest"]["required"] == ["text"]
+    assert "required" not in schemas["AskRequest"]  # text is required unless the ask is a conversation reset
+    assert schemas["WatchDefinition"]["required"] == ["camera", "question", "format"]
     assert schemas["AnswerFinal"]["properties"]["done"]["const"] is True
 
 

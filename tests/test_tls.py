@@ -2,8 +2,8 @@
 
 The broker's TLS listener wants a certificate from the test CA *and* a user name and
 password; the certificates are made by `openssl` (tests/fixtures_tls.py). The daemon
-must connect with the right material, stay up (not connected, worker alive) with the
-wrong material, and never write the password or the private key to its logs.
+must connect with the right material, give up with the reason on the wrong material
+(a restart cannot fix it), and never write the password or the private key to its logs.
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ PAHO_TLS_SOCKET = pytest.mark.filterwarnings("ignore:Exception ignored in.*SSLSo
 
 @PAHO_TLS_SOCKET
 @pytest.mark.parametrize("wrong", ["password", "no_client_certificate", "rogue_ca"])
-def test_wrong_credentials_keep_the_daemon_up_and_unconnected(wrong, tls_broker, tls_material, tmp_path, captured_logs):
+def test_wrong_credentials_are_fatal_with_their_reason(wrong, tls_broker, tls_material, tmp_path, captured_logs):
+    """A retry with the same credentials cannot work: the client stops trying and names
+    the reason (`vlmd serve` then exits 78: tests/test_exit_codes.py)."""
     kwargs = {"password": "not-" + PASSWORD} if wrong == "password" else {}
     if wrong == "no_client_certificate":
         kwargs["client_cert"] = False
@@ -104,12 +106,16 @@ def test_wrong_credentials_keep_the_daemon_up_and_unconnected(wrong, tls_broker,
     try:
         service.start()
         assert not service.client.wait_connected(3), f"connected despite the wrong {wrong}"
-        assert service.worker_alive and service.client.num_connects == 0
+        assert service.client.num_connects == 0
+        from daemon.mqtt import wait_until
+
+        assert wait_until(lambda: service.fatal_error is not None, 10), f"the wrong {wrong} was retried forever"
     finally:
         service.stop(0.5)
     text = captured_logs.getvalue()
-    if wrong == "password":
-        assert "refused" in text  # the CONNACK's reason is logged
+    expected = {"password": "refused the connection: Not authorized", "rogue_ca": "certificate not accepted",
+                "no_client_certificate": "TLS with the broker failed"}[wrong]
+    assert expected in service.fatal_error and expected in text
     assert_no_secrets(text, tls_material)
 
 

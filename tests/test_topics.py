@@ -67,7 +67,9 @@ def test_qos_and_retain_per_design_table():
     expected = {
         "status": (1, True), "frame": (0, False), "ask": (1, False), "answer_chunk": (0, False),
         "answer": (1, False), "caption": (1, True), "caption_stream": (0, False), "cancel": (1, False),
-        "error": (1, False), "stats": (0, True), "fleet_ask": (1, False),
+        "error": (1, False), "stats": (0, True), "fleet_ask": (1, False), "caption_image": (1, True),
+        "watch": (1, True), "watch_event": (1, False), "watch_config": (1, True), "dashboard_ask": (1, False),
+        "dashboard_answer": (1, True),
     }
     assert {kind: (spec.qos, spec.retain) for kind, spec in SPEC.items()} == expected
     assert set(SPEC) == set(get_args(Kind))
@@ -122,7 +124,8 @@ def test_frame_sources_and_fleet_topic_are_routed():
     assert topics.parse("frigate/back/snapshot") is None
     assert topics.parse("vlmd/fleet/ask") == Route("fleet_ask")
     assert topics.subscriptions() == [
-        ("vlmd/demo/frame/+", 0), ("vlmd/demo/ask", 1), ("vlmd/demo/cancel", 1), ("frigate/front/snapshot", 0),
+        ("vlmd/demo/frame/+", 0), ("vlmd/demo/ask", 1), ("vlmd/demo/cancel", 1), ("vlmd/demo/watches/+/config", 1),
+        ("vlmd/demo/dashboard/+/ask", 1), ("frigate/front/snapshot", 0),
     ]
     assert topics.fleet_subscription("boards") == ("$share/boards/vlmd/fleet/ask", 1)
 
@@ -228,3 +231,20 @@ def test_home_assistant_topics():
     assert ha_birth_topic("homeassistant") == "homeassistant/status"
     with pytest.raises(TopicError):
         ha_config_topic("homeassistant", "sensor", "vlmd.demo", "x")
+
+
+def test_watch_caption_image_and_dashboard_topics_round_trip():
+    topics = Topics(ROOT)
+    assert topics.parse(topics.watch("parcel")) == Route("watch", name="parcel")
+    assert topics.parse(topics.watch_event("parcel")) == Route("watch_event", name="parcel")
+    assert topics.parse(topics.watch_config("parcel")) == Route("watch_config", name="parcel")
+    assert topics.parse(topics.caption_image("front")) == Route("caption_image", camera="front")
+    assert topics.parse(topics.dashboard_ask("front")) == Route("dashboard_ask", camera="front")
+    assert topics.parse(topics.dashboard_answer("front")) == Route("dashboard_answer", camera="front")
+    for wrong in ("watch/parcel/x", "watches/parcel", "watches/parcel/config/x", "watch/a b", "caption/front/image/x",
+                  "dashboard/front", "dashboard/front/ask/x"):
+        assert topics.parse(f"{ROOT}/{wrong}") is None, wrong
+    assert topics.is_input(topics.watch_config("parcel")) and topics.is_input(topics.dashboard_ask("front"))
+    assert not topics.is_input(topics.watch("parcel"))
+    with pytest.raises(TopicError):
+        topics.watch("a/b")

@@ -2,9 +2,13 @@
 
 The answer streams to stdout as it is generated. With `--json` a final line follows
 with the same final message an MQTT client receives (text, finish_reason, usage,
-timings). Errors go to stderr (and, with --json, into that final line); the exit code
+timings; with `--format`, value and confidence). `--format '{"type":"boolean"}'` decodes
+the answer to a JSON-Schema subset (docs/protocol.md, `format`), as `format` on MQTT
+does. Errors go to stderr (and, with --json, into that final line); the exit code
 is 0 for an answer ("stop" or "length"), 1 when the engine refused or failed, 2 for a
-bad model, image or option.
+bad model, image or option. The question and its options are checked by the same rules
+(ranges, limits, messages) as a question on MQTT, with the daemon's default limits
+(protocol.codec.validate_ask).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference backend: prefill rows per graph call")
     parser.add_argument("--history-groups", type=int, default=0, metavar="N",
                         help="reference backend: prefill groups with history (0 = classic build)")
+    parser.add_argument("--format", metavar="SCHEMA", default=None,
+                        help='typed answer: a JSON-Schema subset, e.g. \'{"type":"boolean"}\' or \'{"enum":["red","blue"]}\'')
     parser.add_argument("--resize", choices=("auto", "bicubic", "bilinear", "pil-bilinear"), default="auto",
                         help="frame resize: auto = as the checkpoint says (else bicubic, as InternVL was trained);"
                              " bilinear = the board runtimes' plain cv::resize")
@@ -56,23 +62,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from npu.engine import EngineError, Engine, GenerationOptions, Prompt
     from npu.model import ModelError, load_model
+    from protocol.codec import ProtocolError
     from protocol.frames import FrameError, decode_frame
 
+    try:
+        request = checked_request(args)
+    except ProtocolError as exc:
+        return _fail(args, exc.code, exc.message, 2)
     try:
         images = [decode_frame(Path(p).read_bytes(), MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS) for p in args.image]
         model = load_model(args.model, backend=args.backend, precision=args.precision, kv_capacity=args.kv_capacity,
                            prefill_chunk=args.prefill_chunk, history_groups=args.history_groups,
                            provider=args.provider, resize=None if args.resize == "auto" else args.resize)
-        given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                 "repetition_penalty": args.repetition_penalty}
-        sampling = {**model.sampling_defaults, **{k: v for k, v in given.items() if v is not None}}
-        options = GenerationOptions(max_tokens=args.max_tokens, seed=args.seed, **sampling)
+        given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p", "repetition_penalty")
+                 if name in request.model_fields_set}  # the package's defaults stand in for the rest
+        sampling = {**model.sampling_defaults, **given}
+        options = GenerationOptions(max_tokens=request.max_tokens or args.max_tokens, seed=request.seed,
+                                    format=request.format, **sampling)
         engine = Engine(model)
     except FrameError as exc:
         return _fail(args, exc.code, exc.message, 2)
     except (ModelError, ValueError, OSError) as exc:
         return _fail(args, "bad_request", str(exc), 2)
-    prompt = Prompt(text=args.question, images=images, image_key=None, system=args.system)
+    prompt = Prompt(text=request.text, images=images, image_key=None, system=request.system)
     try:
         for event in engine.generate(prompt, options):
             if hasattr(event, "delta"):
@@ -85,18 +97,38 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if args.json:
         print(json.dumps(_final(done.text, done.finish_reason, None, done.prompt_tokens,
-                                done.completion_tokens, done.timings), ensure_ascii=False))
+                                done.completion_tokens, done.timings, done.extra), ensure_ascii=False))
     return 0 if done.finish_reason in ("stop", "length") else 1
 
 
+def checked_request(args: argparse.Namespace):
+    """The question and its options checked by the rules an MQTT question meets (same
+    ranges, same messages), with the daemon's default limits; raises ProtocolError."""
+    from daemon.config import RequestsConfig
+    from protocol.codec import ProtocolError, validate_ask
+    from protocol.payloads import AskLimits
+
+    defaults = RequestsConfig()
+    limits = AskLimits(max_text_chars=defaults.max_text_chars, max_tokens=defaults.max_tokens_limit)
+    fields = {"text": args.question, "system": args.system, "max_tokens": args.max_tokens,
+              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+              "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    if args.format is not None:
+        try:
+            fields["format"] = json.loads(args.format)
+        except ValueError as exc:
+            raise ProtocolError("bad_request", f"format: --format is not JSON: {exc}") from None
+    return validate_ask({name: value for name, value in fields.items() if value is not None}, limits)
+
+
 def _final(text: str, finish_reason: str, error: dict | None, prompt_tokens: int, completion_tokens: int,
-           timings: dict) -> dict:
+           timings: dict, extra: dict | None = None) -> dict:
     """The wire's final answer message (protocol.payloads.AnswerFinal), id "cli"."""
     from protocol.payloads import AnswerFinal
 
     message = AnswerFinal(id="cli", seq=0, text=text, finish_reason=finish_reason, error=error,
                           usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-                          timings=timings)
+                          timings=timings, **(extra or {}))
     return message.model_dump(mode="json")
 
 

@@ -14,8 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect = actions.add_parser(
         "inspect", help="print graphs, groups, shapes, dtypes, KV capacity, prefill chunk, image tokens,"
         " template, special ids and every missing or inconsistent piece; exit 1 if any")
-    inspect.add_argument("path", metavar="DIR", help="model directory (HF checkpoint, llm_build output,"
-                         " M5Stack package or an M5Stack mode_*.json, or a directory with vlmd.toml)")
+    inspect.add_argument("path", metavar="DIR", nargs="?", default=None,
+                         help="model directory (HF checkpoint, llm_build output, M5Stack package or an M5Stack"
+                         " mode_*.json, or a directory with vlmd.toml); default: the demo model shipped with vlmd")
     inspect.add_argument("--json", action="store_true", help="print the report as one JSON object")
     inspect.add_argument("--provider", default="auto", help="axengine provider: auto, axengine, axclrt")
     inspect.add_argument("--device-id", type=int, default=0, help="AXCL card index (PCIe provider only)")
@@ -38,12 +39,13 @@ def run(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from npu.inspect import format_report, inspect_model
     from npu.board.layout import LayoutError
-    from npu.session import SessionError
+
+    from npu.model import DEMO_MODEL_DIR, ModelError
 
     try:
-        report = inspect_model(args.path, provider=args.provider, device_id=args.device_id, precision=args.precision,
-                               data_path=args.data_path)
-    except (LayoutError, SessionError) as exc:
+        report = inspect_model(args.path or DEMO_MODEL_DIR, provider=args.provider, device_id=args.device_id,
+                               precision=args.precision, data_path=args.data_path)
+    except (LayoutError, ModelError) as exc:
         print(f"vlmd model inspect: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, default=str) if args.json else format_report(report))

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def render_schemas() -> dict[str, str]:
     """{file name: file text} for every payload model; the text is stable across runs."""
-    from protocol.payloads import json_schemas
+    from protocol.schemas import json_schemas
 
     return {
         f"{name}.json": json.dumps(schema, indent=2, ensure_ascii=False) + "\n"

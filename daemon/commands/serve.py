@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file (VLMD_* environment variables apply too)")
     parser.add_argument("--model", metavar="DIR", help="model directory (default: the demo model shipped with vlmd)")
     parser.add_argument("--broker", metavar="URL", help="mqtt://host:port or mqtts://host:port (default: embedded broker)")
-    parser.add_argument("--device-id", metavar="ID", help="this board's id in topics (default: the host name)")
+    parser.add_argument("--device-id", metavar="ID", help="this board's id in topics and client id (default: <host name>-<MAC suffix>, unique per board)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="reference backend precision")
     parser.add_argument("--backend", choices=("auto", "reference", "axengine"), help="model runtime backend")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="least severe level logged")
@@ -32,12 +32,11 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.broker import BrokerStartError
+    """Exit codes: 0 clean stop, 78 (EX_CONFIG) config or model errors a restart cannot fix,
+    1 runtime failures (daemon/lifecycle.py says which is which; it logs the cause)."""
     from daemon.config import EX_CONFIG, ConfigError, load_config
     from daemon.logs import configure_logging
-    from daemon.mqtt import MqttError
     from daemon.service import main
-    from npu.model import ModelError
     from protocol.topics import TopicError
 
     try:
@@ -54,9 +53,3 @@ def run(args: argparse.Namespace) -> int:
     except TopicError as exc:  # a camera source topic or root the topic table cannot use
         print(f"vlmd serve: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
-    except (BrokerStartError, MqttError) as exc:
-        print(f"vlmd serve: {exc}", file=sys.stderr)
-        return 1
-    except ModelError as exc:
-        print(f"vlmd serve: cannot load the model: {exc}", file=sys.stderr)
-        return 1

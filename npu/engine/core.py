@@ -18,11 +18,13 @@ next token's embedding row (greedy reads the logits in place).
    the snapshot's end, or, when its question runs past what the prefill groups hold and
    its graph prices (given, or measured) say that is cheaper, restores only up to an
    earlier chunk start and replays the rest of the prefix from the snapshot's saved
-   input rows (`prefix_replay`);
+   input rows (`prefix_replay`); a later turn of a conversation keeps (or restores)
+   the conversation's rows and prefills only its own (npu.engine.conversation);
 3. prefill (see `plan_prefill`): group 1 for a chunk at row 0, for a chunk at any later
    row the group with the smallest history that holds the cached rows (the rest of its
    history masked), the decode group one token at a time for rows no history holds;
-4. decode: layers -> post -> sampling, until a stop token, the token budget (max_tokens,
+4. decode: layers -> post -> sampling (or, with a format, the choice among the tokens it
+   allows: npu.engine.constrain), until a stop token, the token budget (max_tokens,
    cut to what the cache holds: finish "length") or `should_stop()` (checked before
    every graph call: finish "cancelled");
 5. yield a `TokenEvent` per answer token (UTF-8-safe text deltas; stop tokens are not
@@ -41,11 +43,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
+from npu.engine.constrain import ConstrainedAnswer, FormatCache, PostScores
+from npu.engine.conversation import ConversationLimits, ConversationStore, TurnPlan
+from npu.engine.formats import with_hint
 from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import chunk_mask, open_history, plan_prefill
@@ -73,6 +78,8 @@ class GenerationOptions:
     seed: int | None = None
     # Keep generating through stop tokens (parity tests and benchmarks want exact lengths).
     ignore_stop: bool = False
+    # A normalised typed-answer format (protocol/formats.py): the answer is decoded to fit it.
+    format: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -98,13 +105,16 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class DoneEvent:
-    """The last event. `text` is every delta plus any tail the detokenizer held back."""
+    """The last event. `text` is exactly every delta joined: a character the answer stopped
+    inside (whose first bytes the detokenizer held back) is dropped, never a U+FFFD."""
 
     text: str
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int  # answer tokens emitted (a stop token is not counted)
     timings: dict[str, Any] = field(default_factory=dict)
+    # Fields the final message adds: value and confidence of a typed answer, notes.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Event = TokenEvent | DoneEvent
@@ -116,12 +126,19 @@ class EngineLike(Protocol):
     def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
 
+    def forget_conversation(self, conversation_id: str) -> bool: ...
+
+    def conversation_stats(self) -> dict[str, int]: ...
+
+    def model_summary(self) -> dict[str, str | int | None]: ...  # the service's start line and stats
+
 
 class Engine:
     """Runs prompts on a model's sessions with one KV cache allocated here, once."""
 
     def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto",
-                 prices: Mapping[int, float] | None = None) -> None:
+                 prices: Mapping[int, float] | None = None, conversation_limits: ConversationLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if prefix_replay not in REPLAY_POLICIES:
             raise ValueError(f"prefix_replay must be one of {REPLAY_POLICIES}, got {prefix_replay!r}")
         self.model = model
@@ -140,6 +157,9 @@ class Engine:
         storage = data_path.kv_storage() if data_path is not None else None
         self.cache = KVCache(s.n_layers, s.capacity, s.kv_dim, s.kv_dtype, s.mask_dtype, storage=storage)
         self.prefixes = PrefixStore(max_prefixes)
+        self.conversations = ConversationStore(conversation_limits, clock)
+        self.formats = FormatCache(model.tokenizer, sorted(model.template.stop_ids))
+        self._post_scores = PostScores(s.logits_index, s.topk_ids_index, s.topk_values_index)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
         stack = data_path.layer_stack(self.cache, s) if data_path is not None else None
@@ -196,6 +216,10 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    def model_summary(self) -> dict[str, str | int | None]:
+        """The loaded model's facts (npu.model.Model.summary): for the daemon's start log and stats."""
+        return self.model.summary()
+
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         """Tokens the prompt occupies in the cache, image tokens included."""
         return len(self._encode(prompt).ids)
@@ -211,11 +235,20 @@ class Engine:
         options = options or GenerationOptions()
         should_stop = should_stop or _never
         started = time.perf_counter()
+        question = prompt.text
+        if options.format is not None:  # the model is told the form too (npu.engine.formats)
+            prompt = replace(prompt, text=with_hint(question, options.format))
         self._check_options(options)
-        encoded = self._encode(prompt)
-        check_fits(encoded, self.shapes.capacity)
+        plan = None if prompt.conversation is None else self.conversations.plan(
+            prompt, self.model.template, self.shapes.image_tokens, self.shapes.capacity, options.max_tokens)
+        encoded = plan.encoded if plan is not None and plan.encoded is not None else self._encode(prompt)
+        rows = self.shapes.capacity if plan is None else plan.check_fits(encoded, self.shapes.capacity)
+        check_fits(encoded, rows)
         num_prompt = len(encoded.ids)
-        budget = min(options.max_tokens, self.shapes.capacity - num_prompt)
+        budget = min(options.max_tokens, rows - num_prompt)
+        typed = None
+        if options.format is not None:
+            typed = ConstrainedAnswer(self.formats.compile(options.format, question), budget, self._post_scores)
         sampler = Sampler(options.sampling_params())
         history = list(encoded.ids)  # what the repetition penalty sees: prompt and answer
         detok = IncrementalDetokenizer(self.model.tokenizer)
@@ -223,10 +256,11 @@ class Engine:
         timings: dict[str, Any] = {"image_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "prefix_reused": False,
                                    "images_encoded": 0}  # ttft_ms, decode_tokens_per_s once measurable
         pieces: list[str] = []
+        answer_ids: list[int] = []
         finish = "length"
         try:
-            hidden = self._prefill(prompt, encoded, should_stop, timings)
-            token = self._next_token(hidden, sampler, options, history)
+            hidden = self._prefill(prompt, encoded, should_stop, timings, plan)
+            token = self._next_token(hidden, sampler, options, history, typed)
             first_token_at = time.perf_counter()
             timings["ttft_ms"] = _ms(first_token_at - started)
             while True:
@@ -235,7 +269,11 @@ class Engine:
                     break
                 delta = detok.push(token)
                 pieces.append(delta)
+                answer_ids.append(token)
                 yield TokenEvent(token, delta, len(pieces) - 1)
+                if typed is not None and typed.done:  # only the end may follow: no graph call for it
+                    finish = "stop"
+                    break
                 if len(pieces) >= budget:
                     break
                 history.append(token)
@@ -243,7 +281,7 @@ class Engine:
                 self.model.embeddings.lookup(self._token_id, self._token_input[0])
                 self._host_copies += self._token_input.nbytes
                 hidden = self._decode_step(should_stop)
-                token = self._next_token(hidden, sampler, options, history)
+                token = self._next_token(hidden, sampler, options, history, typed)
         except _Cancelled:
             finish = "cancelled"
         except SessionError as exc:
@@ -257,8 +295,24 @@ class Engine:
             steps = max(len(pieces) - 1, 0)
             if steps and decode_s > 0:
                 timings["decode_tokens_per_s"] = round(steps / decode_s, 2)
-        text = "".join(pieces) + detok.flush()
-        yield DoneEvent(text, finish, num_prompt, len(pieces), timings)
+        # What the detokenizer still holds is the start of a character the answer stopped
+        # inside (max_tokens, a stop token, a cancel): dropped, so `text` is exactly the deltas.
+        detok.flush()
+        text = "".join(pieces)
+        extra = {} if typed is None else typed.final_fields(finish, timings)
+        if plan is not None:
+            turn = self.conversations.finish(plan, encoded, answer_ids, text, self.cache.position,
+                                             finish in ("stop", "length"))
+            notes = turn.pop("notes", []) + extra.pop("notes", [])
+            extra.update(turn, **({"notes": notes} if notes else {}))
+        yield DoneEvent(text, finish, num_prompt, len(pieces), timings, extra)
+
+    def forget_conversation(self, conversation_id: str) -> bool:
+        """Drop a conversation and its KV snapshot (a reset); True when it existed."""
+        return self.conversations.forget(conversation_id)
+
+    def conversation_stats(self) -> dict[str, int]:
+        return self.conversations.stats()
 
     def _check_options(self, options: GenerationOptions) -> None:
         """Refuse, before any graph call, what this model's graphs cannot do."""
@@ -272,24 +326,37 @@ class Engine:
         error.prompt_tokens = num_prompt
         if isinstance(error, NumericError):
             self.prefixes.clear()
+            if self.conversations.live is not None:  # its rows may hold them too
+                self.conversations.forget(self.conversations.live, "its KV rows held non-finite values")
         return error
 
     # ------------------------------------------------------------------ prefill
 
     def _prefill(self, prompt: Prompt, encoded: EncodedPrompt, should_stop: Callable[[], bool],
-                 timings: dict[str, Any]) -> np.ndarray:
-        """Fill the cache with the prompt; return the last row's hidden state [1, 1, hidden]."""
+                 timings: dict[str, Any], plan: TurnPlan | None = None) -> np.ndarray:
+        """Fill the cache with the prompt; return the last row's hidden state [1, 1, hidden].
+        A later conversation turn prefills only the rows after the conversation's cached ones."""
         ids, end = encoded.ids, len(encoded.ids)
-        key = prefix_key(prompt, self.model.template.name)
-        entry = find_follow_up(self.prefixes, key, encoded)
-        start = self._place_prefix(entry, end)
-        timings["prefix_reused"] = entry is not None
+        if plan is not None and plan.encoded is not None:
+            key, entry = None, None
+            start = self.conversations.place(self.cache, plan)
+            timings["history_rows"] = start
+        else:
+            key = prefix_key(prompt, self.model.template.name)
+            entry = find_follow_up(self.prefixes, key, encoded)
+            start = self._place_prefix(entry, end)
+        timings["prefix_reused"] = entry is not None or start > 0
         self._fill_embeds(ids, start, entry)
+        for rows, features in plan.stored_features if plan is not None else ():
+            self._embeds[rows] = features  # earlier turns' images, prefilled again
         if entry is None and prompt.images:
             image_started = time.perf_counter()
             self._encode_images(prompt.images, encoded.context_rows, should_stop)
             timings["image_ms"] = _ms(time.perf_counter() - image_started)
             timings["images_encoded"] = len(prompt.images)
+        if plan is not None and prompt.images:  # kept so the turn can be prefilled again later
+            source = entry.embeds if entry is not None else self._embeds
+            plan.features = source[encoded.context_rows].copy()  # (num_images * image_tokens, hidden)
         prefill_started = time.perf_counter()
         hidden = self._run_plan(start, end, should_stop)
         timings["prefill_ms"] = _ms(time.perf_counter() - prefill_started)
@@ -315,6 +382,7 @@ class Engine:
     def _place_prefix(self, entry: PrefixEntry | None, end: int) -> int:
         """Restore the follow-up's snapshot (up to where its prefill starts) or empty the
         cache; return the first cache row the prefill fills."""
+        self.conversations.park(self.cache)  # a live conversation's rows are copied out first
         if entry is None:
             self.cache.reset()
         else:
@@ -379,14 +447,20 @@ class Engine:
             open_history(*self._history_masks[group], cached_rows=row)
         return self._run_layers(group, self._prefill_feeds[group], size, should_stop)
 
-    def _next_token(self, hidden: np.ndarray, sampler: Sampler, options: GenerationOptions,
-                    history: Sequence[int]) -> int:
+    def _run_post(self, hidden: np.ndarray) -> list[np.ndarray]:
         s = self.shapes
         if hidden.dtype != s.post_dtype:
             np.copyto(self._post_input, hidden)
             self._host_copies += self._post_input.nbytes
             hidden = self._post_input
-        outputs = self.model.post.run({s.post_input_name: hidden}, 0)
+        return self.model.post.run({s.post_input_name: hidden}, 0)
+
+    def _next_token(self, hidden: np.ndarray, sampler: Sampler, options: GenerationOptions,
+                    history: Sequence[int], typed: ConstrainedAnswer | None = None) -> int:
+        if typed is not None:  # the post graph runs only when the format leaves a choice
+            return typed.choose(lambda: self._run_post(hidden), sampler, history)
+        s = self.shapes
+        outputs = self._run_post(hidden)
         if s.topk_ids_index is not None:
             ids = outputs[s.topk_ids_index].reshape(-1)
             if s.topk_values_index is None:  # greedy only (_check_options); no score to check
@@ -416,6 +490,7 @@ class Engine:
 
 def _never() -> bool:
     return False
+
 
 
 def _ms(seconds: float) -> float:

@@ -5,17 +5,18 @@ that `keys[i]` is exactly the `[1, capacity, kv_dim]` array the decode group tak
 decode feeds views, never copies. By default it allocates one host block; a board data
 path may hand it `storage` instead, one (K, V) pair of `[1, capacity, kv_dim]` arrays per
 layer that are views of the layers' own device buffers (npu/board/zero_copy.py), so the
-cache *is* what the NPU reads. Either way only `write`, `restore` and `reset` change it,
-and `resets` counts resets (a restore is one), so whoever mirrors it knows when its
-rows or the decode mask were replaced wholesale. It also owns the decode mask, because the mask is
-a function of the position: slot j < capacity is open iff row j is filled, and the
-last slot (the token itself) is always open. Advancing opens the new slots; nothing
+cache *is* what the NPU reads. Either way only `write`, `restore`, `reset` and `rewind`
+change it, and `resets` counts resets (a restore and a rewind are one), so whoever
+mirrors it knows when its rows or the decode mask were replaced wholesale. It also owns
+the decode mask, because the mask is a function of the position: slot j < capacity is
+open iff row j is filled, and the last slot (the token itself) is always open. Advancing opens the new slots; nothing
 is rebuilt per token.
 
 Protocol (only the engine calls these): write the rows of the token(s) at the current
 position for every layer with `write`, then `advance(n)` once. `fits(n)` answers
 whether n more rows fit. `snapshot(length)` copies the first `length` rows of every
-layer; `restore` puts them (or their first rows) back and sets the position to their end.
+layer; `restore` puts them (or their first rows) back and sets the position to their end;
+`rewind(length)` forgets the rows after the first `length` (a cancelled conversation turn).
 
 `PrefixStore` keeps a few snapshots (least recently used evicted) keyed by whatever
 the engine decides (image, system prompt, template), each with the token ids it
@@ -133,6 +134,14 @@ class KVCache:
         if not 0 <= length <= self.position:
             raise CacheFullError(f"history of {length} rows asked at position {self.position}")
         return self.keys[layer][:, :length], self.values[layer][:, :length]
+
+    def rewind(self, length: int) -> None:
+        """Forget every row from `length` on (their slots of the decode mask blocked again)."""
+        if not 0 <= length <= self.position:
+            raise CacheFullError(f"cannot rewind to {length} at position {self.position}")
+        self.decode_mask[0, 0, length:self.capacity] = MASK_BLOCKED
+        self.position = length
+        self.resets += 1  # mirrors of the mask resynchronise it whole
 
     def snapshot(self, length: int | None = None) -> KVSnapshot:
         """Copy the first `length` rows (default: all filled rows) of every layer."""

@@ -68,13 +68,15 @@ class Prompt:
 
     `image_key` names the images' content (e.g. "cam1:42"); prompts with the same key,
     system prompt and template share a KV prefix snapshot, so the key must change when
-    the pixels do. None disables prefix reuse.
+    the pixels do. None disables prefix reuse. `conversation` names a conversation the
+    prompt is the next turn of (npu.engine.conversation); None: a question on its own.
     """
 
     text: str
     images: Sequence[np.ndarray] = ()
     image_key: Hashable | None = None
     system: str | None = None
+    conversation: str | None = None
 
 
 @dataclass
