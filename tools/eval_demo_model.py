@@ -167,38 +167,27 @@ BACKENDS = {"ask": ask_asker, "cli": cli_asker, "engine": engine_asker, "transfo
 # ---- conversations ---------------------------------------------------------------------
 
 def conversation_asker(model_dir: Path, precision: str):
-    """converse(rgb, questions, image_key) -> answers: each turn asked through npu's Engine
-    with the earlier turns and the model's own answers before it, the image in turn one.
-    The prompt ids are those of the checkpoint's `ChatTemplate.render_conversation`
-    (demo_data's `encode_conversation`), until the engine takes turns itself."""
-    import demo_data
+    """converse(rgb, questions, image_key) -> answers: the turns of one conversation asked
+    through npu's Engine as vlmd asks them (`Prompt.conversation`: the image in turn one,
+    each later turn prefilled after the earlier turns' cached rows and the model's own
+    answers), so the figure measures the runtime's conversation path."""
     from npu.engine import DoneEvent, Engine, GenerationOptions, Prompt
     from npu.model import load_model
-    from npu.engine.prompt import EncodedPrompt
-    from npu.text.template import Turn
 
-    class ConversationEngine(Engine):
-        turns: list | None = None
-
-        def _encode(self, prompt):
-            if self.turns is None:
-                return super()._encode(prompt)
-            template = self.model.template
-            encoded = demo_data.encode_conversation(template, self.turns, self.shapes.image_tokens)
-            rows = np.flatnonzero(np.asarray(encoded.ids) == template.image_context_id)
-            return EncodedPrompt(encoded.ids, encoded.num_prefix_ids, rows)
-
-    engine = ConversationEngine(load_model(str(model_dir), backend="reference", precision=precision))
+    engine = Engine(load_model(str(model_dir), backend="reference", precision=precision))
     options = GenerationOptions(max_tokens=MAX_TOKENS, temperature=0.0)
 
     def converse(rgb, questions: list[str], image_key: str) -> list[str]:
         answers: list[str] = []
-        for question in questions:
-            engine.turns = [Turn(q, int(i == 0), a) for i, (q, a) in enumerate(zip(questions, [*answers, None]))]
-            events = list(engine.generate(Prompt(text=question, images=[rgb], image_key=image_key), options))
-            assert isinstance(events[-1], DoneEvent)
+        conversation = f"eval:{image_key}"
+        for turn, question in enumerate(questions):
+            first = turn == 0 and rgb is not None
+            prompt = Prompt(text=question, images=[rgb] if first else [], image_key=image_key if first else None,
+                            conversation=conversation)
+            events = list(engine.generate(prompt, options))
+            assert isinstance(events[-1], DoneEvent), events[-1]
             answers.append(events[-1].text)
-        engine.turns = None
+        engine.forget_conversation(conversation)
         return answers
 
     return converse

@@ -99,8 +99,8 @@ class Phase:
     mix: Mix = field(default_factory=Mix)  # what each step asks about its scenes
 
 
-RECIPE = Phase(steps=2400, lr=2e-3, warmup=100, seed=1234, images=12, aux_weight=0.5,
-               vision_steps=600, vision_images=32, mix=Mix(caption_weight=1.5))
+RECIPE = Phase(steps=1950, lr=2e-3, warmup=100, seed=1234, images=12, aux_weight=0.5,
+               vision_steps=400, vision_images=32, mix=Mix(caption_weight=2.5))
 
 
 # ---- tokenizer and template ----------------------------------------------------------
