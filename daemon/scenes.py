@@ -58,11 +58,22 @@ _CENTRES = {
 NUMBERS = ("zero", "one", "two", "three")
 # The kinds of question Scene.questions() asks, named by their first two words.
 QUESTION_TYPES = ("how many", "is there", "what colour", "where is")
+# Prompts that ask for the caption; the first is vlmd's default caption prompt.
 CAPTION_PROMPTS = (
+    "Describe the image in one sentence.",
     "Describe the image shortly.",
     "Please describe the image shortly.",
     "Describe the image.",
+    "Describe this image.",
+    "Describe the picture.",
     "What is in the image?",
+    "What is in this image?",
+    "What is in the picture?",
+    "What do you see?",
+    "What can you see?",
+    "What does the image show?",
+    "Tell me what you see.",
+    "Caption this image.",
 )
 DEFAULT_SIZE = (320, 240)
 

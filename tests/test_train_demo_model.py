@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 
 from daemon import scenes
+from npu.text.template import Turn
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
+import demo_data  # noqa: E402
 import train_demo_model as training  # noqa: E402
 
 
@@ -32,7 +34,7 @@ def test_cell_labels_mark_the_cells_under_each_shape():
     )
     size = (224, 224)
     _, mask = scenes._render(scene, np.random.default_rng(0), size, with_mask=True)
-    labels = dict(zip(training.AUX_FIELDS, training.cell_labels(scene, mask).reshape(-1, 8, 8)))  # row-major
+    labels = dict(zip(demo_data.AUX_FIELDS, demo_data.cell_labels(scene, mask).reshape(-1, 8, 8)))  # row-major
     kinds, colours = labels["kind"], labels["colour"]
     # Left slot: centre at x = 0.2 * 224 ~ 45 px -> column 1; y = 112 px -> rows 3..4.
     assert kinds[3:5, 1].tolist() == [1 + scenes.KINDS.index("star")] * 2
@@ -69,7 +71,8 @@ def test_draw_scene_with_mask_draws_the_same_scene():
 
 def test_shared_prefix_gives_the_same_loss_and_gradients(monkeypatch, tmp_path):
     """The decoder computes the prompt part every sequence of an image shares once and
-    reuses its KV cache; loss and gradients must equal running every sequence whole."""
+    reuses its KV cache, in buckets of similar length; loss and gradients must equal
+    running every sequence whole in one padded batch."""
     import random
 
     from transformers import InternVLForConditionalGeneration
@@ -78,13 +81,14 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(monkeypatch, tmp_path):
     tok = training.build_tokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))
     model = InternVLForConditionalGeneration(training.model_config(tok)).float()
-    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(training.AUX_SIZES))
-    phase = training.Phase(1, 1e-3, 1, 1, images=3, questions=4, aux_weight=0.5)
-    batch = training.make_batch(np.random.default_rng(5), random.Random(5), tok,
-                                training.prompt_encoder(tok, tmp_path), phase, 3)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, sum(demo_data.AUX_SIZES))
+    batch = demo_data.make_batch(np.random.default_rng(5), random.Random(5), training.chat_template(tmp_path),
+                                 demo_data.Mix(), 3)
+    assert (batch.image_index < 0).any() and len(set(batch.segment_types)) > 3  # text-only rows, several kinds
     results = []
-    for shared in (False, True):
+    for shared, buckets in ((False, 1), (True, 3)):
         monkeypatch.setattr(training, "SHARED_PREFIX", shared)
+        monkeypatch.setattr(training, "BUCKETS", buckets)
         model.zero_grad()
         loss, aux_loss, *_ = training.forward(model, head, batch)
         (loss + aux_loss).backward()
@@ -94,6 +98,31 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(monkeypatch, tmp_path):
     assert len(results[0][1]) == len(results[1][1]) > 0
     for full, shared in zip(results[0][1], results[1][1]):
         assert torch.allclose(full, shared, atol=1e-7, rtol=1e-4)
+
+
+def test_conversations_are_tokenised_as_the_engine_renders_them(tmp_path):
+    """A one-turn prompt gives ChatTemplate.encode_prompt's ids; a conversation gives the
+    ids of ChatTemplate.render_conversation's text, answered (training) or with the last
+    turn open (asking), and the answer spans hold the answers."""
+    tok = training.build_tokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = training.chat_template(tmp_path)
+    question = "What colour is the star? Answer with one of: red, blue."
+    one = demo_data.encode_conversation(template, [Turn(question, 1)])
+    assert one.ids == template.encode_prompt(question, 1, demo_data.NUM_IMAGE_TOKENS).ids
+    turns = [Turn("Describe the image.", 1, "a red star on the left"), Turn("Is there a star?", 0, "yes"),
+             Turn("Where is the star?", 0, "on the left")]
+    text = template.render_conversation(turns, demo_data.NUM_IMAGE_TOKENS)
+    encoded = demo_data.encode_conversation(template, turns, types=["caption", "is there", "where is"])
+    sep = template.spec.sep
+    assert encoded.ids == template.tokenizer.encode(text)
+    assert [template.tokenizer.decode(encoded.ids[a:b]) for a, b, _ in encoded.answers] == [
+        turn.answer + sep for turn in turns]
+    asked = demo_data.encode_conversation(template, [*turns[:2], Turn("Where is the star?", 0)])
+    assert asked.ids == template.tokenizer.encode(
+        template.render_conversation([*turns[:2], Turn("Where is the star?", 0)], demo_data.NUM_IMAGE_TOKENS))
+    assert [(kind, turn) for _, kind, turn in encoded.kind_words] == [("star", 1), ("star", 2)]
+    assert template.tokenizer.decode(encoded.ids[: encoded.num_prefix_ids]).endswith("</img>\n")
 
 
 @pytest.mark.slow
