@@ -470,6 +470,14 @@ def test_demo_command_runs_end_to_end(tiny_internvl_native, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "caption: " in out and "question: " in out and out.count("finish: ") == 2
+    # one of each of the answers a device can act on: two typed answers, a three-turn
+    # conversation, a watch defined over MQTT
+    assert out.count("typed: ") == 2 and out.count("  value: ") == 2, out
+    assert 'conversation "demo"' in out and out.count("  you: ") == 3 and "turn 3: " in out, out
+    assert "watch: retained on " in out, out
+    if not model:  # the shipped demo model sees the circle come and go: one event per change
+        assert "event on " in out and ": false -> true" in out and ": true -> false" in out, out
+        assert out.count("event on ") == 2, out
 
 
 def test_credentials_and_a_refused_connack(tmp_path):
