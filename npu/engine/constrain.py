@@ -217,16 +217,22 @@ class ConstrainedAnswer:
         self.num_forced = 0
         self._steps: list[tuple[bytes, list[bytes | None], np.ndarray]] = []
         self._unscored = False  # a top-k build without scores: no confidence
+        # allowed() for the state it was last computed in: `done` and `choose` both ask for
+        # it each token, and each asks the trie and the completion distances of every token
+        self._allowed_for: tuple[bytes, int, bytes] | None = None
+        self._allowed: tuple[np.ndarray, list[bytes | None]] = (np.zeros(0, np.int64), [])
 
     # -- the choice --------------------------------------------------------------------------
 
     def allowed(self) -> tuple[np.ndarray, list[bytes | None]]:
         """The tokens allowed now: admissible and finishable within the budget."""
-        ids, nexts = self.compiled.transitions(self.prefix)
-        keep = [i for i, nxt in enumerate(nexts) if nxt is END or self._reach(nxt) <= self.remaining - 1]
-        if len(keep) == len(nexts):
-            return ids, nexts
-        return ids[keep], [nexts[i] for i in keep]
+        state = (self.prefix, self.remaining, self.witness)
+        if state != self._allowed_for:
+            ids, nexts = self.compiled.transitions(self.prefix)
+            keep = [i for i, nxt in enumerate(nexts) if nxt is END or self._reach(nxt) <= self.remaining - 1]
+            self._allowed = (ids, nexts) if len(keep) == len(nexts) else (ids[keep], [nexts[i] for i in keep])
+            self._allowed_for = state
+        return self._allowed
 
     def _reach(self, next_prefix: bytes) -> float:
         return self._completion(next_prefix)[0]
