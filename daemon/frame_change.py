@@ -1,10 +1,13 @@
 """The change test captions and watches share: a frame is new enough to look at again when
 its grey 32x32 thumbnail differs from the last one looked at by at least `min_change`
-(mean absolute difference / 255), and the frame as JPEG for the caption's image topic."""
+(mean absolute difference / 255), and the frame as JPEG for the caption's image topic.
+`RecentFrames` keeps the last few camera frames decoded, so a frame that a question, a
+caption and several watches look at is decoded and thumbnailed once."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -28,3 +31,31 @@ def jpeg(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=IMAGE_QUALITY)
     return buffer.getvalue()
+
+
+class RecentFrames:
+    """The last `size` frames decoded (by the identity of their bytes, which the inbox keeps
+    for a frame's life), each with its thumbnail once asked for. The arrays are read-only:
+    every reader shares them."""
+
+    def __init__(self, decode: Callable[[bytes], np.ndarray], size: int = 4) -> None:
+        self._decode = decode
+        self._size = size
+        self._entries: list[list] = []  # [data, rgb, thumbnail or None], newest last
+
+    def rgb(self, data: bytes) -> np.ndarray:
+        for entry in self._entries:
+            if entry[0] is data:
+                return entry[1]
+        rgb = self._decode(data)  # raises FrameError for a bad frame: nothing is kept
+        rgb.setflags(write=False)
+        self._entries = [*self._entries[-(self._size - 1):], [data, rgb, None]]
+        return rgb
+
+    def thumbnail(self, rgb: np.ndarray) -> np.ndarray:
+        for entry in self._entries:
+            if entry[1] is rgb:
+                if entry[2] is None:
+                    entry[2] = thumbnail(rgb)
+                return entry[2]
+        return thumbnail(rgb)

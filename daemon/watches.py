@@ -202,6 +202,7 @@ class WatchRunner:
     inbox: Any
     responder: Any  # daemon.responder.Responder: publishes the states and events
     decode: Callable[[bytes], np.ndarray]
+    thumbnail: Callable[[np.ndarray], np.ndarray] = thumbnail
     min_change: Callable[[str], float] = lambda camera: 0.02
     max_tokens: int = 64
     should_stop: Callable[[], bool] = lambda: False
@@ -223,7 +224,7 @@ class WatchRunner:
             log.warning("watch frame rejected", watch=watch.name, code=exc.code)
             self.counts["failed"] += 1
             return True
-        picture = thumbnail(rgb)
+        picture = self.thumbnail(rgb)
         if not changed(picture, watch.thumbnail, self.min_change(watch.camera)):
             self.counts["unchanged"] += 1
             return True

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from daemon.frame_change import changed, jpeg, thumbnail
+from daemon.frame_change import RecentFrames, changed, jpeg
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
 from daemon.responder import Responder
@@ -66,8 +66,9 @@ class Worker:
         self.last_progress = clock()  # service clock of the last step or token, for the watchdog
         self.consecutive_failures = 0
         self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32) float32 of the last caption
+        self._frames = RecentFrames(self._decode)  # camera frames: decoded once for every reader
         self.watch_runner = None if watches is None else WatchRunner(
-            watches, engine, inbox, responder, self._decode,
+            watches, engine, inbox, responder, self._frames.rgb, self._frames.thumbnail,
             min_change=lambda camera: self.scheduler.captions.get(camera, CaptionPolicy()).min_change,
             max_tokens=limits.default_max_tokens, should_stop=self.abort.is_set)
 
@@ -128,7 +129,7 @@ class Worker:
     def _ask_prompt(self, job: Job) -> Prompt:
         request = job.request
         if job.frames:
-            images = [self._decode(frame.data) for frame in job.frames]
+            images = [self._frames.rgb(frame.data) for frame in job.frames]
             image_key = f"{job.camera}:" + ",".join(str(frame.seq) for frame in job.frames)
         elif request.image_b64:
             data = frame_codec.b64_image_bytes(request.image_b64, self.limits.frame_max_bytes)
@@ -227,12 +228,12 @@ class Worker:
         frame = frames[-1]
         self.scheduler.caption_started(camera, frame.seq, now)
         try:
-            rgb = self._decode(frame.data)
+            rgb = self._frames.rgb(frame.data)
         except frame_codec.FrameError as exc:
             log.warning("caption frame rejected", camera=camera, code=exc.code)
             self.responder.stats.count_caption("failed")
             return
-        picture = thumbnail(rgb)
+        picture = self._frames.thumbnail(rgb)
         if not changed(picture, self._thumbnails.get(camera), policy.min_change):
             self.responder.stats.count_caption("skipped")
             return

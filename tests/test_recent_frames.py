@@ -1,0 +1,49 @@
+"""daemon.frame_change.RecentFrames: a camera frame that a question, a caption and several
+watches look at is decoded and thumbnailed once, shared read-only; bad frames are not kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from daemon import frame_change
+from daemon.frame_change import RecentFrames
+from protocol.frames import FrameError
+from tests.fixtures_daemon import png_bytes
+
+
+def test_each_frame_is_decoded_and_thumbnailed_once(monkeypatch):
+    decoded, thumbnails = [], []
+
+    def decode(data: bytes) -> np.ndarray:
+        decoded.append(data)
+        return np.full((24, 32, 3), len(decoded) * 40, np.uint8)
+
+    real_thumbnail = frame_change.thumbnail
+    monkeypatch.setattr(frame_change, "thumbnail", lambda rgb: thumbnails.append(1) or real_thumbnail(rgb))
+    frames = RecentFrames(decode, size=2)
+    first, second, third = png_bytes(size=(4, 4)), png_bytes(size=(5, 5)), png_bytes(size=(6, 6))
+    rgb = frames.rgb(first)
+    assert frames.rgb(first) is rgb and len(decoded) == 1  # a caption and a watch on the same frame
+    assert frames.thumbnail(rgb) is frames.thumbnail(rgb) and len(thumbnails) == 1
+    with pytest.raises(ValueError):
+        rgb[0, 0, 0] = 1  # shared by every reader: nobody may write into it
+    frames.rgb(second)
+    frames.rgb(third)  # size 2: the first is forgotten
+    frames.rgb(first)
+    assert len(decoded) == 4
+
+
+def test_a_bad_frame_is_not_kept():
+    calls = []
+
+    def decode(data: bytes) -> np.ndarray:
+        calls.append(data)
+        raise FrameError("bad_image", "not an image")
+
+    frames = RecentFrames(decode)
+    data = b"not an image"
+    for _ in range(2):
+        with pytest.raises(FrameError):
+            frames.rgb(data)
+    assert len(calls) == 2
