@@ -153,8 +153,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     Runs in blocks of query rows (every head at once): scores, mask, softmax and the
     product with V finish for one block while its scores are still in cache, and with
     a threaded BLAS each block's GEMMs are small enough to run on the calling thread
-    (see `serial_rows`). Every row is computed as the whole-matrix formula computes it,
-    so the result does not depend on the blocking.
+    (see `serial_rows`). Every row goes through the same operations as in the whole-matrix
+    formula, so every block size gives that formula to float32 rounding (the bound is derived
+    in tests/test_reference_ops.py). Bit-identical across block sizes only where the BLAS
+    kernel sums a product the same way whatever the matrix size: OpenBLAS's SkylakeX kernels
+    do, its Haswell ones do not, so nothing may rely on it.
     """
     n, heads, d = q.shape
     m, kv_heads, _ = k.shape
