@@ -192,12 +192,13 @@ def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefi
                       kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, history_groups=history_groups,
                       history_lengths=history_lengths)
     tokenizer = load_part("tokenizer", root, Tokenizer.from_dir, root)
-    template = load_part("template", root, layout_template, layout, tokenizer)
+    template = load_part("template", root, layout_template, layout, tokenizer, built.family.image_tags)
     embeddings_file = load_part("embeddings", root, cached_embeddings_file, root)
     embeddings = load_part("embeddings", root, Embeddings, embeddings_file, built.blueprint.vocab, built.blueprint.hidden)
     return Model(built.vision, list(built.layers), built.post, embeddings, tokenizer, template,
                  name=root.name, backend="reference", precision=precision, source=root,
-                 notes=tuple(layout.notes) + (f"template {template.name}: {layout.template_source}",), layout=layout.kind)
+                 notes=tuple(layout.notes) + (f"template {template.name}: {layout.template_source}",), layout=layout.kind,
+                 family=built.family)
 
 
 def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: str) -> Model:

@@ -34,11 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from npu.families.base import ImageTags
 from npu.text.tokenizer import Tokenizer
 
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
+INTERNVL_TAGS = ImageTags(IMG_START, IMG_CONTEXT, IMG_END)
 # Tokens that end a turn whichever template is in use, when the tokenizer has them.
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>")
 
@@ -100,25 +102,27 @@ class PromptIds:
 class ChatTemplate:
     """Renders and tokenises prompts for one checkpoint."""
 
-    def __init__(self, spec: TemplateSpec, tokenizer: Tokenizer, system_message: str | None = None):
+    def __init__(self, spec: TemplateSpec, tokenizer: Tokenizer, system_message: str | None = None,
+                 image_tags: ImageTags | None = None):
         self.spec = spec
+        self.image_tags = image_tags or INTERNVL_TAGS  # how the model family marks an image (npu/families/)
         self.name = spec.name
         self.tokenizer = tokenizer
         self.system_message = spec.system_message if system_message is None else system_message
         self.stop_ids = _stop_ids(spec, tokenizer)
-        self.image_context_id = tokenizer.token_id(IMG_CONTEXT)
-        self._image_tags_ok = all(tokenizer.token_id(t) is not None
-                                  for t in (IMG_START, IMG_END, IMG_CONTEXT))
+        self.image_context_id = tokenizer.token_id(self.image_tags.token)
+        self._image_tags_ok = tags_known(self.image_tags, tokenizer)
 
     @classmethod
-    def from_checkpoint(cls, config: dict[str, Any], tokenizer: Tokenizer) -> ChatTemplate:
+    def from_checkpoint(cls, config: dict[str, Any], tokenizer: Tokenizer,
+                        image_tags: ImageTags | None = None) -> ChatTemplate:
         """The template named by `config["template"]`, Qwen2 ChatML when there is none."""
         name = config.get("template") or QWEN2_CHATML
         spec = TEMPLATES.get(name)
         if spec is None:
             known = ", ".join(sorted(TEMPLATES))
             raise ValueError(f"unknown chat template {name!r} in config.json; known: {known}")
-        return cls(spec, tokenizer, config.get("system_message"))
+        return cls(spec, tokenizer, config.get("system_message"), image_tags)
 
     # -- text ----------------------------------------------------------------------------
 
@@ -151,7 +155,7 @@ class ChatTemplate:
         return text
 
     def image_blocks(self, num_images: int, image_tokens: int) -> str:
-        return image_blocks(num_images, image_tokens, self._image_tags_ok)
+        return image_blocks(num_images, image_tokens, self._image_tags_ok, self.image_tags)
 
     # -- ids -----------------------------------------------------------------------------
 
@@ -170,19 +174,26 @@ class ChatTemplate:
         return PromptIds(prefix_ids + question_ids + suffix_ids, len(prefix_ids))
 
 
-def image_blocks(num_images: int, image_tokens: int, tags_ok: bool = True) -> str:
+def tags_known(tags: ImageTags, tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer has every (non-empty) tag as a token."""
+    return all(tokenizer.token_id(t) is not None for t in (tags.start, tags.end, tags.token) if t)
+
+
+def image_blocks(num_images: int, image_tokens: int, tags_ok: bool = True, tags: ImageTags | None = None) -> str:
     """InternVL's image blocks before a question: `<img>` + N x `<IMG_CONTEXT>` + `</img>\\n`,
-    numbered `Image-i: ` when there are several. ValueError for impossible counts or when
+    numbered `Image-i: ` when there are several (another family's `tags`: its start, token and
+    end, a newline after each block when `tags.newline`). ValueError for impossible counts or when
     the tokenizer lacks the image tags (`tags_ok` False)."""
+    tags = tags or INTERNVL_TAGS
     if num_images < 0 or image_tokens < 0:
         raise ValueError(f"num_images ({num_images}) and image_tokens ({image_tokens}) must be >= 0")
     if num_images == 0:
         return ""
     if not tags_ok:
-        raise ValueError(f"the tokenizer lacks {IMG_START}, {IMG_END} or {IMG_CONTEXT}: this model cannot take images")
+        raise ValueError(f"the tokenizer lacks {tags.start}, {tags.end} or {tags.token}: this model cannot take images")
     if image_tokens == 0:
         raise ValueError("image_tokens must be > 0 when there are images")
-    block = IMG_START + IMG_CONTEXT * image_tokens + IMG_END + "\n"
+    block = tags.start + tags.token * image_tokens + tags.end + ("\n" if tags.newline else "")
     if num_images == 1:
         return block
     return "".join(f"Image-{i}: {block}" for i in range(1, num_images + 1))
