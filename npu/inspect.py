@@ -21,6 +21,7 @@ from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, layo
 from npu.board.layout import ModelLayout, detect_layout
 from npu.embeddings import cached_embeddings_path
 from npu.errors import ModelError
+from npu.families import family_named
 from npu.image import ImagePreprocess
 from npu.model import DEMO_MODEL_DIR, load_part
 from npu.reference import build_reference_sessions
@@ -117,7 +118,7 @@ def _preprocess(layout: ModelLayout) -> dict[str, Any]:
 
 def _reference_graphs(layout: ModelLayout, precision: str) -> BoardGraphs:
     built = build_reference_sessions(layout.root, precision=precision)
-    return BoardGraphs(built.vision, list(built.layers), built.post)
+    return BoardGraphs(built.vision, list(built.layers), built.post, family=built.family)
 
 
 def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
@@ -135,13 +136,15 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     top = max((i for i in special.values() if i is not None), default=None)
     if rows is not None and top is not None and top >= rows:
         problems.append(f"tokenizer id {top} is past the embedding file's {rows} rows")
-    image_id = special["<IMG_CONTEXT>"]
+    family = family_named(layout.family)
+    image_id = tokenizer.token_id(family.image_tags.token)  # <IMG_CONTEXT>, <|image_pad|>: the family's
+    report["family"] = family.name
     if layout.image_context_id is not None and layout.image_context_id != image_id:
         problems.append(f"the package declares image token id {layout.image_context_id}, the tokenizer has {image_id}")
     if layout.template is None and layout.chat_template is None and shapes.image_tokens:
         problems.append("no chat template for a vision model: " + layout.template_source)
     try:
-        template = load_part("template", layout.root, layout_template, layout, tokenizer)
+        template = load_part("template", layout.root, layout_template, layout, tokenizer, family.image_tags)
     except ModelError as exc:
         problems.append(str(exc))
         return report
@@ -152,7 +155,7 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
         count = tokenizer.encode(prompt).count(image_id) if image_id is not None else 0
         report["image_context_tokens"] = count
         if count != shapes.image_tokens:
-            problems.append(f"the prompt carries {count} <IMG_CONTEXT> tokens,"
+            problems.append(f"the prompt carries {count} {family.image_tags.token} tokens,"
                             f" the vision graph yields {shapes.image_tokens} rows")
     return report
 

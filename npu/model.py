@@ -217,7 +217,7 @@ def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: s
         raise BoardModelError(f"{layout.root}: " + "; ".join(problems) + f" (see `vlmd model inspect {layout.root}`)",
                               part="layout")
     tokenizer = load_part("tokenizer", layout.tokenizer_dir, Tokenizer.from_dir, layout.tokenizer_dir)
-    template = load_part("template", layout.root, layout_template, layout, tokenizer)
+    template = load_part("template", layout.root, layout_template, layout, tokenizer, graphs.family.image_tags)
     embeddings = load_part("embeddings", layout.embeddings, Embeddings, layout.embeddings, rows, shapes.hidden)
     notes = layout.notes + (f"template {template.name}: {layout.template_source}",)
     path = load_part("data path", layout.root, select_data_path, graphs.layers, graphs.post, shapes, data_path)
@@ -225,4 +225,4 @@ def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: s
                  template, name=layout.root.name, backend="axengine",
                  precision="bf16" if dtype_name(shapes.act_dtype) == "bfloat16" else "fp32",
                  source=layout.root, notes=notes, data_path=path, cmm=graphs.cmm, layout=layout.kind,
-                 provider=getattr(graphs.post, "provider", None))  # AxEngineSession.provider: what axengine chose
+                 provider=getattr(graphs.post, "provider", None), family=graphs.family)  # AxEngineSession.provider: what axengine chose
