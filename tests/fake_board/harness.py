@@ -160,6 +160,9 @@ class FakeBoard:
         self.engine.FAKE_ENGINE_GetStats(ctypes.byref(raw))
         return EngineStats(*(int(getattr(raw, f.name)) for f in fields(EngineStats)))
 
+    def reset_sys_stats(self) -> None:
+        self.sys.FAKE_SYS_ResetStats()
+
     def device_bytes(self, phys: int, nbytes: int) -> np.ndarray:
         """A view of the device copy of `nbytes` at physical address `phys`."""
         address = self.sys.FAKE_SYS_Device(phys, nbytes)
