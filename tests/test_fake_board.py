@@ -8,6 +8,7 @@ nothing. Skips without gcc or without pyaxengine's source (tests/fixtures_board.
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import numpy as np
@@ -56,26 +57,35 @@ def test_pyaxengine_loaded_the_fakes_by_their_library_names(capi, fake_board):
     assert capi.engine_cffi.string(capi.engine_lib.AX_ENGINE_GetVersion()) == b"0.0.0 fake (vlmd tests)"
 
 
-def test_cmm_moves_bytes_only_on_flush_and_invalidate(capi, fake_board):
-    ffi, lib = capi.sys_cffi, capi.sys_lib
-    phy, vir = ffi.new("AX_U64 *"), ffi.new("AX_VOID **")
-    assert lib.AX_SYS_MemAllocCached(phy, vir, 1000, 128, ffi.new("AX_S8[]", b"test")) == 0
-    assert phy[0] != int(ffi.cast("uintptr_t", vir[0]))  # physical addresses are not host pointers
-    host = np.frombuffer(ffi.buffer(vir[0], 1000), np.uint8)
-    device = fake_board.device_bytes(phy[0], 1000)
+def test_cmm_moves_bytes_only_on_flush_and_invalidate(fake_board):
+    """Through ctypes, so it runs wherever gcc is (pyaxengine's source or not)."""
+    lib, u64, vp = fake_board.sys, ctypes.c_uint64, ctypes.c_void_p
+    lib.AX_SYS_MemAllocCached.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(vp), ctypes.c_uint32, ctypes.c_uint32,
+                                          ctypes.c_char_p]
+    for name in ("AX_SYS_MflushCache", "AX_SYS_MinvalidateCache"):
+        getattr(lib, name).argtypes = [u64, vp, ctypes.c_uint32]
+    lib.AX_SYS_MemFree.argtypes = [u64, vp]
+    phy, vir = u64(), vp()
+    assert lib.AX_SYS_MemAllocCached(ctypes.byref(phy), ctypes.byref(vir), 1000, 128, b"test") == 0
+    phys, address = phy.value, vir.value
+    assert phys != address and address % 128 == 0  # physical addresses are not host pointers
+    host = np.ctypeslib.as_array((ctypes.c_uint8 * 1000).from_address(address))
+    device = fake_board.device_bytes(phys, 1000)
     host[:] = 7
     assert not device.any()  # written, not flushed: the NPU sees nothing
-    assert lib.AX_SYS_MflushCache(phy[0], vir[0], 10) == 0
+    assert lib.AX_SYS_MflushCache(phys, address, 10) == 0
     assert (device[:64] == 7).all() and not device[64:].any()  # the one cache line covering 10 bytes
     device[:] = 9
     assert (host == 7).all()  # the NPU wrote, the host still reads its cache
-    char = ffi.cast("char *", vir[0])
-    assert lib.AX_SYS_MinvalidateCache(phy[0] + 128, char + 128, 100) == 0
+    assert lib.AX_SYS_MinvalidateCache(phys + 128, address + 128, 100) == 0
     assert (host[128:256] == 9).all() and (host[:128] == 7).all() and (host[256:] == 7).all()
-    # a range past the block, or addresses naming different bytes, are refused
-    assert lib.AX_SYS_MflushCache(phy[0], vir[0], 1001) != 0
-    assert lib.AX_SYS_MflushCache(phy[0] + 64, vir[0], 10) != 0
-    assert lib.AX_SYS_MemFree(phy[0], vir[0]) == 0
+    # a range past the block, or addresses naming different bytes, are refused and change nothing
+    refused = fake_board.sys_stats().refused_calls
+    assert lib.AX_SYS_MflushCache(phys, address, 1001) != 0
+    assert lib.AX_SYS_MflushCache(phys + 64, address, 10) != 0
+    assert lib.AX_SYS_MinvalidateCache(phys + 1000 + 64, address, 1) != 0
+    assert fake_board.sys_stats().refused_calls == refused + 3 and (device[:64] == 9).all()
+    assert lib.AX_SYS_MemFree(phys, address) == 0
 
 
 def test_cffi_refuses_sizes_outside_u32(capi):

@@ -134,3 +134,14 @@ def test_an_empty_model_file_is_named(real_axengine, tiny_internvl_native, tmp_p
     with pytest.raises(ModelError) as caught:
         load_model(directory, backend="axengine")
     assert f"{empty} is empty (0 bytes)" in str(caught.value)
+
+
+def test_a_libax_engine_without_bf16_is_explained(real_axengine, tiny_internvl_native, tmp_path, monkeypatch):
+    """The fake engine reports bf16 as AX_ENGINE_DT_UNKNOWN, as libax_engine before AX620E SDK 3.12 does."""
+    directory = build_board_dir(tiny_internvl_native.path, tmp_path / "board", "axera")
+    monkeypatch.setenv("VLMD_FAKE_BOARD_NO_BF16", "1")
+    with pytest.raises(ModelError) as caught:
+        load_model(directory, backend="axengine")
+    message = str(caught.value)
+    assert "cannot report bf16 tensors (pyaxengine: Unsupported data type" in message  # pyaxengine's own error
+    assert "AX620E SDK >= 3.12" in message
