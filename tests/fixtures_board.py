@@ -344,8 +344,11 @@ def real_axengine(_real_axengine_modules, fake_board, board_proc_dir, monkeypatc
     monkeypatch.syspath_prepend(str(site))  # its dist-info: importlib.metadata.version("axengine")
     fake_board.take_errors()
     yield module
-    loaded.update({n: m for n, m in sys.modules.items() if n.startswith("axengine.") and n not in loaded
-                   and "axengine_standin" not in str(getattr(m, "__file__", ""))})
+    imported = {n: m for n, m in sys.modules.items() if n.startswith("axengine.") and n not in loaded
+                and "axengine_standin" not in str(getattr(m, "__file__", ""))}
+    loaded.update(imported)
+    for name in imported:  # kept for the next test that takes the real package, not left behind
+        del sys.modules[name]
     errors = fake_board.take_errors()
     assert not errors, f"the fake board's callbacks raised: {errors!r}"
 

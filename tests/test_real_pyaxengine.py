@@ -145,3 +145,19 @@ def test_a_libax_engine_without_bf16_is_explained(real_axengine, tiny_internvl_n
     message = str(caught.value)
     assert "cannot report bf16 tensors (pyaxengine: Unsupported data type" in message  # pyaxengine's own error
     assert "AX620E SDK >= 3.12" in message
+
+
+def test_an_io_struct_that_disagrees_with_the_graph_is_not_indexed(real_axengine, tiny_internvl_native, tmp_path):
+    """vlmd reads pInputs[i] only for i below pyaxengine's own count: past it is other memory, not an IndexError."""
+    from npu.board.data_path import select_data_path
+
+    model = load_model(build_board_dir(tiny_internvl_native.path, tmp_path / "board", "axera"), backend="axengine",
+                       data_path="public")
+    io = model.layers[1].raw._sess._io[0]
+    io.nInputSize -= 1
+    try:
+        path = select_data_path(model.layers, model.post, model.shapes(), "auto")
+    finally:
+        io.nInputSize += 1
+    assert path.name == "public"
+    assert path.reason == "layer1: pyaxengine's IO struct has 4 inputs, the graph 5"

@@ -188,7 +188,7 @@ class GraphBuffers:
             ret = self.libs.engine_lib.AX_ENGINE_RunSyncV2(self._handle, self._context, self._io)
         self.timer.seconds += time.perf_counter() - started
         if ret != 0:
-            raise SessionError(f"{self.session.name} group {group}: libax_engine run failed ({ret:#x})")
+            raise SessionError(f"{self.session.name} group {group}: libax_engine run failed ({ret & 0xFFFFFFFF:#x})")
 
     def point_input_at(self, name: str, target: CmmBuffer) -> None:
         """Make the NPU read input `name` from `target` (another graph's buffer)."""

@@ -116,6 +116,9 @@ MODEL_TYPE_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint3
 LOAD_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint32)
 RUN_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32, _U8P, _U8P)
 UNLOAD_FN = ctypes.CFUNCTYPE(None, ctypes.c_uint64)
+# Every callback handed to C stays referenced for the process: sessions vlmd keeps open are
+# destroyed (AX_ENGINE_DestroyHandle -> unload) as late as interpreter exit.
+_KEPT: list = []
 
 
 class FakeBoard:
@@ -143,6 +146,7 @@ class FakeBoard:
         # Kept referenced: the C side holds these pointers for the process's life.
         self._callbacks = (MODEL_TYPE_FN(self._model_type), LOAD_FN(self._load), RUN_FN(self._run),
                            UNLOAD_FN(self._unload))
+        _KEPT.append((self, self._callbacks))
         self.engine.FAKE_ENGINE_SetCallbacks(*self._callbacks)
 
     # ------------------------------------------------------------------ what tests read
