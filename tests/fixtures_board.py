@@ -14,6 +14,13 @@
   tiny native InternVL checkpoint (KV capacity 159, prefill chunk 32, one history group).
 - `board_model_dir`: a real board's model directory from $VLMD_BOARD_MODEL_DIR with a
   real axengine; skips (with the reason) anywhere else. Tests using it are marked `board`.
+- `real_axengine`: AXERA's own pyaxengine (its unmodified source, from $VLMD_PYAXENGINE_SRC
+  or tests/vendor/pyaxengine) as `axengine`, over the fake libax_sys / libax_engine of
+  tests/fake_board (compiled with gcc once per session: `fake_board`); skips with the
+  reason where either is missing. `board_axengine` runs a test once on the stand-in and
+  once on the real pyaxengine; `board_axengine.dir(d)` gives each its own copy of a
+  session-scoped board directory (vlmd opens a graph file once per process, so a shared
+  directory would hand the second one the first one's sessions).
 """
 
 from __future__ import annotations
@@ -21,11 +28,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.fake_board.harness import FakeBoard, build, gcc, library_env
 
 STANDIN_ROOT = Path(__file__).parent / "axengine_standin"
 STANDIN_FORMAT = "vlmd-axengine-standin/1"
@@ -35,6 +47,10 @@ BOARD_ENV = "VLMD_BOARD_MODEL_DIR"
 BOARD_BUILD = dict(kv_capacity=159, prefill_chunk=32, history_groups=1)
 M5STACK_MODEL = "internvl2-tiny-ax630c"
 
+
+PYAXENGINE_ENV = "VLMD_PYAXENGINE_SRC"
+VENDORED_PYAXENGINE = Path(__file__).parent / "vendor" / "pyaxengine"
+FAKE_BOARD_ENV = ("VLMD_FAKE_BOARD_VNPU", "VLMD_FAKE_BOARD_NO_BF16")
 
 STANDIN_ENV = ("VLMD_STANDIN_PROVIDERS", "VLMD_STANDIN_LIBS", "VLMD_STANDIN_AXCL_HOST", "VLMD_STANDIN_PYAXENGINE",
                "VLMD_STANDIN_NO_BF16", "VLMD_STANDIN_ENGINE_VERSION")
@@ -239,3 +255,138 @@ def board_model_dir() -> Path:
     if "axengine_standin" in str(getattr(sys.modules.get("axengine"), "__file__", "")):
         pytest.skip("board test: axengine resolves to the test stand-in, not the real package")
     return Path(path)
+
+
+# ------------------------------------------------------------------ the real pyaxengine over fake libraries
+
+
+def pyaxengine_source() -> Path | None:
+    """A directory holding AXERA's `axengine/` package and its setup.py, or None."""
+    for candidate in (os.environ.get(PYAXENGINE_ENV), VENDORED_PYAXENGINE):
+        if candidate and (Path(candidate) / "axengine" / "_axe_capi.py").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def fake_board(tmp_path_factory) -> FakeBoard:
+    """tests/fake_board's libraries, compiled and loaded once per session (skips without gcc)."""
+    if gcc() is None:
+        pytest.skip("the fake board libraries need gcc (.ci/run installs it)")
+    return FakeBoard(build(tmp_path_factory.mktemp("fake_board_libs")))
+
+
+def _site_dir(source: Path, site: Path) -> Path:
+    """`axengine` as pip would install it: the package and its dist-info (version from setup.py)."""
+    match = re.search(r"version\s*=\s*[\"']([^\"']+)[\"']", (source / "setup.py").read_text())
+    if match is None:
+        raise RuntimeError(f"{source / 'setup.py'} names no version")
+    (site / "axengine").symlink_to(source / "axengine", target_is_directory=True)
+    info = site / f"axengine-{match[1]}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: axengine\nVersion: {match[1]}\n")
+    return site
+
+
+def _forget_axengine() -> dict:
+    saved = {n: m for n, m in sys.modules.items() if n == "axengine" or n.startswith("axengine.")}
+    for name in saved:
+        del sys.modules[name]
+    return saved
+
+
+@pytest.fixture(scope="session")
+def _real_axengine_modules(fake_board, tmp_path_factory):
+    """The real package imported once over the fakes, kept out of sys.modules between tests."""
+    source = pyaxengine_source()
+    if source is None:
+        pytest.skip(f"the real pyaxengine is not here: set {PYAXENGINE_ENV} to a checkout of AXERA-TECH/pyaxengine"
+                    " (tested at 3554448, 0.1.3.rc3)")
+    site = _site_dir(source, tmp_path_factory.mktemp("pyaxengine_site"))
+    saved_env = {name: os.environ.get(name) for name in (*library_env(fake_board.dir), *STANDIN_ENV, *FAKE_BOARD_ENV)}
+    saved_modules = _forget_axengine()
+    os.environ.update(library_env(fake_board.dir))
+    for name in (*STANDIN_ENV, *FAKE_BOARD_ENV):
+        os.environ.pop(name, None)
+    sys.path.insert(0, str(site))
+    try:
+        module = importlib.import_module("axengine")
+    finally:
+        sys.path.remove(str(site))
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        loaded = _forget_axengine()
+        sys.modules.update(saved_modules)
+    return module, loaded, site
+
+
+@pytest.fixture
+def real_axengine(_real_axengine_modules, fake_board, board_proc_dir, monkeypatch):
+    """AXERA's pyaxengine as `axengine` for this test, on a board (the fakes), fresh NPU settings.
+
+    Submodules it imports during the test (`axengine._axe`, on the first session: dlopen
+    and AX_ENGINE_Init, once per process as on a board) are kept for the later tests.
+    Fails the test if a fake library callback raised."""
+    module, loaded, site = _real_axengine_modules
+    for name in (*STANDIN_ENV, *FAKE_BOARD_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in library_env(fake_board.dir).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VLMD_AX_PROC", str(board_proc_dir))
+    for name in [n for n in sys.modules if (n == "axengine" or n.startswith("axengine.")) and n not in loaded]:
+        monkeypatch.delitem(sys.modules, name)
+    for name, mod in loaded.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if type(f).__name__ != "StandinFinder"])
+    monkeypatch.syspath_prepend(str(site))  # its dist-info: importlib.metadata.version("axengine")
+    fake_board.take_errors()
+    yield module
+    imported = {n: m for n, m in sys.modules.items() if n.startswith("axengine.") and n not in loaded
+                and "axengine_standin" not in str(getattr(m, "__file__", ""))}
+    loaded.update(imported)
+    for name in imported:  # kept for the next test that takes the real package, not left behind
+        del sys.modules[name]
+    errors = fake_board.take_errors()
+    assert not errors, f"the fake board's callbacks raised: {errors!r}"
+
+
+@dataclass
+class BoardAxengine:
+    """Which axengine a test runs on, and a board directory of its own for it."""
+
+    name: str  # "standin" or "pyaxengine"
+    module: Any
+    fake: FakeBoard | None
+    copies: dict = field(default_factory=dict)
+    root: Path | None = None
+
+    def dir(self, model_dir: Path) -> Path:
+        """`model_dir` for the stand-in; for the real pyaxengine a copy of its package, made once."""
+        if self.name == "standin":
+            return model_dir
+        key = str(model_dir)
+        if key not in self.copies:
+            # an M5Stack package is <root>/data/<model>; an AXERA one <root>/<name>_axmodel
+            top = model_dir.parent.parent if model_dir.parent.name == "data" else model_dir.parent
+            target = self.root / f"copy{len(self.copies)}"
+            shutil.copytree(top, target, symlinks=True)
+            self.copies[key] = target / model_dir.relative_to(top)
+        return self.copies[key]
+
+
+@pytest.fixture(scope="session")
+def _board_copies(tmp_path_factory) -> tuple[dict, Path]:
+    return {}, tmp_path_factory.mktemp("board_copies")
+
+
+@pytest.fixture(params=["standin", "pyaxengine"])
+def board_axengine(request, _board_copies) -> BoardAxengine:
+    """The test once on the Python stand-in, once on AXERA's pyaxengine over the fake libraries."""
+    copies, root = _board_copies
+    if request.param == "standin":
+        return BoardAxengine("standin", request.getfixturevalue("axengine_standin"), None)
+    module = request.getfixturevalue("real_axengine")
+    return BoardAxengine("pyaxengine", module, request.getfixturevalue("fake_board"), copies, root)

@@ -1,5 +1,5 @@
 """Conversations and typed answers on the board's zero-copy data path (the strict axengine
-stand-in), where the KV cache is the layers' device buffers: parking, restoring, rewinding
+stand-in, and AXERA's pyaxengine over the fake board libraries), where the KV cache is the layers' device buffers: parking, restoring, rewinding
 and the typed answers' skipped graph calls must leave exactly the reference's tokens."""
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def talk(engine: Engine) -> list:
 
 
 def test_conversations_and_typed_answers_on_the_zero_copy_path_equal_the_reference(
-        axengine_standin, axera_board_dir, reference_model):
-    board = load_model(axera_board_dir, backend="axengine")
+        board_axengine, axera_board_dir, reference_model):
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine")
     assert board.data_path.name == "zero-copy"
     on_board, reference = talk(Engine(board)), talk(Engine(reference_model))
     assert on_board == reference

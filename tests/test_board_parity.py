@@ -1,7 +1,8 @@
 """The whole engine through AxEngineSession equals the reference path, token for token.
 
 Here the compiled directories are stand-in builds (tests/fixtures_board.py) run by the
-strict axengine stand-in; with `-m board` and $VLMD_BOARD_MODEL_DIR the board tests at
+strict axengine stand-in and (`board_axengine`) by AXERA's own pyaxengine over the fake
+board libraries; with `-m board` and $VLMD_BOARD_MODEL_DIR the board tests at
 the end run the same engine on a real board.
 """
 
@@ -31,8 +32,9 @@ def generate(model, prompt: Prompt, options: GenerationOptions) -> tuple[list[in
 
 
 @pytest.mark.parametrize("kind", ["axera", "m5stack"])
-def test_greedy_answer_equals_reference(kind, axengine_standin, axera_board_dir, m5stack_board_dir, reference_model):
-    board = load_model(axera_board_dir if kind == "axera" else m5stack_board_dir, backend="axengine")
+def test_greedy_answer_equals_reference(kind, board_axengine, axera_board_dir, m5stack_board_dir, reference_model):
+    board = load_model(board_axengine.dir(axera_board_dir if kind == "axera" else m5stack_board_dir),
+                       backend="axengine")
     assert board.backend == "axengine" and all(isinstance(s, AxEngineSession) for s in board.layers)
     prompt = Prompt(QUESTION, images=[random_image(3, 180, 240)])
     options = GenerationOptions(max_tokens=10, ignore_stop=True)
@@ -44,8 +46,8 @@ def test_greedy_answer_equals_reference(kind, axengine_standin, axera_board_dir,
     assert board_done.prompt_tokens == reference_done.prompt_tokens > 2 * BOARD_BUILD["prefill_chunk"]
 
 
-def test_sampled_text_only_and_follow_up_equal_reference(axengine_standin, axera_board_dir, reference_model):
-    board = load_model(axera_board_dir, backend="axengine")
+def test_sampled_text_only_and_follow_up_equal_reference(board_axengine, axera_board_dir, reference_model):
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine")
     options = GenerationOptions(max_tokens=6, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_stop=True)
     prompt = Prompt("Tell me a story about a cat and a lighthouse.")
     assert generate(board, prompt, options)[0] == generate(reference_model, prompt, options)[0]
@@ -61,14 +63,15 @@ def test_sampled_text_only_and_follow_up_equal_reference(axengine_standin, axera
     assert sides[0] == sides[1]
 
 
-def test_manifest_directory_runs_like_reference(axengine_standin, axera_board_dir, tmp_path, reference_model):
+def test_manifest_directory_runs_like_reference(board_axengine, axera_board_dir, tmp_path, reference_model):
     """Any other naming works through vlmd.toml: here every file renamed, the tokenizer in a subfolder."""
+    source = board_axengine.dir(axera_board_dir)  # symlinks resolve: the sessions are per real file
     renamed = {"vision.axmodel": "intervl_vision_part_224.axmodel", "head.axmodel": "qwen2_post.axmodel",
                "rows.bin": "model.embed_tokens.weight.bfloat16.bin"}
     renamed.update({f"block{i}.axmodel": f"qwen2_p32_l{i}_together.axmodel" for i in range(2)})
     for new_name, old_name in renamed.items():
-        (tmp_path / new_name).symlink_to(axera_board_dir / old_name)
-    (tmp_path / "tok").symlink_to(axera_board_dir.parent / "internvl2_tiny_tokenizer")
+        (tmp_path / new_name).symlink_to(source / old_name)
+    (tmp_path / "tok").symlink_to(source.parent / "internvl2_tiny_tokenizer")
     (tmp_path / "vlmd.toml").write_text(
         '[model]\nvision = "vision.axmodel"\nlayers = "block{i}.axmodel"\nnum_layers = 2\npost = "head.axmodel"\n'
         'embeddings = "rows.bin"\ntokenizer = "tok"\ntemplate = "Hermes-2"\n')
@@ -77,10 +80,10 @@ def test_manifest_directory_runs_like_reference(axengine_standin, axera_board_di
     assert generate(board, prompt, options)[0] == generate(reference_model, prompt, options)[0]
 
 
-def test_public_path_feeds_axengine_its_kv_cache_itself(axengine_standin, axera_board_dir, monkeypatch):
+def test_public_path_feeds_axengine_its_kv_cache_itself(board_axengine, axera_board_dir, monkeypatch):
     import numpy as np
 
-    board = load_model(axera_board_dir, backend="axengine", data_path="public")
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine", data_path="public")
     engine = Engine(board)
     raw = board.layers[1]._session
     original, fed = raw.run, []
@@ -106,7 +109,7 @@ def test_loading_again_reuses_the_sessions(axengine_standin, axera_board_dir):
     assert second.layers[0] is first.layers[0]
 
 
-def test_topk_post_build_decodes_greedily_like_reference(axengine_standin, tiny_internvl_native, tmp_path,
+def test_topk_post_build_decodes_greedily_like_reference(board_axengine, tiny_internvl_native, tmp_path,
                                                          reference_model):
     from tests.fixtures_board import build_board_dir
 

@@ -141,3 +141,30 @@ def test_ask_with_a_format_ends_with_value_and_confidence(capsys, tiny_qwen2):
     assert json.loads(out.splitlines()[-1])["error"]["code"] == "bad_request"
     code, _, err = ask(capsys, "--model", str(tiny_qwen2.path), "--format", "{boolean}", "Yes?")
     assert code == 2 and "format: --format is not JSON" in err
+
+
+def test_ask_takes_the_board_data_path_like_bench(capsys, monkeypatch, board_axengine, tiny_internvl_native,
+                                                  tmp_path, image_file):
+    import npu.model
+    from tests.fixtures_board import build_board_dir
+
+    board = build_board_dir(tiny_internvl_native.path, tmp_path / "board", "axera")
+    loaded, original = [], npu.model.load_model
+
+    def spy(*args, **kwargs):
+        model = original(*args, **kwargs)
+        loaded.append(model.data_path.name)
+        return model
+
+    monkeypatch.setattr(npu.model, "load_model", spy)
+    answers = []
+    for path in ("public", "zero-copy", "auto"):
+        code, out, err = ask(capsys, "--model", str(board), "--image", str(image_file), "--max-tokens", "6",
+                             "--data-path", path, "--json", "What is in the picture?")
+        assert code == 0, err
+        answers.append(json.loads(out.splitlines()[-1])["text"])
+    assert loaded == ["public", "zero-copy", "zero-copy"]
+    assert answers[0] == answers[1] == answers[2] and answers[0]
+    with pytest.raises(SystemExit) as refused:
+        ask(capsys, "--model", str(board), "--data-path", "host", "Hi")
+    assert refused.value.code == 2 and "invalid choice: 'host'" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def test_loaded_graphs_are_not_counted_again(axengine_standin, axera_board_dir, 
     assert model.describe()["cmm"]["after"]["remain_kb"] == 8
 
 
-def test_inspect_reports_device_memory_and_the_data_path(axengine_standin, tiny_internvl_native, tmp_path, capsys):
+def test_inspect_reports_device_memory_and_the_data_path(board_axengine, tiny_internvl_native, tmp_path, capsys):
     from daemon.cli import main
 
     board = build_board_dir(tiny_internvl_native.path, tmp_path / "board", "axera")

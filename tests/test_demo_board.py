@@ -3,8 +3,9 @@
 The shipped demo checkpoint is exported the way a board package ships (AXERA llm_build
 layout: per-graph stand-in .axmodel files, the bf16 embedding file written by
 npu.embeddings.export_embeddings, the tokenizer folder with config.json), then run by
-the axengine stand-in. Because the demo model means something, this checks more than
-parity: the board path's captions must also name the right colours, places and count.
+the axengine stand-in and by AXERA's pyaxengine over the fake board libraries. Because
+the demo model means something, this checks more than parity: the board path's captions
+must also name the right colours, places and count.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def test_board_layout_holds_the_demo_model(demo_board_dir):
     assert (demo_board_dir.parent / "internvl2_tiny_tokenizer" / "tokenizer.json").is_file()
 
 
-def test_board_captions_equal_reference_and_are_right(axengine_standin, demo_board_dir):
+def test_board_captions_equal_reference_and_are_right(board_axengine, demo_board_dir):
     from npu.board.axengine_session import AxEngineSession
     from npu.model import load_model
 
-    board = load_model(demo_board_dir, backend="axengine")
+    board = load_model(board_axengine.dir(demo_board_dir), backend="axengine")
     assert board.backend == "axengine" and all(isinstance(s, AxEngineSession) for s in board.layers)
     reference = load_model(DEMO_DIR, backend="reference", precision="bf16", **BOARD_BUILD)
     drawn = [scenes.draw_scene(seed) for seed in SEEDS]
@@ -73,10 +74,10 @@ def test_board_captions_equal_reference_and_are_right(axengine_standin, demo_boa
     assert [scenes.without_kinds(t) for t in got] == [scenes.without_kinds(w) for w in wanted], list(zip(got, wanted))
 
 
-def test_inspect_reports_no_problems(axengine_standin, demo_board_dir, capsys):
+def test_inspect_reports_no_problems(board_axengine, demo_board_dir, capsys):
     from daemon.cli import main
 
-    code = main(["model", "inspect", "--json", str(demo_board_dir)])
+    code = main(["model", "inspect", "--json", str(board_axengine.dir(demo_board_dir))])
     out, err = capsys.readouterr()
     assert code == 0, out + err
     report = json.loads(out)

@@ -1,4 +1,5 @@
-"""The zero-copy data path (npu/board/zero_copy.py, data_path.py) on the strict axengine stand-in.
+"""The zero-copy data path (npu/board/zero_copy.py, data_path.py) on the strict axengine stand-in
+and (tests taking `board_axengine`) on AXERA's pyaxengine over the fake board libraries.
 
 Every test compares against the public path and the reference backend, or shows that a
 fault (a skipped or short flush, a skipped invalidate, a missing private name, an
@@ -70,8 +71,8 @@ def image_prompt(seed: int = 3) -> Prompt:
 
 
 @pytest.mark.parametrize("kind", ["axera", "m5stack"])
-def test_greedy_tokens_equal_the_public_path_and_the_reference(kind, axengine_standin, demo_dirs, reference_model):
-    directory = demo_dirs[kind]
+def test_greedy_tokens_equal_the_public_path_and_the_reference(kind, board_axengine, demo_dirs, reference_model):
+    directory = board_axengine.dir(demo_dirs[kind])
     zero_copy = load_model(directory, backend="axengine")
     public = load_model(directory, backend="axengine", data_path="public")
     assert isinstance(zero_copy.data_path, ZeroCopyRuntime) and isinstance(zero_copy.post, ZeroCopySession)
@@ -85,8 +86,8 @@ def test_greedy_tokens_equal_the_public_path_and_the_reference(kind, axengine_st
     assert token_ids(public, prompt) == want  # the public path still right with the zero-copy pointers set
 
 
-def test_follow_ups_and_sampling_equal_the_reference(axengine_standin, axera_board_dir, reference_model):
-    board = load_model(axera_board_dir, backend="axengine")
+def test_follow_ups_and_sampling_equal_the_reference(board_axengine, axera_board_dir, reference_model):
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine")
     assert board.data_path.name == "zero-copy"
     sampled = GenerationOptions(max_tokens=6, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_stop=True)
     prompt = Prompt("Tell me a story about a cat and a lighthouse.")
@@ -102,8 +103,8 @@ def test_follow_ups_and_sampling_equal_the_reference(axengine_standin, axera_boa
     assert sides[0] == sides[1]
 
 
-def test_the_kv_cache_is_the_layers_device_buffers(axengine_standin, axera_board_dir):
-    board = load_model(axera_board_dir, backend="axengine")
+def test_the_kv_cache_is_the_layers_device_buffers(board_axengine, axera_board_dir):
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine")
     engine = Engine(board)
     runtime = board.data_path
     for layer, graph in enumerate(runtime.layers):
@@ -118,26 +119,48 @@ def test_the_kv_cache_is_the_layers_device_buffers(axengine_standin, axera_board
         assert ios[1].pInputs[names.index(name)].phyAddr == ios[0].pInputs[names.index(name)].phyAddr
     facts = runtime.describe()
     assert facts["chained_layers"] == len(board.layers) - 1 and facts["shared_mask_and_indices"] is True
-    axengine_standin.STATS.reset()
+    if board_axengine.name == "standin":
+        board_axengine.module.STATS.reset()
     list(engine.generate(image_prompt(), GREEDY))
-    pixels = int(np.prod(board.vision.inputs(0)[0].shape))
-    assert axengine_standin.STATS.bytes_in == pixels  # only the image went through pyaxengine's run()
-    assert axengine_standin.STATS.runs > 0
+    if board_axengine.name == "standin":
+        pixels = int(np.prod(board.vision.inputs(0)[0].shape))
+        assert board_axengine.module.STATS.bytes_in == pixels  # only the image went through pyaxengine's run()
+        assert board_axengine.module.STATS.runs > 0
+        return
+    # on the fake board: the device copies of the K/V buffers hold exactly the cache's rows
+    row_bytes = engine.cache.keys[0][0, 0].nbytes
+    used = engine.cache.position * row_bytes
+    assert used > 0
+    for layer, graph in enumerate(runtime.layers):
+        for name, rows in (("K_cache", engine.cache.keys[layer]), ("V_cache", engine.cache.values[layer])):
+            device = board_axengine.fake.device_bytes(graph.inputs[name].phys, used)
+            assert np.array_equal(device, rows[0, :engine.cache.position].reshape(-1).view(np.uint8))
 
 
-def test_device_traffic_counters_match_what_the_standin_saw(axengine_standin, axera_board_dir):
+def test_device_traffic_counters_match_what_the_libraries_saw(board_axengine, axera_board_dir):
     from npu.board.traffic import model_traffic
 
-    board = load_model(axera_board_dir, backend="axengine")
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine")
     engine = Engine(board)
-    before, stats = model_traffic(board).copy(), axengine_standin.STATS
-    stats.reset()
+    before = model_traffic(board).copy()
+    fake = board_axengine.fake
+    if fake is None:
+        board_axengine.module.STATS.reset()
+    else:
+        fake.reset_sys_stats()
     list(engine.generate(image_prompt(), GREEDY))
     counted = model_traffic(board).minus(before)
     pixels = int(np.prod(board.vision.inputs(0)[0].shape))  # uint8 [1, H, W, 3]
-    assert stats.bytes_in == pixels  # only the vision graph went through run(): its image, memmoved once
-    assert counted.flushed == stats.bytes_flushed and counted.invalidated == stats.bytes_invalidated
-    assert counted.written > pixels and stats.flush_calls > 0
+    if fake is None:
+        stats = board_axengine.module.STATS
+        assert stats.bytes_in == pixels  # only the vision graph went through run(): its image, memmoved once
+        flushed, invalidated, calls = stats.bytes_flushed, stats.bytes_invalidated, stats.flush_calls
+    else:  # what libax_sys was asked to flush and invalidate, counted in C
+        stats = fake.sys_stats()
+        assert stats.refused_calls == 0
+        flushed, invalidated, calls = stats.flushed_bytes, stats.invalidated_bytes, stats.flush_calls
+    assert counted.flushed == flushed and counted.invalidated == invalidated
+    assert counted.written > pixels and calls > 0
 
 
 FAULTS = {
@@ -149,9 +172,9 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_the_standin_catches_a_missing_flush_or_invalidate(fault, axengine_standin, axera_board_dir,
-                                                          reference_model, monkeypatch):
-    board = load_model(axera_board_dir, backend="axengine")  # proven first, then broken
+def test_a_missing_flush_or_invalidate_gives_wrong_tokens(fault, board_axengine, axera_board_dir, reference_model,
+                                                         monkeypatch):
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine")  # proven first, then broken
     assert board.data_path.name == "zero-copy"
     prompt = image_prompt()
     want = token_ids(reference_model, prompt)
@@ -161,7 +184,7 @@ def test_the_standin_catches_a_missing_flush_or_invalidate(fault, axengine_stand
     assert token_ids(board, prompt) != want
 
 
-def test_the_self_check_refuses_a_path_that_skips_flushes(axengine_standin, fresh_board, monkeypatch, caplog):
+def test_the_self_check_refuses_a_path_that_skips_flushes(board_axengine, fresh_board, monkeypatch, caplog):
     directory = fresh_board()
     monkeypatch.setattr(CmmBuffer, "flush", lambda self, offset, nbytes: None)
     with caplog.at_level(logging.INFO, logger="npu.board.data_path"):
@@ -175,7 +198,7 @@ def test_the_self_check_refuses_a_path_that_skips_flushes(axengine_standin, fres
         load_model(directory, backend="axengine", data_path="zero-copy")
 
 
-def test_a_missing_private_name_means_the_public_path(axengine_standin, fresh_board, monkeypatch, reference_model):
+def test_a_missing_private_name_means_the_public_path(board_axengine, fresh_board, monkeypatch, reference_model):
     axe = importlib.import_module("axengine._axe")
     renamed = types.SimpleNamespace(AXEngineSession=axe.AXEngineSession, engine_lib=axe.engine_lib,
                                     engine_cffi=axe.engine_cffi,
@@ -209,8 +232,8 @@ def test_pyaxengine_0_1_2_runs_both_paths(standin_release, fresh_board, referenc
     assert token_ids(load_model(directory, backend="axengine", data_path="public"), prompt) == want
 
 
-def test_a_second_engine_takes_the_device_buffers_over(axengine_standin, axera_board_dir):
-    board = load_model(axera_board_dir, backend="axengine")
+def test_a_second_engine_takes_the_device_buffers_over(board_axengine, axera_board_dir):
+    board = load_model(board_axengine.dir(axera_board_dir), backend="axengine")
     first, second = Engine(board), Engine(board)
     list(second.generate(Prompt("Hi."), GenerationOptions(max_tokens=2)))
     with pytest.raises(EngineError, match="another Engine now holds this model's device buffers"):

@@ -8,7 +8,8 @@ does. Errors go to stderr (and, with --json, into that final line); the exit cod
 is 0 for an answer ("stop" or "length"), 1 when the engine refused or failed, 2 for a
 bad model, image or option. The question and its options are checked by the same rules
 (ranges, limits, messages) as a question on MQTT, with the daemon's default limits
-(protocol.codec.validate_ask).
+(protocol.codec.validate_ask). `--data-path` chooses how a board model's graphs are fed,
+as `vlmd bench`'s does (npu/board/data_path.py; a checkpoint has no data path to choose).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="reference backend: bf16 = the board's dtypes, fp32 = transformers' numbers")
     parser.add_argument("--provider", default="auto", help="axengine provider: auto, axengine, axclrt")
+    parser.add_argument("--data-path", choices=("auto", "zero-copy", "public"), default="auto",
+                        help="board data path (auto: zero-copy if it proves itself at load, else public)")
     parser.add_argument("--kv-capacity", type=int, default=1023, metavar="N", help="reference backend: KV cache rows")
     parser.add_argument("--prefill-chunk", type=int, default=128, metavar="N",
                         help="reference backend: prefill rows per graph call")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         images = [decode_frame(Path(p).read_bytes(), MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS) for p in args.image]
         model = load_model(args.model, backend=args.backend, precision=args.precision, kv_capacity=args.kv_capacity,
                            prefill_chunk=args.prefill_chunk, history_groups=args.history_groups,
-                           provider=args.provider, resize=None if args.resize == "auto" else args.resize)
+                           provider=args.provider, data_path=args.data_path,
+                           resize=None if args.resize == "auto" else args.resize)
         given = {name: getattr(request, name) for name in ("temperature", "top_k", "top_p", "repetition_penalty")
                  if name in request.model_fields_set}  # the package's defaults stand in for the rest
         sampling = {**model.sampling_defaults, **given}

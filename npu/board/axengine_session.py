@@ -23,6 +23,13 @@ _providers.py):
   with a subset of `output_names` it indexes outputs by the wrong list (108722c): always
   pass None. 0.1.1's `run` has no shape_group (refused for multi-group graphs, see
   `check_groups`).
+- `_io[0].pInputs` / `pOutputs` are C arrays of group 0's length (cffi pointers: no
+  bounds check), which `run()` indexes by the position of each input in the requested
+  group: a group with more inputs or outputs than group 0 would make it write past the
+  array. The fake libax_engine and the stand-in cannot show what AXERA's does then; vlmd
+  refuses such a graph when it opens it (`check_group_counts`).
+- `open()` + `mmap.mmap(fileno, 0)` of the model file: an empty file raises ValueError
+  ("cannot mmap an empty file"), so vlmd checks the size first and names the file.
 - A session allocates its buffers in CMM (AX_SYS_MemAllocCached) and its unload destroys
   the engine handle but never frees them, so a session re-created per load or per
   request leaks NPU memory: sessions are opened once per graph per process
@@ -89,6 +96,16 @@ def read_shape_groups(session: Any) -> tuple[list[list[TensorSpec]], list[list[T
     return inputs, outputs
 
 
+def check_group_counts(name: str, inputs: list[list[TensorSpec]], outputs: list[list[TensorSpec]]) -> None:
+    """Every group must have group 0's number of inputs and outputs (pyaxengine's C arrays have that length)."""
+    for kind, groups in (("inputs", inputs), ("outputs", outputs)):
+        for group, specs in enumerate(groups):
+            if len(specs) != len(groups[0]):
+                raise AxEngineUnsupported(
+                    f"{name}: shape group {group} has {len(specs)} {kind}, group 0 has {len(groups[0])}: pyaxengine"
+                    f" allocates one buffer per tensor of group 0 and would index past them (a C array, unchecked)")
+
+
 def _nbytes(spec: TensorSpec) -> int:
     return int(np.prod(spec.shape)) * spec.dtype.itemsize
 
@@ -122,6 +139,13 @@ class AxEngineSession(ShapeGroups):
         self.provider = providers[0]
         self.device_id = device_id
         try:
+            empty = self.path.stat().st_size == 0
+        except OSError as exc:
+            raise AxEngineUnsupported(f"{self.name}: cannot read {self.path}: {exc.strerror or exc}") from exc
+        if empty:
+            raise AxEngineUnsupported(f"{self.name}: {self.path} is empty (0 bytes): the copy or download was cut"
+                                      " short; copy the model's files to the board again")
+        try:
             with quiet(self.name) as lines:
                 self._session = self.runtime.module.InferenceSession(str(self.path), providers=providers,
                                                                      provider_options=options)
@@ -131,6 +155,7 @@ class AxEngineSession(ShapeGroups):
                                       f" {explain_load_error(self.runtime, self.name, exc)}") from exc
         self.runtime.record(lines)
         self._inputs, self._outputs = read_shape_groups(self._session)
+        check_group_counts(self.name, self._inputs, self._outputs)
         check_groups(self.runtime, self.name, self.num_groups)
         self.public_runs = 0
         self.traffic = DeviceTraffic()

@@ -102,10 +102,12 @@ def _decide(layers: list[AxEngineSession], post: AxEngineSession, shapes: GraphS
         zero_copy = ZeroCopyRuntime(layers, post, shapes, find_libraries(runtime.module))
         zero_copy.bind()
         mismatch = prove(zero_copy, layers, post, shapes)
-    except (ZeroCopyUnavailable, SessionError) as exc:
+    except (ZeroCopyUnavailable, SessionError, OverflowError) as exc:
+        # OverflowError: cffi's, for an integer outside a C parameter's type (a size < 0 or >= 2**32 in a
+        # flush, a negative address); CmmBuffer checks its ranges first, this keeps any other from crashing a load.
         if "zero_copy" in locals():
             zero_copy.unbind()
-        return str(exc)
+        return f"{type(exc).__name__}: {exc}" if isinstance(exc, OverflowError) else str(exc)
     if mismatch:
         zero_copy.unbind()
         return f"self-check against the public path failed: {mismatch}"

@@ -18,6 +18,13 @@ Facts from AXERA-TECH/pyaxengine's history (tags and commits):
   `[WARNING] ...` lines. `quiet()` captures them at the file-descriptor level (the C
   libraries may print too), so none reach vlmd's stdout (`vlmd ask --json`, JSON logs);
   each line goes to the `npu.board.pyaxengine` logger at debug level.
+- A full-core model is refused when the NPU runs in virtual-NPU mode (_axe.py at
+  3554448, `AXEngineSession.__init__`): pyaxengine initialises the NPU in the mode
+  `AX_ENGINE_GetVNPUAttr` reports, i.e. the mode of whichever program on the board
+  initialised it first, and on MC20E (AX630C) allows only half-core models in
+  VNPUType.ENABLED; on MC50 (AX650) only single-core models in ENABLED and no triple-core
+  model in BIG_LITTLE / LITTLE_BIG. Its ValueError ("Model type '...' is not allowed when
+  vnpu is inited as ...") names neither the cause nor the cure: `explain_load_error` does.
 - `get_available_providers()` lists the PCIe provider first whenever libaxcl_rt exists
   (before 3554448) or when /dev/axcl_host exists (since): vlmd's `auto` does not follow
   it but takes the board's own NPU when /proc/ax_proc is there (`choose_provider`).
@@ -32,6 +39,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -39,7 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from npu.board.cmm import board_npu_present
+from npu.board.cmm import board_npu_present, running_holders
 from npu.session import SessionError
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,10 @@ FIRST_WITH_SHAPE_GROUPS = "0.1.2"
 UNKNOWN_DTYPE = "Unsupported data type"
 BF16_ADVICE = ("update the board's BSP/SDK to AX620E SDK >= 3.12 (AX630C: M5Stack Module LLM, LLM630) or AX650"
                " SDK >= 2.18, or only its libax_engine.so (pyaxengine's README)")
+
+# pyaxengine 3554448 _axe.py: f"Model type '{model_type}' is not allowed when vnpu is inited as {vnpu_type}."
+_VNPU_REFUSAL = re.compile(r"Model type '(?:ModelType\.)?(?P<model>\w+)' is not allowed when vnpu is inited as"
+                           r" (?:VNPUType\.)?(?P<vnpu>\w+)")
 
 _capture_lock = threading.Lock()
 
@@ -182,7 +194,22 @@ def explain_load_error(runtime: AxEngineRuntime, name: str, exc: BaseException) 
         engine = runtime.engine_version or "unknown"
         return (f"this board's libax_engine (engine version {engine}) cannot report bf16 tensors (pyaxengine: {exc}):"
                 f" {BF16_ADVICE}")
+    refused = _VNPU_REFUSAL.search(str(exc))
+    if refused:
+        return explain_vnpu(refused["model"], refused["vnpu"], str(exc))
     return f"axengine could not load it: {exc}"
+
+
+def explain_vnpu(model_type: str, vnpu: str, original: str, holders: list[str] | None = None) -> str:
+    """Why a model of `model_type` cores cannot run in NPU mode `vnpu`, and what to do."""
+    holders = running_holders() if holders is None else holders
+    who = (f"running now: {', '.join(holders)}; stop them with `systemctl stop {' '.join(holders)}`" if holders else
+           "M5Stack's StackFlow services (`systemctl list-units 'llm-*'`) or any other program using the NPU")
+    return (f"the NPU was initialised in virtual-NPU mode ({vnpu}) by another program on this board, and a"
+            f" {model_type.lower()}-core model cannot run in that mode (pyaxengine: {original}); the mode is the one"
+            f" of the first program that initialised the NPU: stop the other NPU users ({who}), then load the model"
+            " again (if the mode stays, reboot the board before starting vlmd), or use a build of the model compiled"
+            " for the virtual NPU (half-core on AX630C, single-core on AX650)")
 
 
 def choose_provider(provider: str, device_id: int, available: list[str],

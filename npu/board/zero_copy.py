@@ -107,15 +107,24 @@ class CmmBuffer:
         start = max((offset + skew) // CACHE_LINE * CACHE_LINE - skew, 0)
         return start, min(-(-(offset + nbytes + skew) // CACHE_LINE) * CACHE_LINE - skew, self.size) - start
 
+    def _checked_span(self, what: str, offset: int, nbytes: int) -> tuple[int, int]:
+        """`_span`, or SessionError when it is not inside the buffer: cffi would raise OverflowError for a
+        size below 0 or from 2**32 on (AX_U32), and the library must never see a range past the buffer."""
+        start, size = self._span(offset, nbytes)
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size or size < 0 or start + size > self.size:
+            raise SessionError(f"{what} of {nbytes} bytes at offset {offset} (lines {start}..{start + size}) is"
+                               f" outside the {self.size}-byte buffer at {self.phys:#x}")
+        return start, size
+
     def flush(self, offset: int, nbytes: int) -> None:
         # Whole cache lines: a partial line's other bytes are written back too, harmlessly.
-        start, size = self._span(offset, nbytes)
+        start, size = self._checked_span("flush", offset, nbytes)
         if self._libs.sys_lib.AX_SYS_MflushCache(self.phys + start, self._base + start, size) != 0:
             raise SessionError(f"AX_SYS_MflushCache failed on {size} bytes at {self.phys + start:#x}")
         self._traffic.flushed += size
 
     def invalidate(self, offset: int, nbytes: int) -> None:
-        start, size = self._span(offset, nbytes)
+        start, size = self._checked_span("invalidate", offset, nbytes)
         if self._libs.sys_lib.AX_SYS_MinvalidateCache(self.phys + start, self._base + start, size) != 0:
             raise SessionError(f"AX_SYS_MinvalidateCache failed on {size} bytes at {self.phys + start:#x}")
         self._traffic.invalidated += size
@@ -144,10 +153,21 @@ class GraphBuffers:
         sess = getattr(session.raw, "_sess", None)
         try:
             io, handle, context, count = sess._io, sess._handle[0], sess._context[0], int(sess._shape_count)
-            inputs = [io[0].pInputs[i] for i in range(len(session.inputs(0)))]
-            outputs = [io[0].pOutputs[i] for i in range(len(session.outputs(0)))]
+            counts = (int(io[0].nInputSize), int(io[0].nOutputSize))
         except (AttributeError, TypeError, IndexError) as exc:
             raise ZeroCopyUnavailable(f"{session.name}: pyaxengine's session lacks _io/_handle/_context ({exc})")
+        # pInputs / pOutputs are C pointers: indexing past their length reads other memory, no IndexError.
+        for kind, specs, have in (("inputs", session.inputs, counts[0]), ("outputs", session.outputs, counts[1])):
+            names = [spec.name for spec in specs(0)]
+            if have != len(names):
+                raise ZeroCopyUnavailable(f"{session.name}: pyaxengine's IO struct has {have} {kind}, the graph"
+                                          f" {len(names)}")
+            for group in range(1, session.num_groups):
+                if [spec.name for spec in specs(group)] != names:
+                    raise ZeroCopyUnavailable(f"{session.name}: group {group}'s {kind} are not group 0's, in order:"
+                                              " pyaxengine's buffers are shared by position")
+        inputs = [io[0].pInputs[i] for i in range(counts[0])]
+        outputs = [io[0].pOutputs[i] for i in range(counts[1])]
         self.session, self.libs, self._io, self._handle, self._context = session, libs, io, handle, context
         self._multi_group = count > 1
         self.inputs = {spec.name: CmmBuffer(b, libs, traffic) for spec, b in zip(session.inputs(0), inputs)}
@@ -168,7 +188,7 @@ class GraphBuffers:
             ret = self.libs.engine_lib.AX_ENGINE_RunSyncV2(self._handle, self._context, self._io)
         self.timer.seconds += time.perf_counter() - started
         if ret != 0:
-            raise SessionError(f"{self.session.name} group {group}: libax_engine run failed ({ret:#x})")
+            raise SessionError(f"{self.session.name} group {group}: libax_engine run failed ({ret & 0xFFFFFFFF:#x})")
 
     def point_input_at(self, name: str, target: CmmBuffer) -> None:
         """Make the NPU read input `name` from `target` (another graph's buffer)."""
