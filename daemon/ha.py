@@ -7,7 +7,7 @@
   (`<root>/dashboard/<camera>/ask`) and a sensor with its answer (`.../answer`);
 - per watch: boolean -> binary_sensor, enum -> sensor with device_class enum and its
   options, integer/number -> sensor (a measurement); an object format gets one such
-  entity per property. A watch without a value yet shows as unknown ("None").
+  entity per property. A watch without a value yet shows as unknown.
 
 Entity ids (`protocol.topics.ha_object_id`) name exactly one (kind, camera or watch,
 property) whatever characters the names hold, and are the same on every start; an entity
@@ -105,9 +105,13 @@ def _watch_entities(topics: Topics, prefix: str, node: _Node, device: dict, avai
 
 def _watch_entity(prefix: str, node: _Node, device: dict, availability: dict, name: str, state: str, schema: dict,
                   key: str | None) -> Discovery:
-    """One entity of a watch (of one property of an object watch); "None" = no value yet."""
+    """One entity of a watch (of one property of an object watch). No value yet shows as
+    unknown: binary and numeric sensors take the state "None" as unknown; a sensor of device
+    class enum keeps "None" as a string (homeassistant/components/mqtt/sensor.py
+    `_update_state`, 2024.3.3), so its template fails without a value, which Home
+    Assistant's MQTT sensor takes silently as "keep the state" (a new entity: unknown)."""
     value = "value_json.value" if key is None else "value_json.value[%s]" % json.dumps(key)
-    known = "value_json.value is not none"
+    known = "value_json.value is not none" if key is None else "value_json.value is not none and %s is not none" % value
     config: dict[str, Any] = {"name": name if key is None else f"{name} {key}", "state_topic": state,
                               "json_attributes_topic": state, "icon": "mdi:eye"}
     object_id = ("watch", name) if key is None else ("watch", name, key)
@@ -117,6 +121,10 @@ def _watch_entity(prefix: str, node: _Node, device: dict, availability: dict, na
         return _entity(prefix, "binary_sensor", node, object_id, config, device, availability)
     config["value_template"] = "{{ %s if %s else None }}" % (value, known)
     if "enum" in schema:
+        # `set` on an attribute of a dict is a jinja TemplateRuntimeError: no undefined is
+        # touched, nothing is logged, the message is ignored (PayloadSentinel.DEFAULT)
+        config["value_template"] = ("{%% if %s %%}{{ %s }}{%% else %%}{%% set value_json.no_value = 1 %%}{%% endif %%}"
+                                    % (known, value))
         config.update(device_class="enum", options=list(schema["enum"]))
     else:
         config["state_class"] = "measurement"
