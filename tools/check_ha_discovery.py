@@ -9,7 +9,8 @@ Reads one JSON object on stdin:
   {"prefix": "homeassistant",
    "configs": [{"topic": ".../config", "payload": "<the retained JSON>"}, ...],
    "states": {"<state topic>": ["<a payload published there>", ...]}}
-and writes one JSON report on stdout: per config topic, what Home Assistant's discovery
+and writes one JSON report on stdout, {"homeassistant": its version, "configs": {...}}:
+per config topic, what Home Assistant's discovery
 would do with it, as its mqtt integration does (homeassistant/components/mqtt/discovery.py
 `async_start`: the topic matcher, supported components, abbreviations expanded, then
 mixins.py `async_setup_entity_entry_helper`: the platform's DISCOVERY_SCHEMA):
@@ -34,6 +35,7 @@ from homeassistant.components.mqtt import binary_sensor, image, sensor, text
 from homeassistant.components.mqtt.abbreviations import ABBREVIATIONS, DEVICE_ABBREVIATIONS
 from homeassistant.components.mqtt.discovery import SUPPORTED_COMPONENTS, TOPIC_MATCHER
 from homeassistant.components.mqtt.models import MqttValueTemplate, PayloadSentinel
+from homeassistant.const import __version__ as HA_VERSION
 from homeassistant.core import HomeAssistant
 from homeassistant.helpers import template
 
@@ -70,7 +72,7 @@ def check(hass: HomeAssistant, prefix: str, topic: str, raw: str, states: dict[s
         report["error"] = f"{type(exc).__name__}: {exc}"
         return report
     report["ok"] = True
-    report["dropped"] = sorted(key for key in payload if key not in config)
+    report["dropped"] = sorted(key for key in payload if key not in config and key != "platform")
     value_template = config.get("value_template")
     if value_template is not None and config.get("state_topic") in states:
         value_template.hass = hass
@@ -92,7 +94,7 @@ async def main() -> int:
     finally:
         await hass.async_stop(force=True)
         shutil.rmtree(config_dir, ignore_errors=True)
-    json.dump(report, sys.stdout, indent=1, sort_keys=True)
+    json.dump({"homeassistant": HA_VERSION, "configs": report}, sys.stdout, indent=1, sort_keys=True)
     return 0 if all(item["ok"] for item in report.values()) else 1
 
 
