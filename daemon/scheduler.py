@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping, Sequence
 from protocol.requests import Reply  # noqa: F401  (re-exported: Job.reply is one)
 from protocol.watches import DEFAULT_MAX_AGE_S
 
-# The change test's default threshold (daemon.frame_change): of the most-changed 1/64 of
+# The change test's default threshold (daemon.frames): of the most-changed 1/64 of
 # the frame, 13 levels of 255; an object on 2 % of the frame against its background is
 # far above it, a re-encoded or slightly noisy frame of a still scene far below.
 DEFAULT_MIN_CHANGE = 0.05

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.ha_ids import ha_legacy_object_id, ha_object_id
 from protocol.topics import (
     CAMERA_PATTERN,
     SPEC,
@@ -20,8 +21,6 @@ from protocol.topics import (
     check_topic_filter,
     ha_birth_topic,
     ha_config_topic,
-    ha_legacy_object_id,
-    ha_object_id,
     is_valid_camera,
     is_valid_request_id,
     shared_subscription,

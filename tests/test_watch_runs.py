@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from daemon.inbox import Inbox
 from daemon.responder import Responder, RuntimeStats
 from daemon.scheduler import CaptionPolicy, Job, Scheduler
-from daemon.watches import WatchRegistry
+from daemon.home.watches import WatchRegistry
 from daemon.worker import Worker, WorkerLimits
 from npu.engine import DoneEvent, TokenEvent
 from protocol.payloads import AskRequest
@@ -251,7 +251,7 @@ def test_max_age_s_captions_an_unchanged_frame_again():
 
 @pytest.mark.parametrize("share", [0.02, 0.05])
 def test_the_change_test_sees_a_small_object_and_not_a_re_encoded_frame(share):
-    from daemon.frame_change import change, changed, thumbnail
+    from daemon.frames import change, changed, thumbnail
     from daemon.scheduler import DEFAULT_MIN_CHANGE
     from protocol.frames import decode_frame
 

@@ -9,7 +9,7 @@
   options, integer/number -> sensor (a measurement); an object format gets one such
   entity per property. A watch without a value yet shows as unknown.
 
-Entity ids (`protocol.topics.ha_object_id`) name exactly one (kind, camera or watch,
+Entity ids (`protocol.ha_ids.ha_object_id`) name exactly one (kind, camera or watch,
 property) whatever characters the names hold, and are the same on every start; an entity
 whose id an older vlmd spelt otherwise (names holding '_' or '.') has that old config
 emptied (`Discovery.legacy_topic`). Every entity but the status sensor is bound to the
@@ -27,8 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from protocol.ha_ids import ha_legacy_object_id, ha_object_id
 from protocol.payloads import STATUS_OFFLINE, STATUS_ONLINE
-from protocol.topics import Topics, ha_birth_topic, ha_config_topic, ha_legacy_object_id, ha_object_id
+from protocol.topics import Topics, ha_birth_topic, ha_config_topic
 
 HA_STATE_MAX_CHARS = 255
 DISCOVERY_QOS = 1
