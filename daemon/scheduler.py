@@ -21,6 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
 from protocol.requests import Reply  # noqa: F401  (re-exported: Job.reply is one)
+from protocol.watches import DEFAULT_MAX_AGE_S
+
+# The change test's default threshold (daemon.frames): of the most-changed 1/64 of
+# the frame, 13 levels of 255; an object on 2 % of the frame against its background is
+# far above it, a re-encoded or slightly noisy frame of a still scene far below.
+DEFAULT_MIN_CHANGE = 0.05
 
 JobKind = Literal["ask", "caption"]
 
@@ -76,7 +82,8 @@ class CaptionPolicy:
     interval_s: float = 30.0
     prompt: str = "Describe the image in one sentence."
     max_tokens: int = 64
-    min_change: float = 0.02
+    min_change: float = DEFAULT_MIN_CHANGE  # a frame that changed less is not captioned again...
+    max_age_s: float = DEFAULT_MAX_AGE_S  # ...unless the caption is this old
 
 
 @dataclass(frozen=True)

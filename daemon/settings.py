@@ -29,7 +29,8 @@ def caption_policies(config: Config) -> dict[str, CaptionPolicy]:
 
 
 def _caption_policy(camera: CameraConfig) -> CaptionPolicy:
-    return CaptionPolicy(camera.caption, camera.interval_s, camera.prompt, camera.max_tokens, camera.min_change)
+    return CaptionPolicy(camera.caption, camera.interval_s, camera.prompt, camera.max_tokens, camera.min_change,
+                         camera.max_age_s)
 
 
 def worker_limits(config: Config) -> WorkerLimits:

@@ -1,8 +1,9 @@
 """The worker: one loop on its own thread that runs jobs on the engine and streams them.
 
 Each turn reads top to bottom: ask the scheduler, finish expired questions, run one
-question or one caption (or sleep until something arrives), record progress for the
-watchdog. Every job leaves through `Responder.final` (questions) or a retained caption,
+question, one watch or one caption (or sleep until something arrives), record progress for
+the watchdog. A question that arrives while a watch or a caption runs stops it at its next
+token; the watch or caption is due again once no question waits (its state untouched). Every job leaves through `Responder.final` (questions) or a retained caption,
 so each request gets exactly one final whatever the engine does.
 
 Knows the engine only by its interface (`npu.engine.EngineLike`: `generate(prompt,
@@ -16,6 +17,7 @@ only through a `Publisher`, and publishes only through the `Responder`.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,12 +67,13 @@ class Worker:
         self.abort = threading.Event()  # set at shutdown: the running job stops as `shutdown`
         self.last_progress = clock()  # service clock of the last step or token, for the watchdog
         self.consecutive_failures = 0
-        self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32) float32 of the last caption
+        self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32, 3) float32 of the last caption
+        self._captioned_at: dict[str, float] = {}  # camera -> service clock of the last caption (max_age_s)
         self._frames = RecentFrames(self._decode)  # camera frames: decoded once for every reader
         self.watch_runner = None if watches is None else WatchRunner(
             watches, engine, inbox, responder, self._frames.rgb, self._frames.thumbnail,
             min_change=lambda camera: self.scheduler.captions.get(camera, CaptionPolicy()).min_change,
-            max_tokens=limits.default_max_tokens, should_stop=self.abort.is_set)
+            max_tokens=limits.default_max_tokens, should_stop=self.abort.is_set, preempt=self._question_waits)
 
     @property
     def healthy(self) -> bool:
@@ -234,11 +237,12 @@ class Worker:
             self.responder.stats.count_caption("failed")
             return
         picture = self._frames.thumbnail(rgb)
-        if not changed(picture, self._thumbnails.get(camera), policy.min_change):
+        fresh = now - self._captioned_at.get(camera, -math.inf) < policy.max_age_s
+        if fresh and not changed(picture, self._thumbnails.get(camera), policy.min_change):
             self.responder.stats.count_caption("skipped")
             return
         if self._caption(camera, frame, rgb, policy):
-            self._thumbnails[camera] = picture
+            self._thumbnails[camera], self._captioned_at[camera] = picture, now
 
     def _caption(self, camera: str, frame: Frame, rgb: np.ndarray, policy: CaptionPolicy) -> bool:
         """Stream one caption; True when it finished and was retained."""
@@ -248,7 +252,7 @@ class Worker:
         seq = 0
         try:
             # a question arriving mid-caption goes first: the caption is dropped and redone after it
-            should_stop = lambda: self.abort.is_set() or self.inbox.depth > 0  # noqa: E731
+            should_stop = lambda: self.abort.is_set() or self._question_waits()  # noqa: E731
             for event in self.engine.generate(prompt, options, should_stop=should_stop):
                 self.last_progress = self.clock()
                 if isinstance(event, DoneEvent):
@@ -273,6 +277,10 @@ class Worker:
         self.responder.caption(camera, caption_id, frame, event, image=jpeg(rgb))
         log.info("caption", camera=camera, frame_seq=frame.seq, chars=len(event.text))
         return True
+
+    def _question_waits(self) -> bool:
+        """A queued question stops a running watch or caption at its next token."""
+        return self.inbox.depth > 0
 
     def _decode(self, data: bytes) -> np.ndarray:
         return frame_codec.decode_frame(data, self.limits.frame_max_bytes, self.limits.frame_max_pixels)

@@ -394,13 +394,6 @@ def shared_subscription(group: str, topic_filter: str) -> str:
 # --- Home Assistant MQTT discovery -----------------------------------------------
 
 _HA_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def ha_object_id(name: str) -> str:
-    """Home Assistant node and object ids allow only [A-Za-z0-9_-]; map the rest to '_'."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "_"
-
-
 def ha_config_topic(prefix: str, component: str, node_id: str, object_id: str) -> str:
     """`<prefix>/<component>/<node_id>/<object_id>/config` (ids must already be HA-safe)."""
     check_publish_topic(prefix)

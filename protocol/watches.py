@@ -18,6 +18,9 @@ from protocol.payloads import _Outbound
 from protocol.topics import CAMERA_PATTERN, TopicError, check_camera
 
 DEFAULT_MAX_WATCH_BYTES = 16_384
+# Seconds after which a watch (and a caption) asks again although the frame looks unchanged:
+# what the change test cannot see (a change below its threshold) is seen within this time.
+DEFAULT_MAX_AGE_S = 600.0
 MAX_WATCH_QUESTION_CHARS = 1000
 
 WatchName = Annotated[str, Field(description="One topic level: 1-64 of A-Z a-z 0-9 _ . -",
@@ -38,8 +41,11 @@ class WatchDefinition(BaseModel):
                           description="The question, e.g. 'Is there a parcel at the door?'")
     format: dict[str, Any] = Field(description="The answer's format, as in ask: boolean, number, enum or flat object.")
     interval_s: float = Field(10.0, gt=0, le=86400, allow_inf_nan=False,
-                              description="Seconds between two answers at least; answered only on changed frames.")
+                              description="Seconds between two answers at least; answered only on changed frames"
+                                          " (and while debounce answers do not yet agree).")
     debounce: int = Field(2, ge=1, le=100, description="Agreeing answers in a row that change the state.")
+    max_age_s: float = Field(DEFAULT_MAX_AGE_S, gt=0, le=7 * 86400, allow_inf_nan=False,
+                             description="Seconds after which a new frame is answered even if it looks unchanged.")
 
     @field_validator("format", mode="before")
     @classmethod

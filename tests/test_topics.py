@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.ha_ids import ha_legacy_object_id, ha_object_id
 from protocol.topics import (
     CAMERA_PATTERN,
     SPEC,
@@ -20,7 +21,6 @@ from protocol.topics import (
     check_topic_filter,
     ha_birth_topic,
     ha_config_topic,
-    ha_object_id,
     is_valid_camera,
     is_valid_request_id,
     shared_subscription,
@@ -227,7 +227,9 @@ def test_home_assistant_topics():
     assert ha_config_topic("homeassistant", "sensor", "vlmd_demo", "cam_1_caption") == (
         "homeassistant/sensor/vlmd_demo/cam_1_caption/config"
     )
-    assert ha_object_id("cam.1 x") == "cam_1_x"
+    assert ha_object_id("caption", "porch") == "caption_porch"  # plain names: as before issue 21
+    assert ha_object_id("caption", "front_door") == "caption_front_door__" + _digest("caption", "front_door")
+    assert ha_legacy_object_id("caption", "cam.1 x") == "caption_cam_1_x"
     assert ha_birth_topic("homeassistant") == "homeassistant/status"
     with pytest.raises(TopicError):
         ha_config_topic("homeassistant", "sensor", "vlmd.demo", "x")
@@ -248,3 +250,36 @@ def test_watch_caption_image_and_dashboard_topics_round_trip():
     assert not topics.is_input(topics.watch("parcel"))
     with pytest.raises(TopicError):
         topics.watch("a/b")
+
+
+def _digest(*parts: str) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]
+
+
+@pytest.mark.parametrize("a, b", [
+    (("caption", "front.door"), ("caption", "front_door")),
+    (("watch", "a.b"), ("watch", "a_b")),
+    (("watch", "p", "q_r"), ("watch", "p_q", "r")),
+    (("watch", "a.b"), ("watch", "a", "b")),
+    (("vlmd", "board.1"), ("vlmd", "board_1")),
+])
+def test_home_assistant_ids_of_names_that_used_to_collide_differ(a, b):
+    """Issue 21: these pairs mapped to one discovery topic and unique_id."""
+    assert ha_object_id(*a) != ha_object_id(*b)
+    assert ha_legacy_object_id(*a) == ha_legacy_object_id(*b)  # what they collided on
+
+
+ha_parts = st.lists(st.one_of(cameras, st.text(min_size=0, max_size=12)), min_size=1, max_size=3)
+
+
+@given(ha_parts, ha_parts)
+def test_home_assistant_ids_are_injective_safe_and_stable(a, b):
+    for parts in (a, b):
+        object_id = ha_object_id(*parts)
+        assert ha_config_topic("homeassistant", "sensor", "vlmd_x", object_id)  # a valid id
+        assert object_id == ha_object_id(*parts)  # the same on every call (and start: no salt)
+    if a != b:
+        assert ha_object_id(*a) != ha_object_id(*b)

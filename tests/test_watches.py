@@ -190,7 +190,8 @@ def test_a_watch_flips_with_one_event_per_change_and_skips_unchanged_frames(rig)
         assert rig.worker.step() == "watch"
     assert [s["value"] for s in states(rig)] == [False, True, False]  # the repeated frame was not asked about
     assert [(e["previous"], e["value"]) for e in events(rig)] == [(False, True), (True, False)]
-    assert rig.worker.watch_runner.counts == {"answered": 3, "unchanged": 1, "failed": 0, "changes": 2}
+    assert rig.worker.watch_runner.counts == {"answered": 3, "unchanged": 1, "failed": 0, "changes": 2,
+                                                 "preempted": 0}
     assert rig.worker.step() == "caption"  # no new frame: the watch is not due again
 
 

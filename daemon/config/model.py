@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from daemon.config.identity import default_device_id
+from daemon.scheduler import DEFAULT_MIN_CHANGE
 from protocol.topics import check_camera, check_publish_topic, check_root, is_valid_camera
-from protocol.watches import WatchDefinition, WatchName
+from protocol.watches import DEFAULT_MAX_AGE_S, WatchDefinition, WatchName
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
 CREDENTIAL_NAME = "mqtt_password"
@@ -197,7 +198,10 @@ class CameraConfig(_Section):
     interval_s: float = Field(30.0, gt=0, description="seconds between captions")
     prompt: str = Field("Describe the image in one sentence.", min_length=1, description="caption question")
     max_tokens: int = Field(64, gt=0, description="caption length limit in tokens")
-    min_change: float = Field(0.02, ge=0, le=1, description="skip a caption when the frame changed less (mean abs diff / 255 of a thumbnail)")
+    min_change: float = Field(DEFAULT_MIN_CHANGE, ge=0, le=1, description="skip a caption (and a watch's answer) when the"
+                              " frame changed less: the most-changed 1/64 of the frame, mean largest channel difference / 255")
+    max_age_s: float = Field(DEFAULT_MAX_AGE_S, gt=0, description="caption a new frame anyway when the caption is this"
+                             " old (seconds), even if the frame looks unchanged")
 
     @field_validator("topic")
     @classmethod

@@ -7,9 +7,13 @@
   (`<root>/dashboard/<camera>/ask`) and a sensor with its answer (`.../answer`);
 - per watch: boolean -> binary_sensor, enum -> sensor with device_class enum and its
   options, integer/number -> sensor (a measurement); an object format gets one such
-  entity per property. A watch without a value yet shows as unknown ("None").
+  entity per property. A watch without a value yet shows as unknown.
 
-Every entity but the status sensor is bound to the availability topic. Home Assistant
+Entity ids (`protocol.ha_ids.ha_object_id`) name exactly one (kind, camera or watch,
+property) whatever characters the names hold, and are the same on every start; an entity
+whose id an older vlmd spelt otherwise (names holding '_' or '.') has that old config
+emptied (`Discovery.legacy_topic`). Every entity but the status sensor is bound to the
+availability topic. Home Assistant
 limits a sensor's state to 255 characters, so text states are cut to 255 and the whole
 message is the sensor's attributes. `removal(messages)` empties the same config topics
 (what disabling discovery or deleting a watch publishes). Payloads are plain dicts;
@@ -21,10 +25,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from protocol.ha_ids import ha_legacy_object_id, ha_object_id
 from protocol.payloads import STATUS_OFFLINE, STATUS_ONLINE
-from protocol.topics import Topics, ha_birth_topic, ha_config_topic, ha_object_id
+from protocol.topics import Topics, ha_birth_topic, ha_config_topic
 
 HA_STATE_MAX_CHARS = 255
 DISCOVERY_QOS = 1
@@ -37,6 +42,7 @@ _AVAILABILITY_TEMPLATE = "{{ 'online' if value == 'online' else 'offline' }}"
 class Discovery:
     topic: str
     payload: bytes  # JSON; published retained
+    legacy_topic: str | None = None  # where an older vlmd put this entity (to empty), when elsewhere
 
 
 def discovery_messages(
@@ -45,9 +51,9 @@ def discovery_messages(
 ) -> list[Discovery]:
     """Every discovery config message for this board, in publishing order. `cameras`: the
     captioned ones; `ask_cameras`: those a dashboard may ask about; `watches`: (name, format)."""
-    node = ha_object_id(f"vlmd_{device_id}")
+    node = _Node(ha_object_id("vlmd", device_id), ha_legacy_object_id("vlmd", device_id))
     device = {
-        "identifiers": [node],
+        "identifiers": [node.id],
         "name": f"vlmd {device_id}",
         "manufacturer": "vlmd",
         "model": model_name,
@@ -63,14 +69,14 @@ def discovery_messages(
     messages = [_status_sensor(topics, prefix, node, device)]
     for camera in sorted(cameras):
         messages.append(_caption_sensor(topics, prefix, node, device, availability, camera))
-        messages.append(_entity(prefix, "image", node, f"frame_{camera}", {
+        messages.append(_entity(prefix, "image", node, ("frame", camera), {
             "name": f"{camera} frame", "image_topic": topics.caption_image(camera), "content_type": "image/jpeg",
             "icon": "mdi:cctv"}, device, availability))
     for camera in sorted(ask_cameras):
-        messages.append(_entity(prefix, "text", node, f"ask_{camera}", {
+        messages.append(_entity(prefix, "text", node, ("ask", camera), {
             "name": f"Ask {camera}", "command_topic": topics.dashboard_ask(camera), "min": 1,
             "max": HA_STATE_MAX_CHARS, "mode": "text", "icon": "mdi:chat-question"}, device, availability))
-        messages.append(_entity(prefix, "sensor", node, f"answer_{camera}", {
+        messages.append(_entity(prefix, "sensor", node, ("answer", camera), {
             "name": f"{camera} answer", "state_topic": topics.dashboard_answer(camera),
             "value_template": "{{ value_json.text[:%d] }}" % HA_STATE_MAX_CHARS,
             "json_attributes_topic": topics.dashboard_answer(camera), "icon": "mdi:chat"}, device, availability))
@@ -84,7 +90,12 @@ def removal(messages: Iterable[Discovery]) -> list[Discovery]:
     return [Discovery(message.topic, b"") for message in messages]
 
 
-def _watch_entities(topics: Topics, prefix: str, node: str, device: dict, availability: dict, name: str,
+def removal_of(topics: Iterable[str]) -> list[Discovery]:
+    """Empty retained configs on these config topics."""
+    return [Discovery(topic, b"") for topic in topics]
+
+
+def _watch_entities(topics: Topics, prefix: str, node: _Node, device: dict, availability: dict, name: str,
                     schema: dict) -> list[Discovery]:
     state = topics.watch(name)
     if schema.get("type") == "object":
@@ -93,31 +104,52 @@ def _watch_entities(topics: Topics, prefix: str, node: str, device: dict, availa
     return [_watch_entity(prefix, node, device, availability, name, state, schema, None)]
 
 
-def _watch_entity(prefix: str, node: str, device: dict, availability: dict, name: str, state: str, schema: dict,
+def _watch_entity(prefix: str, node: _Node, device: dict, availability: dict, name: str, state: str, schema: dict,
                   key: str | None) -> Discovery:
-    """One entity of a watch (of one property of an object watch); "None" = no value yet."""
+    """One entity of a watch (of one property of an object watch). No value yet shows as
+    unknown: binary and numeric sensors take the state "None" as unknown; a sensor of device
+    class enum keeps "None" as a string (homeassistant/components/mqtt/sensor.py
+    `_update_state`, 2024.3.3), so its template fails without a value, which Home
+    Assistant's MQTT sensor takes silently as "keep the state" (a new entity: unknown)."""
     value = "value_json.value" if key is None else "value_json.value[%s]" % json.dumps(key)
-    known = "value_json.value is not none"
+    known = "value_json.value is not none" if key is None else "value_json.value is not none and %s is not none" % value
     config: dict[str, Any] = {"name": name if key is None else f"{name} {key}", "state_topic": state,
                               "json_attributes_topic": state, "icon": "mdi:eye"}
-    object_id = f"watch_{name}" if key is None else f"watch_{name}_{key}"
+    object_id = ("watch", name) if key is None else ("watch", name, key)
     if schema.get("type") == "boolean":
         config.update(payload_on="ON", payload_off="OFF",
                       value_template="{%% if %s %%}{{ 'ON' if %s else 'OFF' }}{%% else %%}None{%% endif %%}" % (known, value))
         return _entity(prefix, "binary_sensor", node, object_id, config, device, availability)
     config["value_template"] = "{{ %s if %s else None }}" % (value, known)
     if "enum" in schema:
+        # `set` on an attribute of a dict is a jinja TemplateRuntimeError: no undefined is
+        # touched, nothing is logged, the message is ignored (PayloadSentinel.DEFAULT)
+        config["value_template"] = ("{%% if %s %%}{{ %s }}{%% else %%}{%% set value_json.no_value = 1 %%}{%% endif %%}"
+                                    % (known, value))
         config.update(device_class="enum", options=list(schema["enum"]))
     else:
         config["state_class"] = "measurement"
     return _entity(prefix, "sensor", node, object_id, config, device, availability)
 
 
-def _entity(prefix: str, component: str, node: str, name: str, config: dict, device: dict,
+def _entity(prefix: str, component: str, node: _Node, parts: tuple[str, ...], config: dict, device: dict,
             availability: dict) -> Discovery:
-    object_id = ha_object_id(name)
-    body = {**config, "unique_id": f"{node}_{object_id}", "availability": [availability], "device": device}
-    return Discovery(ha_config_topic(prefix, component, node, object_id), _json(body))
+    object_id = ha_object_id(*parts)
+    body = {**config, "unique_id": f"{node.id}_{object_id}", "availability": [availability], "device": device}
+    return _discovery(prefix, component, node, parts, body)
+
+
+def _discovery(prefix: str, component: str, node: _Node, parts: tuple[str, ...], body: dict) -> Discovery:
+    topic = ha_config_topic(prefix, component, node.id, ha_object_id(*parts))
+    legacy = ha_config_topic(prefix, component, node.legacy, ha_legacy_object_id(*parts))
+    return Discovery(topic, _json(body), legacy if legacy != topic else None)
+
+
+class _Node(NamedTuple):
+    """The board's Home Assistant node id, and the one an older vlmd gave it."""
+
+    id: str
+    legacy: str
 
 
 def birth_topic(prefix: str) -> str:
@@ -125,11 +157,12 @@ def birth_topic(prefix: str) -> str:
     return ha_birth_topic(prefix)
 
 
-def _status_sensor(topics: Topics, prefix: str, node: str, device: dict) -> Discovery:
-    object_id = "status"
+def _status_sensor(topics: Topics, prefix: str, node: _Node, device: dict) -> Discovery:
+    parts = ("status",)
+    object_id = ha_object_id(*parts)
     config = {
         "name": "Status",
-        "unique_id": f"{node}_{object_id}",
+        "unique_id": f"{node.id}_{object_id}",
         "state_topic": topics.status(),
         "value_template": "{{ 'ON' if value == 'online' else 'OFF' }}",
         "payload_on": "ON",
@@ -138,14 +171,15 @@ def _status_sensor(topics: Topics, prefix: str, node: str, device: dict) -> Disc
         "entity_category": "diagnostic",
         "device": device,
     }
-    return Discovery(ha_config_topic(prefix, "binary_sensor", node, object_id), _json(config))
+    return _discovery(prefix, "binary_sensor", node, parts, config)
 
 
-def _caption_sensor(topics: Topics, prefix: str, node: str, device: dict, availability: dict, camera: str) -> Discovery:
-    object_id = ha_object_id(f"caption_{camera}")
+def _caption_sensor(topics: Topics, prefix: str, node: _Node, device: dict, availability: dict, camera: str) -> Discovery:
+    parts = ("caption", camera)
+    object_id = ha_object_id(*parts)
     config = {
         "name": f"{camera} caption",
-        "unique_id": f"{node}_{object_id}",
+        "unique_id": f"{node.id}_{object_id}",
         "state_topic": topics.caption(camera),
         "value_template": "{{ value_json.text[:%d] }}" % HA_STATE_MAX_CHARS,
         "json_attributes_topic": topics.caption(camera),
@@ -153,7 +187,7 @@ def _caption_sensor(topics: Topics, prefix: str, node: str, device: dict, availa
         "icon": "mdi:cctv",
         "device": device,
     }
-    return Discovery(ha_config_topic(prefix, "sensor", node, object_id), _json(config))
+    return _discovery(prefix, "sensor", node, parts, config)
 
 
 def _json(config: dict) -> bytes:

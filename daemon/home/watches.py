@@ -5,15 +5,24 @@ retained state that flips after `debounce` agreeing answers and an event per cha
   MQTT messages (`<root>/watches/<name>/config`; an empty payload deletes one), checks
   them (known camera, limits) and is shared by the MQTT thread and the worker (a lock).
 - `due_watch(now, watches, cameras)` decides which watch answers next (pure): one whose
-  camera has a frame it has not looked at and whose `interval_s` has passed, the one
-  waiting longest first. The worker asks it after questions and before captions.
+  `interval_s` has passed and whose camera has a frame it has not looked at, or any frame
+  while its answers do not yet agree (`settling`: a still camera must not leave a watch
+  without a value), the one waiting longest first. The worker asks it after questions and
+  before captions.
 - `observe(watch, value, ...)` is the state machine (pure): the value changes after
   `debounce` agreeing answers in a row; the first value after a start sets the state
   without an event (there was nothing to change from).
 - `WatchRunner.step(now)` runs one due watch: the captions' change test (a frame that did
-  not change is not asked about), the question with its format on the engine (same image
-  key and system as captions and questions on that frame, so the image's KV prefix is
-  shared), then the retained state and, on a change, the event.
+  not change is not asked about, unless the watch is settling or its last answer is
+  `max_age_s` old), the question with its format on the engine (same image key and system
+  as captions and questions on that frame, so the image's KV prefix is shared), then the
+  retained state and, on a change, the event.
+- A question that arrives while a watch runs stops it at the next token (as it stops a
+  caption): the watch's state is untouched and it is due again as soon as no question waits.
+- A watch deleted or replaced while it runs publishes nothing: the state is published
+  under the registry's lock only while the watch is still the registered one, and a
+  deletion's empty retained state is published after the watch left the registry, so it
+  is never overwritten (`WatchRegistry.publish_if_current`).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import numpy as np
 
 from daemon.frames import changed, thumbnail
 from daemon.logs import get_logger
-from daemon.scheduler import CameraView
+from daemon.scheduler import DEFAULT_MIN_CHANGE, CameraView
 from npu.engine import DoneEvent, GenerationOptions, Prompt, RequestError
 from protocol.codec import ProtocolError
 from protocol.frames import FrameError
@@ -50,6 +59,7 @@ class Watch:
     num_agreeing: int = 0
     last_run_at: float | None = None  # service clock of the last look at a frame
     last_seq: int | None = None
+    answered_at: float | None = None  # service clock of the last answer (for max_age_s)
     thumbnail: np.ndarray | None = None  # of the last frame answered
 
     @property
@@ -59,6 +69,12 @@ class Watch:
     @property
     def camera(self) -> str:
         return self.definition.camera
+
+    @property
+    def settling(self) -> bool:
+        """Answers disagree with the state and fewer than `debounce` agree: ask again, even
+        on the same frame, until they settle."""
+        return self.num_agreeing > 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,15 @@ class WatchRegistry:
             self._watches[name] = Watch(definition, "mqtt")
             return Change(name, added=self._watches[name])
 
+    def publish_if_current(self, watch: Watch, publish: Callable[[], None]) -> bool:
+        """Call `publish` while `watch` is the registered watch of its name (a deletion or
+        replacement waits for it); False, and nothing published, once it is not."""
+        with self._lock:
+            if self._watches.get(watch.name) is not watch:
+                return False
+            publish()
+            return True
+
     def check(self, definition: WatchDefinition) -> None:
         if not self.known_camera(definition.camera):
             raise ProtocolError("unknown_camera", f"camera: {definition.camera!r} is not configured and has sent no"
@@ -150,7 +175,7 @@ def due_watch(now: float, watches: Iterable[Watch], cameras: Mapping[str, Camera
     wake_in: float | None = None
     for watch in watches:
         view = cameras.get(watch.camera)
-        if view is None or view.newest_seq is None or view.newest_seq == watch.last_seq:
+        if view is None or view.newest_seq is None or (view.newest_seq == watch.last_seq and not watch.settling):
             continue
         ready_at = now if watch.last_run_at is None else watch.last_run_at + watch.definition.interval_s
         if ready_at <= now:
@@ -203,10 +228,12 @@ class WatchRunner:
     responder: Any  # daemon.responder.Responder: publishes the states and events
     decode: Callable[[bytes], np.ndarray]
     thumbnail: Callable[[np.ndarray], np.ndarray] = thumbnail
-    min_change: Callable[[str], float] = lambda camera: 0.02
+    min_change: Callable[[str], float] = lambda camera: DEFAULT_MIN_CHANGE
     max_tokens: int = 64
-    should_stop: Callable[[], bool] = lambda: False
-    counts: dict[str, int] = field(default_factory=lambda: {"answered": 0, "unchanged": 0, "failed": 0, "changes": 0})
+    should_stop: Callable[[], bool] = lambda: False  # shutdown: the run ends, nothing more
+    preempt: Callable[[], bool] = lambda: False  # a question waits: the run gives way and is due again
+    counts: dict[str, int] = field(default_factory=lambda: {"answered": 0, "unchanged": 0, "failed": 0, "changes": 0,
+                                                            "preempted": 0})
 
     def step(self, now: float) -> bool:
         """Answer one due watch; False when none was due."""
@@ -217,33 +244,46 @@ class WatchRunner:
         if not frames:
             return False
         frame = frames[-1]
+        before = watch.last_run_at, watch.last_seq
         watch.last_run_at, watch.last_seq = now, frame.seq
         try:
             rgb = self.decode(frame.data)
         except FrameError as exc:
             log.warning("watch frame rejected", watch=watch.name, code=exc.code)
             self.counts["failed"] += 1
+            watch.candidate, watch.num_agreeing = None, 0  # not asked again about this frame
             return True
         picture = self.thumbnail(rgb)
-        if not changed(picture, watch.thumbnail, self.min_change(watch.camera)):
+        stale = watch.answered_at is None or now - watch.answered_at >= watch.definition.max_age_s
+        if not (watch.settling or stale or changed(picture, watch.thumbnail, self.min_change(watch.camera))):
             self.counts["unchanged"] += 1
             return True
         done = self._answer(watch, frame, rgb)
-        if done is not None:
-            watch.thumbnail = picture
+        if done is _PREEMPTED:  # no state change: due again, in its place, once no question waits
+            watch.last_run_at, watch.last_seq = before
+            self.counts["preempted"] += 1
+        elif done is None:
+            watch.candidate, watch.num_agreeing = None, 0  # not retried on this frame
+        else:
+            watch.thumbnail, watch.answered_at = picture, now
             self._publish(watch, done.extra["value"], done.extra.get("confidence"), frame.received_ts)
         return True
 
-    def _answer(self, watch: Watch, frame: Any, rgb: np.ndarray) -> Any | None:
+    def _answer(self, watch: Watch, frame: Any, rgb: np.ndarray) -> Any:
+        """The DoneEvent of a typed answer, `_PREEMPTED`, or None (not answered)."""
         definition = watch.definition
         prompt = Prompt(text=definition.question, images=[rgb], image_key=f"{watch.camera}:{frame.seq}", system=None)
         options = GenerationOptions(max_tokens=self.max_tokens, format=definition.format)
+        should_stop = lambda: self.should_stop() or self.preempt()  # noqa: E731  (checked before every graph call)
         try:
-            for event in self.engine.generate(prompt, options, should_stop=self.should_stop):
+            for event in self.engine.generate(prompt, options, should_stop=should_stop):
                 if isinstance(event, DoneEvent):
                     if event.finish_reason == "stop" and "value" in event.extra:
                         self.counts["answered"] += 1
                         return event
+                    if event.finish_reason == "cancelled" and not self.should_stop():
+                        log.info("watch gave way to a question", watch=watch.name)
+                        return _PREEMPTED
                     log.info("watch answer not finished", watch=watch.name, finish_reason=event.finish_reason)
                     return None
         except RequestError as exc:  # what the watch asks, not the engine: logged, never a failure
@@ -262,4 +302,8 @@ class WatchRunner:
             log.info("watch changed", watch=watch.name, value=watch.value, previous=previous)
         state = WatchState(name=watch.name, camera=watch.camera, value=watch.value, confidence=watch.confidence,
                            since=watch.since, updated=now, frame_ts=frame_ts)
-        self.responder.watch(state, event)
+        if not self.registry.publish_if_current(watch, lambda: self.responder.watch(state, event)):
+            log.info("watch deleted or replaced while it ran: its answer is not published", watch=watch.name)
+
+
+_PREEMPTED = object()  # _answer: the run gave way to a question
