@@ -14,12 +14,17 @@ Contract:
   may use `${CREDENTIALS_DIRECTORY}`; with neither password nor password_file set,
   `$CREDENTIALS_DIRECTORY/mqtt_password` is used when it exists (systemd
   LoadCredential=). The password is read at load time and kept as a `SecretStr`.
+- `[http]` (the OpenAI-compatible API, off while `listen` is empty): `api_keys_file` may
+  use `${CREDENTIALS_DIRECTORY}` too, and defaults to `$CREDENTIALS_DIRECTORY/http_api_keys`
+  when that exists; it must exist and hold a key when set. Listening beyond loopback
+  without a key file is a configuration error.
 - Models are frozen and `extra="forbid"`; `Config()` alone gives the defaults with
   `device_id`, `root` and `mqtt.client_id` filled in.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -50,6 +55,7 @@ from protocol.watches import WatchDefinition, WatchName
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
 CREDENTIAL_NAME = "mqtt_password"
+HTTP_KEYS_CREDENTIAL = "http_api_keys"
 _GROUP_BAD = re.compile(r"[/+#\x00]")
 
 
@@ -151,6 +157,43 @@ class MqttConfig(_Section):
     def password_value(self) -> str | None:
         """The plain password for paho's username_pw_set, or None when unset."""
         return self.password.get_secret_value() or None
+
+
+class HttpConfig(_Section):
+    listen: str = Field("", description='"HOST:PORT" for the OpenAI-compatible API (port 0 = any free port); empty = off')
+    api_keys_file: Path | None = Field(None, strict=False, description="file of API keys, one a line (e.g. ${CREDENTIALS_DIRECTORY}/http_api_keys); required unless listen is a loopback address")
+    model_name: str = Field("", description="the model id clients name (GET /v1/models); empty = the model directory's name")
+    image_url_hosts: list[str] = Field(default_factory=list, description="host names whose http(s) image URLs vlmd may fetch; empty = none (data: URIs only)")
+    max_body_bytes: int = Field(32_000_000, gt=0, description="largest request body (base64 images included)")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one allowed image URL fetch")
+
+    _empty_is_none = field_validator("api_keys_file", mode="before")(_optional_path)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_listen(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """("host", port) of "HOST:PORT" ("[::1]:8000" for IPv6); ValueError naming the problem."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f'listen must be "HOST:PORT" with a port of 0-65535, got {value!r}')
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class EmbeddedBrokerConfig(_Section):
@@ -319,6 +362,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and format")
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="stopping and giving up")
     journal: JournalConfig = Field(default_factory=JournalConfig, description="the request journal (exactly one final across a crash)")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="the OpenAI-compatible HTTP API (off unless listen is set)")
 
     @field_validator("device_id")
     @classmethod
@@ -362,7 +406,7 @@ class Config(_Section):
 
 # --- loading -------------------------------------------------------------------------
 
-_PATH_KEYS: set[Key] = {("model", "path"), ("mqtt", "password_file"), ("journal", "directory"),
+_PATH_KEYS: set[Key] = {("model", "path"), ("mqtt", "password_file"), ("journal", "directory"), ("http", "api_keys_file"),
                         *(("mqtt", "tls", k) for k in ("ca_file", "cert_file", "key_file"))}
 
 
@@ -435,10 +479,47 @@ def _resolve_files(config: Config, env: Mapping[str, str], provenance: dict[Key,
             issues.append(located(("mqtt", "tls", name), provenance, f"no such file: {file}"))
     if config.model.path is not None and not config.model.path.exists():
         issues.append(located(("model", "path"), provenance, f"no such model directory or file: {config.model.path}"))
+    keys_file = _http_keys_file(config.http, env, issues, provenance)
     if issues:
         raise ConfigError(issues)
     new_mqtt = mqtt.model_copy(update={"password": password, "password_file": password_file})
-    return config.model_copy(update={"mqtt": new_mqtt})
+    return config.model_copy(update={"mqtt": new_mqtt, "http": config.http.model_copy(update={"api_keys_file": keys_file})})
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """The keys of an API keys file: one a line, blank lines and `#` comments skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _http_keys_file(http: HttpConfig, env: Mapping[str, str], issues: list[ConfigIssue],
+                    provenance: dict[Key, str]) -> Path | None:
+    """The API keys file to use (None: none), checked readable and not empty; a listen
+    address beyond loopback without one is an issue."""
+    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    path = http.api_keys_file
+    if path is None:
+        found = Path(credentials) / HTTP_KEYS_CREDENTIAL if credentials else None
+        path = found if found is not None and found.is_file() else None
+    elif "CREDENTIALS_DIRECTORY" in str(path):
+        if not credentials:
+            issues.append(located(("http", "api_keys_file"), provenance,
+                                  "api_keys_file uses $CREDENTIALS_DIRECTORY, which only systemd sets (LoadCredential=)"))
+            return None
+        path = Path(str(path).replace("${CREDENTIALS_DIRECTORY}", credentials).replace("$CREDENTIALS_DIRECTORY", credentials))
+    if path is not None:
+        try:
+            if not read_api_keys(path):
+                issues.append(located(("http", "api_keys_file"), provenance, f"the API keys file {path} holds no key"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            issues.append(located(("http", "api_keys_file"), provenance, f"cannot read the API keys file {path}: {reason}"))
+    address = http.address
+    if address is not None and path is None and not is_loopback(address[0]):
+        issues.append(located(("http", "listen"), provenance,
+                              f"listening on {address[0]} (beyond loopback) needs api_keys_file: anyone on the network"
+                              " could use the model otherwise"))
+    return path
 
 
 def _password_file(mqtt: MqttConfig, env: Mapping[str, str]) -> Path | str | None:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import psutil
 
 from daemon.config import Config
+from daemon.http import HttpInterface, HttpServer
 from daemon.ha import birth_topic
 from daemon.home import Home
 from daemon.inbox import Inbox
@@ -87,6 +88,7 @@ class Service:
         self.client: MqttClient | None = None
         self.worker: Worker | None = None
         self.responder: Responder | None = None
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, when [http] listen is set
         self._worker_stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -121,6 +123,8 @@ class Service:
             target=self.worker.run, args=(self._worker_stop,), name="vlmd-worker", daemon=True
         )
         self._worker_thread.start()
+        if self.config.http.address is not None:
+            self.http = HttpServer(HttpInterface(self), *self.config.http.address).start()
         self.client.start()
         log.info("service started", root=self.topics.root, broker=url)
 
@@ -139,6 +143,8 @@ class Service:
             if self._worker_thread.is_alive() and self.worker is not None:
                 self.worker.abort.set()
                 self._worker_thread.join(10.0)
+        if self.http is not None:
+            self.http.stop()
         if self.client is not None:
             status = (self.topics.status(), payloads.STATUS_STOPPED.encode(), SPEC["status"].qos, SPEC["status"].retain)
             self.client.stop(last=status)
@@ -231,6 +237,7 @@ class Service:
     def stats_message(self) -> payloads.Stats:
         with self.stats.lock:
             outcomes = dict(self.stats.outcomes)
+            by_interface = {name: dict(counts) for name, counts in self.stats.by_interface.items()}
             captions = dict(self.stats.captions)
             ttft, tok_s = self.stats.last_ttft_ms, self.stats.last_decode_tokens_per_s
             conversations = self.stats.conversations
@@ -243,7 +250,7 @@ class Service:
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
             running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
             cmm=cmm.describe() if cmm is not None else None, model=self.model_facts or None,
-            conversations=conversations, watches=watches,
+            conversations=conversations, watches=watches, interfaces=by_interface,
         )
 
     # -- the broker -------------------------------------------------------------------

@@ -54,12 +54,14 @@ from npu.engine.formats import with_hint
 from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import chunk_mask, open_history, plan_prefill
-from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
-from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, UnsupportedOptions,
-                               check_fits, encode_prompt)
+from npu.engine.prefix import (REPLAY_POLICIES, CachedRows, cached_rows, find_follow_up, follow_up_start, prefix_key,
+                               reusable_rows)
+from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, RequestError,
+                               UnsupportedOptions, check_fits, encode_prompt)
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.engine.stack import Cancelled as _Cancelled
 from npu.engine.stack import SessionStack
+from npu.engine.stops import StopStrings
 from npu.image import ImagePreprocess
 from npu.session import BF16, SessionError
 from npu.shapes import GraphShapes, read_shapes
@@ -80,6 +82,8 @@ class GenerationOptions:
     ignore_stop: bool = False
     # A normalised typed-answer format (protocol/formats.py): the answer is decoded to fit it.
     format: dict[str, Any] | None = None
+    # The answer ends before the first of these strings (which is not sent): npu.engine.stops.
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -159,6 +163,7 @@ class Engine:
         self.prefixes = PrefixStore(max_prefixes)
         self.conversations = ConversationStore(conversation_limits, clock)
         self.formats = FormatCache(model.tokenizer, sorted(model.template.stop_ids))
+        self._cached: CachedRows | None = None  # what the cache's rows hold, for automatic prefix reuse
         self._post_scores = PostScores(s.logits_index, s.topk_ids_index, s.topk_values_index)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
@@ -235,9 +240,11 @@ class Engine:
         options = options or GenerationOptions()
         should_stop = should_stop or _never
         started = time.perf_counter()
-        question = prompt.text
+        question = prompt.text if not prompt.messages else prompt.messages[-1].text
+        if prompt.messages and prompt.conversation is not None:
+            raise RequestError("conversation: a prompt of messages carries its whole history; it takes no conversation")
         if options.format is not None:  # the model is told the form too (npu.engine.formats)
-            prompt = replace(prompt, text=with_hint(question, options.format))
+            prompt = _with_format_hint(prompt, options.format)
         self._check_options(options)
         plan = None if prompt.conversation is None else self.conversations.plan(
             prompt, self.model.template, self.shapes.image_tokens, self.shapes.capacity, options.max_tokens)
@@ -250,6 +257,7 @@ class Engine:
         if options.format is not None:
             typed = ConstrainedAnswer(self.formats.compile(options.format, question), budget, self._post_scores)
         sampler = Sampler(options.sampling_params())
+        stops = StopStrings(options.stop)
         history = list(encoded.ids)  # what the repetition penalty sees: prompt and answer
         detok = IncrementalDetokenizer(self.model.tokenizer)
         stop_ids = frozenset() if options.ignore_stop else self.model.template.stop_ids
@@ -258,8 +266,9 @@ class Engine:
         pieces: list[str] = []
         answer_ids: list[int] = []
         finish = "length"
+        cached, self._cached = self._cached, None  # known again only once this prompt's rows are written
         try:
-            hidden = self._prefill(prompt, encoded, should_stop, timings, plan)
+            hidden = self._prefill(prompt, encoded, should_stop, timings, plan, cached)
             token = self._next_token(hidden, sampler, options, history, typed)
             first_token_at = time.perf_counter()
             timings["ttft_ms"] = _ms(first_token_at - started)
@@ -267,9 +276,16 @@ class Engine:
                 if token in stop_ids:
                     finish = "stop"
                     break
-                delta = detok.push(token)
-                pieces.append(delta)
+                delta, stopped = stops.push(detok.push(token))
                 answer_ids.append(token)
+                if stopped:  # the stop string's token is not counted
+                    answer_ids.pop()
+                    pieces.append(delta)
+                    if delta:
+                        yield TokenEvent(token, delta, len(pieces) - 1)
+                    finish = "stop"
+                    break
+                pieces.append(delta)
                 yield TokenEvent(token, delta, len(pieces) - 1)
                 if typed is not None and typed.done:  # only the end may follow: no graph call for it
                     finish = "stop"
@@ -298,14 +314,21 @@ class Engine:
         # What the detokenizer still holds is the start of a character the answer stopped
         # inside (max_tokens, a stop token, a cancel): dropped, so `text` is exactly the deltas.
         detok.flush()
+        held = stops.flush() if finish != "stop" else ""
+        if held:  # a tail that could have begun a stop string: it did not, so it is sent
+            pieces.append(held)
+            yield TokenEvent(answer_ids[-1], held, len(pieces) - 1)
         text = "".join(pieces)
         extra = {} if typed is None else typed.final_fields(finish, timings)
+        if plan is None:  # a conversation's rows are its store's to track
+            self._cached = cached_rows(list(encoded.ids) + answer_ids, self.cache.position, encoded, prompt.images,
+                                       self.shapes.image_tokens)
         if plan is not None:
             turn = self.conversations.finish(plan, encoded, answer_ids, text, self.cache.position,
                                              finish in ("stop", "length"))
             notes = turn.pop("notes", []) + extra.pop("notes", [])
             extra.update(turn, **({"notes": notes} if notes else {}))
-        yield DoneEvent(text, finish, num_prompt, len(pieces), timings, extra)
+        yield DoneEvent(text, finish, num_prompt, len(answer_ids), timings, extra)
 
     def forget_conversation(self, conversation_id: str) -> bool:
         """Drop a conversation and its KV snapshot (a reset); True when it existed."""
@@ -333,9 +356,11 @@ class Engine:
     # ------------------------------------------------------------------ prefill
 
     def _prefill(self, prompt: Prompt, encoded: EncodedPrompt, should_stop: Callable[[], bool],
-                 timings: dict[str, Any], plan: TurnPlan | None = None) -> np.ndarray:
+                 timings: dict[str, Any], plan: TurnPlan | None = None, cached: CachedRows | None = None) -> np.ndarray:
         """Fill the cache with the prompt; return the last row's hidden state [1, 1, hidden].
-        A later conversation turn prefills only the rows after the conversation's cached ones."""
+        A later conversation turn prefills only the rows after the conversation's cached ones;
+        any other prompt keeps the rows it shares with what the cache holds (`cached`) when
+        that is more than a stored prefix snapshot gives."""
         ids, end = encoded.ids, len(encoded.ids)
         if plan is not None and plan.encoded is not None:
             key, entry = None, None
@@ -344,16 +369,25 @@ class Engine:
         else:
             key = prefix_key(prompt, self.model.template.name)
             entry = find_follow_up(self.prefixes, key, encoded)
-            start = self._place_prefix(entry, end)
+            kept = reusable_rows(cached, encoded, prompt.images, self.shapes.image_tokens) if plan is None else 0
+            if kept > (entry.snapshot.length if entry is not None else 0):
+                key, entry = None, None  # the cache's own rows go further than the snapshot
+                self.conversations.park(self.cache)
+                self.cache.rewind(kept)
+                start = kept
+            else:
+                start = self._place_prefix(entry, end)
         timings["prefix_reused"] = entry is not None or start > 0
+        timings["cached_rows"] = start
         self._fill_embeds(ids, start, entry)
         for rows, features in plan.stored_features if plan is not None else ():
             self._embeds[rows] = features  # earlier turns' images, prefilled again
-        if entry is None and prompt.images:
+        first_image = _first_image_at(encoded.context_rows, self.shapes.image_tokens, start)
+        if entry is None and len(prompt.images) > first_image:
             image_started = time.perf_counter()
-            self._encode_images(prompt.images, encoded.context_rows, should_stop)
+            self._encode_images(prompt.images, encoded.context_rows, should_stop, first_image)
             timings["image_ms"] = _ms(time.perf_counter() - image_started)
-            timings["images_encoded"] = len(prompt.images)
+            timings["images_encoded"] = len(prompt.images) - first_image
         if plan is not None and prompt.images:  # kept so the turn can be prefilled again later
             source = entry.embeds if entry is not None else self._embeds
             plan.features = source[encoded.context_rows].copy()  # (num_images * image_tokens, hidden)
@@ -401,10 +435,13 @@ class Engine:
         self._host_copies += self._embeds[start:end].nbytes
 
     def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
-                       should_stop: Callable[[], bool]) -> None:
+                       should_stop: Callable[[], bool], first: int = 0) -> None:
+        """Vision features of images[first:] over their context rows."""
         s, vision = self.shapes, self.model.vision
         preprocess = getattr(self.model, "preprocess", None) or ImagePreprocess()
         for k, image in enumerate(images):
+            if k < first:
+                continue
             try:
                 pixels = preprocess.prepare(image, self._pixels)
             except ValueError as exc:
@@ -490,6 +527,26 @@ class Engine:
 
 def _never() -> bool:
     return False
+
+
+def _first_image_at(context_rows: np.ndarray, image_tokens: int, start: int) -> int:
+    """The first image with a context row at or after `start` (earlier ones are in the cache)."""
+    if not image_tokens:
+        return 0
+    return int(np.searchsorted(context_rows[image_tokens - 1::image_tokens], start))
+
+
+def _with_format_hint(prompt: Prompt, schema: dict[str, Any]) -> Prompt:
+    """The prompt with a format's sentence added to its question (the last message's last text)."""
+    if not prompt.messages:
+        return replace(prompt, text=with_hint(prompt.text, schema))
+    last = prompt.messages[-1]
+    texts = [k for k, part in enumerate(last.parts) if part is not None]
+    if not texts:
+        return prompt
+    parts = list(last.parts)
+    parts[texts[-1]] = with_hint(parts[texts[-1]], schema)
+    return replace(prompt, messages=(*prompt.messages[:-1], replace(last, parts=tuple(parts))))
 
 
 

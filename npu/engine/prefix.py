@@ -8,12 +8,20 @@ the snapshot's saved input rows) can only pay when the question runs past what t
 prefill groups hold, so that resuming would leave rows for the one-by-one decode group:
 then the measured graph times decide.
 
+Automatic prefix reuse (`reusable_rows`): whatever asked, a prompt whose ids (images
+included, compared by pixels) start with what the cache still holds from the previous
+prompt and its answer (`CachedRows`) keeps those rows and prefills only the rest; a chat
+client that sends the whole history each turn prefills only the new turn.
+
 Decisions only: the engine restores the snapshot and runs the plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from npu.engine.kv_cache import PrefixEntry, PrefixStore
 from npu.shapes import GraphShapes
@@ -64,3 +72,47 @@ def follow_up_start(entry: PrefixEntry, end: int, shapes: GraphShapes, policy: s
     if any(cost is None for cost in costs.values()):
         return resume
     return min(costs, key=lambda start: (costs[start], -start))
+
+
+@dataclass(frozen=True)
+class CachedRows:
+    """What the KV cache's first rows hold after a prompt ran: its token ids (prompt, then the
+    answer tokens written) and the prompt's images with their first row each (the pixels
+    kept by reference: prompts are frozen and callers never write into their images)."""
+
+    ids: np.ndarray  # (num_rows,) int64
+    image_starts: tuple[int, ...]
+    images: tuple[np.ndarray, ...]
+
+
+def cached_rows(ids: Sequence[int], num_rows: int, encoded: EncodedPrompt, images: Sequence[np.ndarray],
+                image_tokens: int) -> CachedRows:
+    starts = tuple(int(encoded.context_rows[k * image_tokens]) for k in range(len(images)))
+    return CachedRows(np.asarray(ids[:num_rows], np.int64), starts, tuple(images))
+
+
+def reusable_rows(cached: CachedRows | None, encoded: EncodedPrompt, images: Sequence[np.ndarray],
+                  image_tokens: int) -> int:
+    """How many leading cache rows a prompt may keep (automatic prefix reuse): the length of
+    the longest common prefix of the cached ids and the prompt's ids, cut before the first
+    image whose pixels differ, and leaving at least the prompt's last row to prefill (its
+    hidden state picks the first answer token). 0 when nothing is cached."""
+    if cached is None or not len(cached.ids):
+        return 0
+    ids = np.asarray(encoded.ids, np.int64)
+    length = min(len(ids) - 1, len(cached.ids))
+    if length <= 0:
+        return 0
+    differ = np.flatnonzero(ids[:length] != cached.ids[:length])
+    common = int(differ[0]) if len(differ) else length
+    new_starts = [int(encoded.context_rows[k * image_tokens]) for k in range(len(images))]
+    for k, start in enumerate(cached.image_starts):
+        if start >= common:
+            break
+        if k >= len(images) or new_starts[k] != start or not _same_pixels(cached.images[k], images[k]):
+            return start
+    return common
+
+
+def _same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b))
