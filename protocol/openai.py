@@ -186,7 +186,8 @@ def parse_chat(body: bytes, limits: AskLimits, model_id: str, request_id: str, a
     except ProtocolError as exc:
         field = exc.message.split(":", 1)[0]
         param = {"text": "messages", "system": "messages", "format": "response_format"}.get(field, names.get(field, field))
-        raise OpenAIError(400, exc.message, param, "invalid_value") from None
+        message = param + exc.message[len(field):] if field in names or field == "format" else exc.message
+        raise OpenAIError(400, message, param, "invalid_value") from None  # the ask's words, the client's field name
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     include_usage = request.stream_options is not None and request.stream_options.include_usage
     return ChatAsk(ask, messages, stop, include_usage)
