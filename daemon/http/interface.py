@@ -107,25 +107,16 @@ class HttpInterface:
     def submit(self, chat: ChatAsk, sink: QueueSink) -> Job:
         """Queue the chat as a job (a full queue or a closed inbox gives its final at once)."""
         job = Job("ask", chat.ask.id, self.service.clock(), request=chat.ask, sink=sink, interface="http", chat=chat)
-        result = self.service.inbox.submit(job)
-        if result == "busy":
-            queue_size = self.service.inbox.queue_size
-            self.service.responder.final(job, "rejected", error=("busy", f"the request queue is full ({queue_size}"
-                                                                 " waiting)"))
-        elif result == "closed":
-            self.service.responder.final(job, "shutdown", error=("shutdown", "the daemon is shutting down"))
+        self.service.submit_job(job)
         return job
 
     def cancel(self, job: Job) -> None:
         """The client went away: a queued job ends `cancelled` now, a running one at its next graph call."""
         if job.finalized:
             return
-        where, queued = self.service.inbox.cancel(job.job_id)
-        log.info("http client gone: cancelled", request_id=job.job_id, where=where)
-        if where == "queued" and queued is not None:
-            self.service.responder.final(queued, "cancelled", error=("cancelled", "the HTTP client disconnected"))
-        elif where == "unknown":
-            job.cancel_event.set()  # between the queue and the worker's start: it checks the event first
+        job.cancel_event.set()  # also reaches a job between the queue and the worker's start
+        log.info("http client gone: cancelling", request_id=job.job_id)
+        self.service.cancel(job.job_id)
 
     def retry_after(self) -> str:
         """Seconds a refused client should wait: about one answer per queued question."""
