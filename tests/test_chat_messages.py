@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.scenes import draw_scene
+from daemon.commands.demo.scenes import draw_scene
 from npu.engine import Engine, GenerationOptions, Prompt
 from npu.engine.stops import StopStrings
 from npu.model import DEMO_MODEL_DIR, load_model

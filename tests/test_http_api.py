@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from daemon.cli import main as cli_main
-from daemon.scenes import draw_scene
+from daemon.commands.demo.scenes import draw_scene
 from npu.model import DEMO_MODEL_DIR
 from tests.fixtures_daemon import Daemon, FakeEngine, wait_for
 from tests.test_answers_mqtt import demo_engine  # noqa: F401 (module fixture: one engine for the file)

@@ -50,14 +50,13 @@ import numpy as np
 
 from npu.engine.constrain import ConstrainedAnswer, FormatCache, PostScores
 from npu.engine.conversation import ConversationLimits, ConversationStore, TurnPlan
-from npu.engine.formats import with_hint
 from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import chunk_mask, open_history, plan_prefill
-from npu.engine.prefix import (REPLAY_POLICIES, CachedRows, cached_rows, find_follow_up, follow_up_start, prefix_key,
-                               reusable_rows)
+from npu.engine.prefix import (REPLAY_POLICIES, CachedRows, cached_rows, find_follow_up, first_image_at,
+                               follow_up_start, prefix_key, reusable_rows)
 from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, RequestError,
-                               UnsupportedOptions, check_fits, encode_prompt)
+                               UnsupportedOptions, check_fits, encode_prompt, with_format_hint)
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.engine.stack import Cancelled as _Cancelled
 from npu.engine.stack import SessionStack
@@ -244,7 +243,7 @@ class Engine:
         if prompt.messages and prompt.conversation is not None:
             raise RequestError("conversation: a prompt of messages carries its whole history; it takes no conversation")
         if options.format is not None:  # the model is told the form too (npu.engine.formats)
-            prompt = _with_format_hint(prompt, options.format)
+            prompt = with_format_hint(prompt, options.format)
         self._check_options(options)
         plan = None if prompt.conversation is None else self.conversations.plan(
             prompt, self.model.template, self.shapes.image_tokens, self.shapes.capacity, options.max_tokens)
@@ -382,7 +381,7 @@ class Engine:
         self._fill_embeds(ids, start, entry)
         for rows, features in plan.stored_features if plan is not None else ():
             self._embeds[rows] = features  # earlier turns' images, prefilled again
-        first_image = _first_image_at(encoded.context_rows, self.shapes.image_tokens, start)
+        first_image = first_image_at(encoded.context_rows, self.shapes.image_tokens, start)
         if entry is None and len(prompt.images) > first_image:
             image_started = time.perf_counter()
             self._encode_images(prompt.images, encoded.context_rows, should_stop, first_image)
@@ -527,27 +526,6 @@ class Engine:
 
 def _never() -> bool:
     return False
-
-
-def _first_image_at(context_rows: np.ndarray, image_tokens: int, start: int) -> int:
-    """The first image with a context row at or after `start` (earlier ones are in the cache)."""
-    if not image_tokens:
-        return 0
-    return int(np.searchsorted(context_rows[image_tokens - 1::image_tokens], start))
-
-
-def _with_format_hint(prompt: Prompt, schema: dict[str, Any]) -> Prompt:
-    """The prompt with a format's sentence added to its question (the last message's last text)."""
-    if not prompt.messages:
-        return replace(prompt, text=with_hint(prompt.text, schema))
-    last = prompt.messages[-1]
-    texts = [k for k, part in enumerate(last.parts) if part is not None]
-    if not texts:
-        return prompt
-    parts = list(last.parts)
-    parts[texts[-1]] = with_hint(parts[texts[-1]], schema)
-    return replace(prompt, messages=(*prompt.messages[:-1], replace(last, parts=tuple(parts))))
-
 
 
 def _ms(seconds: float) -> float:

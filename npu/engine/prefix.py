@@ -116,3 +116,10 @@ def reusable_rows(cached: CachedRows | None, encoded: EncodedPrompt, images: Seq
 
 def _same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
     return a is b or (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b))
+
+
+def first_image_at(context_rows: np.ndarray, image_tokens: int, start: int) -> int:
+    """The first image with a context row at or after `start` (earlier ones are in the cache)."""
+    if not image_tokens:
+        return 0
+    return int(np.searchsorted(context_rows[image_tokens - 1::image_tokens], start))

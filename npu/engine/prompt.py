@@ -16,11 +16,12 @@ knows nothing of sessions, buffers or MQTT; `npu.engine` re-exports its public n
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from npu.engine.formats import with_hint
 from npu.text.messages import ChatMessage, encode_messages
 
 
@@ -126,3 +127,16 @@ def check_fits(encoded: EncodedPrompt, capacity: int) -> None:
         raise PromptTooLong(
             f"the prompt is {len(encoded.ids)} tokens ({len(encoded.context_rows)} of them image tokens) but the"
             f" KV cache holds {capacity} and one must remain for the answer: shorten the question or send fewer images")
+
+
+def with_format_hint(prompt: Prompt, schema: dict[str, Any]) -> Prompt:
+    """The prompt with a format's sentence added to its question (the last message's last text)."""
+    if not prompt.messages:
+        return replace(prompt, text=with_hint(prompt.text, schema))
+    last = prompt.messages[-1]
+    texts = [k for k, part in enumerate(last.parts) if part is not None]
+    if not texts:
+        return prompt
+    parts = list(last.parts)
+    parts[texts[-1]] = with_hint(parts[texts[-1]], schema)
+    return replace(prompt, messages=(*prompt.messages[:-1], replace(last, parts=tuple(parts))))
