@@ -10,7 +10,11 @@ import base64
 import http.client
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,6 +25,7 @@ from PIL import Image
 from daemon.cli import main as cli_main
 from daemon.commands.demo.scenes import draw_scene
 from npu.model import DEMO_MODEL_DIR
+from tests.fixtures_broker import free_port, wait_for_port
 from tests.fixtures_daemon import Daemon, FakeEngine, wait_for
 from tests.test_answers_mqtt import demo_engine  # noqa: F401 (module fixture: one engine for the file)
 
@@ -271,3 +276,22 @@ def test_serve_refuses_a_public_listen_address_without_keys():
     from daemon.config import EX_CONFIG
 
     assert cli_main(["serve", "--http", "0.0.0.0:0"]) == EX_CONFIG
+
+
+@pytest.mark.slow
+def test_vlmd_serve_http_answers_as_a_process(tmp_path):
+    """The real command line: `vlmd serve --http HOST:PORT` in its own process, its embedded broker."""
+    port = free_port()
+    env = {**os.environ, "VLMD_EMBEDDED_BROKER__PORT": "0", "XDG_STATE_HOME": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--device-id", "http-proc", "--http",
+                                f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        assert [m.id for m in api.models.list().data] == [MODEL]
+        answer = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        assert answer.choices[0].message.content
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors.decode()[-2000:]

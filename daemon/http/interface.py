@@ -61,7 +61,7 @@ class HttpInterface:
         self.config = config
         self.keys = [key.encode("utf-8") for key in read_api_keys(config.api_keys_file)] if config.api_keys_file else []
         facts = service.model_facts or {}
-        self.model_id = config.model_name or Path(str(facts.get("path") or "model")).name
+        self.model_id = config.model_name or model_id(facts.get("path"))
         self.max_model_len = int(facts.get("kv_capacity") or 0)
         self.created = int(service.wall_clock())
         self.allowed_hosts = frozenset(config.image_url_hosts)
@@ -139,6 +139,17 @@ class HttpInterface:
     def usage(self, final: AnswerFinal) -> dict[str, Any]:
         cached = int((final.timings or {}).get("cached_rows", 0) or 0)
         return openai.usage(final.usage.prompt_tokens, final.usage.completion_tokens, cached)
+
+
+def model_id(path: str | None) -> str:
+    """A stable model name from where the model was loaded: its directory's name, or for an
+    M5Stack mode file (mode_<model>.json) the model it names."""
+    if not path:
+        return "model"
+    source = Path(path)
+    if source.suffix == ".json":
+        return source.stem.removeprefix("mode_")
+    return source.name
 
 
 def now_s() -> int:
