@@ -9,7 +9,7 @@ import json
 import pytest
 
 from protocol import codec
-from protocol.openai import ImageRef, OpenAIError, parse_chat
+from protocol.openai import ChatCompletionRequest, ImageRef, OpenAIError, _format, parse_chat
 from protocol.payloads import AskLimits
 from tests.fixtures_daemon import png_bytes
 
@@ -100,7 +100,16 @@ def test_an_allow_listed_host_is_left_to_fetch():
     assert chat.messages[0][1][0] == ImageRef(url=url, param="messages[0].content[0].image_url.url")
 
 
-def test_json_object_asks_for_an_object():
-    with pytest.raises(OpenAIError) as caught:  # the flat subset has no bare object yet (#22 item 6)
-        parse(response_format={"type": "json_object"})
-    assert caught.value.param == "response_format"
+def test_response_formats_become_the_asks_format():
+    """json_schema (strict or not) gives its schema, json_object an object; they are then checked as
+    MQTT's `format` is (today's flat subset has no bare object, so json_object is refused there: #22 item 6)."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    for strict in (True, False, None):
+        chat = parse(response_format={"type": "json_schema", "json_schema": {"name": "r", "strict": strict,
+                                                                             "schema": schema}})
+        assert chat.ask.format["properties"]["ok"]["type"] == "boolean"
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                    "response_format": {"type": "json_object"}})
+    assert _format(request) == {"type": "object"}
+    assert parse(response_format={"type": "text"}).ask.format is None
