@@ -141,7 +141,7 @@ class Engine:
 
     def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto",
                  prices: Mapping[int, float] | None = None, conversation_limits: ConversationLimits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, reuse_cached_rows: bool = True) -> None:
         if prefix_replay not in REPLAY_POLICIES:
             raise ValueError(f"prefix_replay must be one of {REPLAY_POLICIES}, got {prefix_replay!r}")
         self.model = model
@@ -163,6 +163,7 @@ class Engine:
         self.conversations = ConversationStore(conversation_limits, clock)
         self.formats = FormatCache(model.tokenizer, sorted(model.template.stop_ids))
         self._cached: CachedRows | None = None  # what the cache's rows hold, for automatic prefix reuse
+        self.reuse_cached_rows = reuse_cached_rows  # False: every prompt pays its rows (benchmarks of a cold prompt)
         self._post_scores = PostScores(s.logits_index, s.topk_ids_index, s.topk_values_index)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
@@ -368,7 +369,8 @@ class Engine:
         else:
             key = prefix_key(prompt, self.model.template.name)
             entry = find_follow_up(self.prefixes, key, encoded)
-            kept = reusable_rows(cached, encoded, prompt.images, self.shapes.image_tokens) if plan is None else 0
+            reuse = plan is None and self.reuse_cached_rows
+            kept = reusable_rows(cached, encoded, prompt.images, self.shapes.image_tokens) if reuse else 0
             if kept > (entry.snapshot.length if entry is not None else 0):
                 key, entry = None, None  # the cache's own rows go further than the snapshot
                 self.conversations.park(self.cache)
