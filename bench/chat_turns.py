@@ -8,7 +8,10 @@ The board is bench/board_sim.py's: graphs that cost nothing at each build's shap
 charged its published time (bench/board_costs.toml) on a simulated clock, plus the engine's own
 host work measured for real. TTFT per turn = host ms + graph ms up to the first token.
 
-    python bench/chat_turns.py [--builds NAME,...] [--runs 3] [--tokens 16] [--out FILE]
+    python bench/chat_turns.py [--builds NAME,...] [--runs 3] [--tokens 16] [--title-between] [--out FILE]
+
+`--title-between` sends, after each answer, a text-only request as Open WebUI's title generation
+does: it takes the cache, and the chat's rows come back from where the engine parked them.
 
 Prints a table and writes bench/results/chat_turns.json. Goal (#22): turn 2 TTFT <= 0.2x turn 1.
 """
@@ -34,6 +37,7 @@ from npu.text.messages import IMAGE, ChatMessage  # noqa: E402
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = ("Describe this image in detail.", "Is there a person in the picture?", "What colour is the car?")
 GOAL_RATIO = 0.2
+TITLE_PROMPT = "Generate a concise, 3-5 word title for this chat:\n"
 
 
 def turn(engine: Engine, clock: SimulatedClock, messages: tuple, image, tokens: int) -> dict:
@@ -51,11 +55,14 @@ def turn(engine: Engine, clock: SimulatedClock, messages: tuple, image, tokens: 
             "images_encoded": t["images_encoded"], "text": done.text}
 
 
-def chat(engine: Engine, clock: SimulatedClock, image, tokens: int) -> list[dict]:
+def chat(engine: Engine, clock: SimulatedClock, image, tokens: int, title_between: bool = False) -> list[dict]:
     messages: tuple = (ChatMessage("system", (SYSTEM,)), ChatMessage("user", (IMAGE, QUESTIONS[0])))
     turns = []
     for question in QUESTIONS[1:] + (None,):
         turns.append(turn(engine, clock, messages, image, tokens))
+        if title_between:
+            title = (ChatMessage("user", (TITLE_PROMPT + turns[-1]["text"],)),)
+            list(engine.generate(Prompt("", messages=title), GenerationOptions(max_tokens=tokens)))
         if question is not None:
             messages += (ChatMessage("assistant", (turns[-1]["text"],)), ChatMessage("user", (question,)))
     return turns
@@ -71,7 +78,7 @@ def measure_build(costs, args, tokenizer_dir: Path) -> dict:
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (*FRAME, 3), dtype=np.uint8) for _ in range(args.runs + 1)]
     chat(engine, clock, frames[-1], 2)  # warm-up
-    runs = [chat(engine, clock, frames[run], args.tokens) for run in range(args.runs)]
+    runs = [chat(engine, clock, frames[run], args.tokens, args.title_between) for run in range(args.runs)]
     turns = []
     for k in range(len(QUESTIONS)):
         row = {key: common.median(r[k][key] for r in runs)
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="chats, each about its own image")
     parser.add_argument("--tokens", type=int, default=16, help="answer tokens per turn")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--title-between", action="store_true", help="a title request after every answer")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/chat_turns.json)")
     args = parser.parse_args(argv)
     board = BoardCosts.load(args.costs)
@@ -103,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['build']:22s} {cells}")
     result = {"benchmark": "chat_turns", "board": board.board, "machine": common.machine_info(threads=None),
               "runs": args.runs, "tokens": args.tokens, "precision": args.precision, "goal_ratio": GOAL_RATIO,
+              "title_between": args.title_between,
               "builds": builds}
     print(f"wrote {common.write_result('chat_turns', result, args.out)}")
     return 0

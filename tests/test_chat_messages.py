@@ -146,3 +146,27 @@ def test_stop_strings_release_exactly_the_text_before_the_first_stop(deltas, sto
     if not stopped:
         sent.append(stopper.flush())
     assert "".join(sent) == expected and stopped == bool(cuts)
+
+
+def test_a_chats_rows_survive_other_prompts_between_its_turns(demo_model):
+    """Open WebUI asks for a title between two turns; a camera's caption may run there too: the chat's
+    rows are parked, and its next turn takes them back."""
+    engine, image = Engine(demo_model), _scene(21)
+    first = (user(IMAGE, "Describe the image."),)
+    turn1 = _answer(engine, Prompt("", [image], messages=first))
+    _answer(engine, Prompt("", [], messages=(user("Give this chat a title."),)))  # a title request
+    _answer(engine, Prompt("Describe the image.", [_scene(3)]))  # a caption on another camera
+    second = (*first, ChatMessage("assistant", (turn1.text,)), user("What shapes are there?"))
+    reused = _answer(engine, Prompt("", [image.copy()], messages=second))
+    assert reused.timings["cached_rows"] > turn1.prompt_tokens and reused.timings["images_encoded"] == 0
+    assert reused.text == _answer(Engine(demo_model), Prompt("", [image], messages=second)).text
+    assert engine.parked_chats.nbytes > 0  # the title chat's rows, parked in turn
+
+
+def test_parked_chats_are_bounded(demo_model):
+    engine = Engine(demo_model)
+    for n in range(4):
+        list(engine.generate(Prompt("", [], messages=(user(f"Chat number {n}, say hi."),)), GenerationOptions(max_tokens=3)))
+        _answer(engine, Prompt("Describe the image.", [_scene(n)]))
+    assert len(engine.parked_chats._chats) == engine.parked_chats.max_chats == 2
+    assert Engine(demo_model, reuse_cached_rows=False).parked_chats.max_chats == 0

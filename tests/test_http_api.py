@@ -86,6 +86,27 @@ def test_models_lists_the_loaded_model_with_its_kv_capacity(served):
     assert models[0].owned_by == "vlmd" and models[0].model_extra["max_model_len"] == d.engine.shapes.capacity
 
 
+def test_healthz_and_unknown_endpoints(served):
+    d = served()
+    connection = http.client.HTTPConnection("127.0.0.1", d.service.http.port, timeout=30)
+    connection.request("GET", "/healthz")
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+    connection.request("GET", "/v1/embeddings")
+    response = connection.getresponse()
+    assert response.status == 404 and json.loads(response.read())["error"]["code"] == "not_found"
+    connection.request("GET", "/v1/chat/completions")
+    response = connection.getresponse()
+    assert response.status == 405 and set(json.loads(response.read())["error"]) == {"message", "type", "param", "code"}
+    connection.close()
+    assert post(d, {}, key=None, path="/v1/models")[0] == 405  # GET only
+    connection = http.client.HTTPConnection("127.0.0.1", d.service.http.port, timeout=30)
+    connection.request("GET", "/v1/models")  # no key
+    response = connection.getresponse()
+    assert response.status == 401 and json.loads(response.read())["error"]["code"] == "invalid_api_key"
+    connection.close()
+
+
 @pytest.mark.parametrize("seed", [3, 11])
 def test_greedy_answers_about_scenes_are_vlmd_asks_streamed_and_not(served, capsys, tmp_path, seed):
     d = served()

@@ -53,7 +53,7 @@ from npu.engine.conversation import ConversationLimits, ConversationStore, TurnP
 from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import chunk_mask, open_history, plan_prefill
-from npu.engine.prefix import (REPLAY_POLICIES, CachedRows, cached_rows, find_follow_up, first_image_at,
+from npu.engine.prefix import (REPLAY_POLICIES, CachedRows, ParkedChats, cached_rows, find_follow_up, first_image_at,
                                follow_up_start, prefix_key, reusable_rows)
 from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, RequestError,
                                UnsupportedOptions, check_fits, encode_prompt, with_format_hint)
@@ -164,6 +164,7 @@ class Engine:
         self.formats = FormatCache(model.tokenizer, sorted(model.template.stop_ids))
         self._cached: CachedRows | None = None  # what the cache's rows hold, for automatic prefix reuse
         self.reuse_cached_rows = reuse_cached_rows  # False: every prompt pays its rows (benchmarks of a cold prompt)
+        self.parked_chats = ParkedChats(2 if reuse_cached_rows else 0)  # chats' rows another prompt pushed out
         self._post_scores = PostScores(s.logits_index, s.topk_ids_index, s.topk_values_index)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
@@ -322,7 +323,7 @@ class Engine:
         extra = {} if typed is None else typed.final_fields(finish, timings)
         if plan is None:  # a conversation's rows are its store's to track
             self._cached = cached_rows(list(encoded.ids) + answer_ids, self.cache.position, encoded, prompt.images,
-                                       self.shapes.image_tokens)
+                                       self.shapes.image_tokens, chat=bool(prompt.messages))
         if plan is not None:
             turn = self.conversations.finish(plan, encoded, answer_ids, text, self.cache.position,
                                              finish in ("stop", "length"))
@@ -349,6 +350,7 @@ class Engine:
         error.prompt_tokens = num_prompt
         if isinstance(error, NumericError):
             self.prefixes.clear()
+            self.parked_chats.clear()
             if self.conversations.live is not None:  # its rows may hold them too
                 self.conversations.forget(self.conversations.live, "its KV rows held non-finite values")
         return error
@@ -364,6 +366,7 @@ class Engine:
         ids, end = encoded.ids, len(encoded.ids)
         if plan is not None and plan.encoded is not None:
             key, entry = None, None
+            self.parked_chats.park(cached, self.cache)
             start = self.conversations.place(self.cache, plan)
             timings["history_rows"] = start
         else:
@@ -371,12 +374,21 @@ class Engine:
             entry = find_follow_up(self.prefixes, key, encoded)
             reuse = plan is None and self.reuse_cached_rows
             kept = reusable_rows(cached, encoded, prompt.images, self.shapes.image_tokens) if reuse else 0
-            if kept > (entry.snapshot.length if entry is not None else 0):
-                key, entry = None, None  # the cache's own rows go further than the snapshot
+            parked, index = self.parked_chats.best(encoded, prompt.images, self.shapes.image_tokens) if reuse else (0, None)
+            if max(kept, parked) > (entry.snapshot.length if entry is not None else 0):
+                key, entry = None, None  # the cache's own rows (or a parked chat's) go further than the snapshot
                 self.conversations.park(self.cache)
-                self.cache.rewind(kept)
-                start = kept
+                if parked > kept:
+                    snapshot = self.parked_chats.take(index, parked)
+                    self.parked_chats.park(cached, self.cache)
+                    self.cache.restore(snapshot, parked)
+                else:
+                    if cached is not None and kept < len(cached.ids):  # the rows it cuts may be another chat's
+                        self.parked_chats.park(cached, self.cache)
+                    self.cache.rewind(kept)
+                start = max(kept, parked)
             else:
+                self.parked_chats.park(cached, self.cache)
                 start = self._place_prefix(entry, end)
         timings["prefix_reused"] = entry is not None or start > 0
         timings["cached_rows"] = start
