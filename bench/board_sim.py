@@ -105,7 +105,8 @@ def measure_build(costs: BuildCosts, args, tokenizer_dir: Path) -> dict:
                           family=b.family, n_layers=b.n_layers, hidden=b.hidden, kv_dim=b.kv_dim, vocab=b.vocab)
     clock = SimulatedClock()
     model, prices = simulated_model(zero_cost_model(shape, args.precision, tokenizer_dir), costs, clock)
-    engine = Engine(model, prefix_replay="auto", prices=prices)
+    # the snapshot follow-ups are measured: the same question asked under each policy must not reuse the last ask's rows
+    engine = Engine(model, prefix_replay="auto", prices=prices, reuse_cached_rows=False)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (*FRAME, 3), dtype=np.uint8) for _ in range(args.runs + 1)]
     ask(engine, clock, FIRST_QUESTION, frames[-1], "warm-up", 2)

@@ -75,7 +75,7 @@ def measure(args, checkpoint: Path, dims: common.Dims) -> dict:
         common.build_checkpoint(checkpoint, dims)  # the torch model is not needed here: dropped at once
     model = load_model(checkpoint, backend="reference", precision=args.precision,
                        prefill_chunk=args.prefill_chunk, history_groups=args.history_groups)
-    engine = Engine(model, prefix_replay=args.replay)
+    engine = Engine(model, prefix_replay=args.replay, reuse_cached_rows=False)  # the snapshot follow-up is measured
     # With --compare-replay every follow-up is asked twice, resuming ("never") then under
     # --replay, on the same snapshot: an A/B of the policy within one process.
     policies = ("never", args.replay) if args.compare_replay else (args.replay,)

@@ -27,6 +27,7 @@ from typing import Callable
 from daemon.mqtt.broker import BrokerStartError
 from daemon import systemd
 from daemon.config import EX_CONFIG, Config, ConfigError
+from daemon.http import HttpStartError
 from daemon.logs import get_logger
 from daemon.mqtt.connection import MqttError
 from daemon.service import EngineFactory, Service, load_engine
@@ -67,7 +68,7 @@ def main(config: Config, engine_factory: EngineFactory = load_engine, tick_s: fl
         notifier.status("loading the model")
         try:
             service.start()
-        except (ModelError, TopicError, MqttError, BrokerStartError) as exc:
+        except (ModelError, TopicError, MqttError, BrokerStartError, HttpStartError) as exc:
             return _startup_failure(exc)  # logged here, before `finally` logs "service stopped"
         started, ready = service.clock(), False
         while not stop.is_set() and service.worker_alive and service.fatal_error is None:
@@ -101,8 +102,9 @@ def main(config: Config, engine_factory: EngineFactory = load_engine, tick_s: fl
 
 def _startup_failure(exc: Exception) -> int:
     """Log why the daemon cannot start (one line) and choose the exit code."""
-    if isinstance(exc, BrokerStartError):  # e.g. the port is taken: may be free after a restart
-        log.error("cannot start the embedded broker", error=str(exc), exit_code=EX_RUNTIME)
+    if isinstance(exc, (BrokerStartError, HttpStartError)):  # e.g. the port is taken: may be free after a restart
+        what = "cannot start the embedded broker" if isinstance(exc, BrokerStartError) else "cannot start the HTTP API"
+        log.error(what, error=str(exc), exit_code=EX_RUNTIME)
         return EX_RUNTIME
     what = "cannot load the model" if isinstance(exc, ModelError) else "invalid configuration"
     log.error(what, error=str(exc), exit_code=EX_CONFIG)

@@ -42,15 +42,17 @@ class RuntimeStats:
     """Counters the stats message reports; written by the worker and the MQTT thread."""
 
     outcomes: Counter = field(default_factory=Counter)  # finish_reason -> count
+    by_interface: dict = field(default_factory=dict)  # interface ("mqtt", "http") -> Counter of finish_reason
     captions: Counter = field(default_factory=Counter)  # "done" / "skipped" / "failed"
     last_ttft_ms: float | None = None
     last_decode_tokens_per_s: float | None = None
     conversations: dict | None = None  # the engine's conversation store, after the last question
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: str, interface: str = "mqtt") -> None:
         with self.lock:
             self.outcomes[outcome] += 1
+            self.by_interface.setdefault(interface, Counter())[outcome] += 1
 
     def count_caption(self, outcome: str) -> None:
         with self.lock:
@@ -77,7 +79,11 @@ class Responder:
 
     def chunk(self, job: Job, seq: int, delta: str) -> None:
         """Publish one chunk (QoS 0, may be lost anyway); failures are logged, never raised."""
-        self._send(job, payloads.AnswerChunk(id=job.job_id, seq=seq, delta=_utf8_safe(delta)), "answer_chunk")
+        message = payloads.AnswerChunk(id=job.job_id, seq=seq, delta=_utf8_safe(delta))
+        if job.sink is not None:
+            self._to_sink(job, message, "chunk")
+            return
+        self._send(job, message, "answer_chunk")
 
     def final(
         self,
@@ -106,8 +112,11 @@ class Responder:
             log.exception("timings or typed fields refused by the final's schema", timings=repr(timings),
                           extra=repr(extra))
             message = payloads.AnswerFinal(**fields)
-        sent = self._send(job, message, "answer", finish_reason)
-        self.stats.count(finish_reason if sent else "unpublished")
+        if job.sink is not None:  # an HTTP client: neither journaled nor published
+            sent = self._to_sink(job, message, "final")
+        else:
+            sent = self._send(job, message, "answer", finish_reason)
+        self.stats.count(finish_reason if sent else "unpublished", job.interface)
         log.info("final", request_id=job.job_id, finish_reason=finish_reason, error=error and error[0], sent=sent)
         return True
 
@@ -171,6 +180,14 @@ class Responder:
         body = payloads.ErrorMessage(code=code, message=_utf8_safe(message), topic=_utf8_safe(topic),
                                      request_id=request_id, ts=self.wall_clock())
         self._publish(self.topics.error(), body, "error")
+
+    def _to_sink(self, job: Job, message: Any, kind: str) -> bool:
+        try:
+            getattr(job.sink, kind)(message)
+            return True
+        except Exception:  # a client gone away must not cost the worker anything
+            log.exception("reply not delivered", request_id=job.job_id, kind=kind, interface=job.interface)
+            return False
 
     def _send(self, job: Job, message: Any, kind: str, finish_reason: str | None = None) -> bool:
         """Publish on the job's reply path (a final: journaled first); False (logged)

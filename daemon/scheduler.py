@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 from protocol.requests import Reply  # noqa: F401  (re-exported: Job.reply is one)
 from protocol.watches import DEFAULT_MAX_AGE_S
@@ -42,6 +42,15 @@ class Frame:
     received_at: float  # service clock, for ages
 
 
+class ReplySink(Protocol):
+    """Where a job's replies go instead of MQTT (an HTTP client's stream): the Responder
+    hands it each chunk and the one final, already formatted as the wire's messages."""
+
+    def chunk(self, message: Any) -> None: ...  # payloads.AnswerChunk
+
+    def final(self, message: Any) -> None: ...  # payloads.AnswerFinal
+
+
 @dataclass
 class Job:
     """One unit of work for the engine. Gets exactly one final (see `claim_final`)."""
@@ -54,6 +63,9 @@ class Job:
     frames: tuple[Frame, ...] = ()  # pinned at receipt (asks) or at scheduling (captions)
     request: Any = None  # protocol AskRequest for asks
     reply: Reply | None = None
+    sink: ReplySink | None = None  # replies go here, not to MQTT (reply is then None)
+    interface: str = "mqtt"  # which interface asked: stats count outcomes by it
+    chat: Any = None  # a whole chat (HTTP): protocol.openai.ChatAsk, its images' bytes fetched
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     _final_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _finalized: bool = field(default=False, repr=False)

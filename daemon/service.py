@@ -28,6 +28,7 @@ import psutil
 
 from daemon import settings
 from daemon.config import Config
+from daemon.http import HttpInterface, HttpServer
 from daemon.home.home import Home
 from daemon.home.watches import WatchLimits, WatchRegistry
 from daemon.inbox import Inbox
@@ -88,6 +89,7 @@ class Service:
         self.mqtt = MqttInterface(self)
         self.worker: Worker | None = None
         self.responder: Responder | None = None
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, when [http] listen is set
         self._worker_stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -117,6 +119,8 @@ class Service:
             target=self.worker.run, args=(self._worker_stop,), name="vlmd-worker", daemon=True
         )
         self._worker_thread.start()
+        if self.config.http.address is not None:
+            self.http = HttpServer(HttpInterface(self), *self.config.http.address).start()
         self.mqtt.start()
         log.info("service started", root=self.topics.root, broker=url)
 
@@ -135,6 +139,8 @@ class Service:
             if self._worker_thread.is_alive() and self.worker is not None:
                 self.worker.abort.set()
                 self._worker_thread.join(10.0)
+        if self.http is not None:
+            self.http.stop()
         self.mqtt.stop()
         self.journal.close()
         self._stopped.set()
@@ -231,6 +237,7 @@ class Service:
     def stats_message(self) -> payloads.Stats:
         with self.stats.lock:
             outcomes = dict(self.stats.outcomes)
+            by_interface = {name: dict(counts) for name, counts in self.stats.by_interface.items()}
             captions = dict(self.stats.captions)
             ttft, tok_s = self.stats.last_ttft_ms, self.stats.last_decode_tokens_per_s
             conversations = self.stats.conversations
@@ -243,7 +250,7 @@ class Service:
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
             running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
             cmm=cmm.describe() if cmm is not None else None, model=self.model_facts or None,
-            conversations=conversations, watches=watches,
+            conversations=conversations, watches=watches, interfaces=by_interface,
         )
 
     # -- what interfaces call (MQTT on paho's thread: never block, never raise) ----------
@@ -298,6 +305,12 @@ class Service:
             return
         expires_ts = None if request.expires_ms is None else wall_now + request.expires_ms / 1000.0
         self.journal.accepted(job, wall_now, expires_ts)
+        self._enqueue(job)
+
+    def submit_job(self, job: Job) -> None:
+        """A job an interface built with its own reply sink (HTTP): enqueued as any question,
+        not journaled (its client's connection does not outlive the process); a full queue or a
+        closed inbox gives its final at once."""
         self._enqueue(job)
 
     def _enqueue(self, job: Job) -> None:

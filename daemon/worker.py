@@ -32,6 +32,7 @@ from daemon.responder import Responder
 from daemon.scheduler import CaptionPolicy, Frame, Job, Scheduler
 from daemon.home.watches import WatchRegistry, WatchRunner
 from npu.engine import DoneEvent, EngineError, EngineLike, GenerationOptions, Prompt, RequestError
+from npu.text.messages import IMAGE, ChatMessage
 from protocol import frames as frame_codec
 
 log = get_logger("vlmd.worker")
@@ -118,8 +119,9 @@ class Worker:
                 return
             if job.request.reset and not self._reset(job):
                 return
-            prompt = self._ask_prompt(job)
-            self._generate(job, prompt, self._ask_options(job.request), progress)
+            prompt = self._ask_prompt(job) if job.chat is None else self._chat_prompt(job.chat)
+            stop = () if job.chat is None else job.chat.stop
+            self._generate(job, prompt, self._ask_options(job.request, stop), progress)
         except frame_codec.FrameError as exc:
             self.responder.final(job, "rejected", error=(exc.code, str(exc.message)))
         except RequestError as exc:  # what was asked, not the engine: never counts as a failure
@@ -143,6 +145,24 @@ class Worker:
         return Prompt(text=request.text, images=images, image_key=image_key, system=request.system,
                       conversation=request.conversation)
 
+    def _chat_prompt(self, chat: Any) -> Prompt:
+        """A whole chat (protocol.openai.ChatAsk): its messages in order, each image part decoded
+        by the frames' rules (a bad one is refused naming where it was)."""
+        images, messages = [], []
+        for role, parts in chat.messages:
+            converted = []
+            for part in parts:
+                if isinstance(part, str):
+                    converted.append(part)
+                    continue
+                try:
+                    images.append(self._decode(part.data))
+                except frame_codec.FrameError as exc:
+                    raise frame_codec.FrameError(exc.code, f"{part.param}: {exc.message}") from None
+                converted.append(IMAGE)
+            messages.append(ChatMessage(role, tuple(converted)))
+        return Prompt(text=chat.ask.text, images=images, messages=tuple(messages))
+
     def _reset(self, job: Job) -> bool:
         """Forget the request's conversation; True when a question follows in the same request."""
         forgotten = self.engine.forget_conversation(job.request.conversation)
@@ -152,7 +172,7 @@ class Worker:
         self.responder.final(job, "stop", extra={"conversation": job.request.conversation, "turn": 0})
         return False
 
-    def _ask_options(self, request: Any) -> GenerationOptions:
+    def _ask_options(self, request: Any, stop: tuple[str, ...] = ()) -> GenerationOptions:
         values = {
             "max_tokens": request.max_tokens or self.limits.default_max_tokens,
             "temperature": request.temperature,
@@ -161,6 +181,7 @@ class Worker:
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
             "format": request.format,
+            "stop": stop or None,
         }
         # The model's sampling defaults (its package's, then config's) stand in for the fields
         # the request did not send.
@@ -190,7 +211,8 @@ class Worker:
                 return
             progress.pieces.append(event.delta)
             progress.num_tokens += 1
-            if event.delta and job.reply is not None and job.reply.stream:
+            streamed = job.reply.stream if job.reply is not None else job.sink is not None and job.request.stream
+            if event.delta and streamed:
                 self.responder.chunk(job, progress.seq, event.delta)
                 progress.seq += 1
         raise RuntimeError("the engine ended without a done event")

@@ -1,11 +1,11 @@
-"""Frame decoding: JPEG/PNG bytes -> RGB uint8 array, refusing what a board cannot afford.
+"""Frame decoding: JPEG/PNG/WebP bytes -> RGB uint8 array, refusing what a board cannot afford.
 
 Frames arrive as raw bytes and are decoded only when a job uses one, so a frame is
 judged in this order, each step cheap before the next costly one:
 
 1. its byte size against `max_bytes`;
 2. its format and dimensions, read from the header by `probe_frame` (our own few
-   lines, not Pillow), against JPEG/PNG and `max_pixels`: a 20000x20000 "bomb" of a
+   lines, not Pillow), against JPEG/PNG/WebP and `max_pixels`: a 20000x20000 "bomb" of a
    few kilobytes is refused here, before any pixel buffer exists;
 3. the pixels, decoded by Pillow; a truncated or corrupt file is `bad_image`.
 
@@ -48,7 +48,7 @@ class FrameError(ValueError):
 
 
 def probe_frame(data: bytes) -> tuple[str, int, int]:
-    """(format, width, height) from the header alone; format is "PNG" or "JPEG".
+    """(format, width, height) from the header alone; format is "PNG", "JPEG" or "WEBP".
 
     Raises FrameError("bad_image") for anything else or a header it cannot read.
     """
@@ -56,7 +56,26 @@ def probe_frame(data: bytes) -> tuple[str, int, int]:
         return ("PNG", *_png_size(data))
     if data.startswith(JPEG_SOI):
         return ("JPEG", *_jpeg_size(data))
-    raise FrameError("bad_image", "not a JPEG or PNG image (only those two formats are accepted)")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ("WEBP", *_webp_size(data))
+    raise FrameError("bad_image", "not a JPEG, PNG or WebP image (only those formats are accepted)")
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    """The first chunk's size fields (the WebP container spec): lossy VP8, lossless VP8L, extended VP8X."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = (v & 0x3FFF for v in struct.unpack("<HH", data[26:30]))
+    elif chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif chunk == b"VP8X" and len(data) >= 30:
+        width, height = int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    else:
+        raise FrameError("bad_image", "WebP without a readable VP8/VP8L/VP8X header (truncated or corrupt)")
+    if width == 0 or height == 0:
+        raise FrameError("bad_image", f"WebP with an empty size {width}x{height}")
+    return width, height
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -100,7 +119,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
 
 
 def decode_frame(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Decode a JPEG or PNG frame to a (H, W, 3) uint8 RGB array. Raises FrameError."""
+    """Decode a JPEG, PNG or WebP frame to a (H, W, 3) uint8 RGB array. Raises FrameError."""
     if len(data) > max_bytes:
         raise FrameError("image_too_large", f"image is {len(data)} bytes, the limit is {max_bytes}")
     _, width, height = probe_frame(data)
@@ -124,7 +143,7 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 
 def _decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
+    with Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "WEBP"]) as image:
         _check_pixels(*image.size, max_pixels)  # the decoder's view, in case it differs
         image.load()
         upright = ImageOps.exif_transpose(image)

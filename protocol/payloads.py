@@ -51,7 +51,7 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     "bad_request": "a field is missing, has the wrong type or is out of range (the message names it)",
     "unsupported_version": "`v` is present and is not 1",
     "payload_too_large": "the payload is larger than the configured maximum, checked before parsing",
-    "bad_image": "the image is not a decodable JPEG or PNG, or image_b64 is not valid base64",
+    "bad_image": "the image is not a decodable JPEG, PNG or WebP, or image_b64 is not valid base64",
     "image_too_large": "the image has more bytes or pixels than configured (decompression bombs)",
     "unknown_camera": "the camera is not configured and has never sent a frame",
     "no_frame": "the camera has fewer frames than asked for (or none yet)",

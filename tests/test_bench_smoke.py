@@ -122,3 +122,14 @@ def test_benchmarks_md_from_results(results, tmp_path):
     assert f"{decode['results'][0]['us_per_token']:.1f}" in text
     assert "_Tiny dims (smoke run)" in text
     assert "follow-up (resume: replay `never`)" in text
+
+
+def test_chat_turns_json(tmp_path):
+    """bench/chat_turns.py runs and each later turn keeps the whole earlier prompt's rows (no timing asserted)."""
+    out = tmp_path / "chat_turns.json"
+    run("bench/chat_turns.py", "--runs", "1", "--tokens", "2", "--builds", "internvl3-1b-448", "--out", str(out))
+    (build,) = json.loads(out.read_text())["builds"]
+    turns = build["turns"]
+    assert turns[0]["cached_rows"] < turns[0]["prompt_tokens"] - 256  # the image's rows were prefilled
+    for earlier, later in zip(turns, turns[1:]):
+        assert earlier["prompt_tokens"] <= later["cached_rows"] < later["prompt_tokens"]

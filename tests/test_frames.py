@@ -1,4 +1,4 @@
-"""protocol/frames.py: JPEG/PNG decoding, limits, decompression bombs, modes, EXIF."""
+"""protocol/frames.py: JPEG/PNG/WebP decoding, limits, decompression bombs, modes, EXIF."""
 
 from __future__ import annotations
 
@@ -62,11 +62,11 @@ def test_decodes_jpeg_and_png_to_rgb(fmt):
     assert probe_frame(encode(scene(), fmt)) == (fmt, 40, 30)
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
 def test_other_formats_are_bad_images(fmt):
     with pytest.raises(FrameError) as exc:
         decode_frame(encode(scene(), fmt), MB, LIMIT_PIXELS)
-    assert exc.value.code == "bad_image" and "JPEG or PNG" in exc.value.message
+    assert exc.value.code == "bad_image" and "JPEG, PNG or WebP" in exc.value.message
 
 
 @pytest.mark.parametrize("data", [b"", b"hello", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"\xff\xd8\xff\xe0\x00"])
@@ -215,3 +215,25 @@ def test_mutated_images_only_ever_raise_frame_error(which, flips, cut):
         assert exc.code in ("bad_image", "image_too_large")
     else:
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+
+
+@pytest.mark.parametrize("options", [{"lossless": True}, {"quality": 80}, {"quality": 80, "exif": b"Exif\x00\x00"}])
+def test_webp_frames_are_probed_and_decoded(options):
+    """The OpenAI API's clients send WebP data URIs too (#22): lossy VP8, lossless VP8L, extended VP8X."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (321, 123), (10, 200, 30)).save(buffer, format="WEBP", **options)
+    data = buffer.getvalue()
+    assert probe_frame(data) == ("WEBP", 321, 123)
+    rgb = decode_frame(data, 10**7, 10**7)
+    assert rgb.shape == (123, 321, 3) and abs(int(rgb[60, 160, 1]) - 200) < 8
+    with pytest.raises(FrameError) as truncated:
+        decode_frame(data[:len(data) // 2], 10**7, 10**7)
+    assert truncated.value.code == "bad_image"
+
+
+def test_a_webp_header_claiming_a_huge_canvas_is_refused_before_decoding():
+    header = b"RIFF" + (30).to_bytes(4, "little") + b"WEBPVP8X" + (10).to_bytes(4, "little") + bytes(4)
+    bomb = header + (19999).to_bytes(3, "little") + (19999).to_bytes(3, "little")
+    with pytest.raises(FrameError) as refused:
+        decode_frame(bomb, 10**7, 40_000_000)
+    assert refused.value.code == "image_too_large"

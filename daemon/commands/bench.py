@@ -237,13 +237,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlmd bench: {exc}", file=sys.stderr)
         return 2
     meter = Meter()
-    engine = Engine(metered(model, meter))
+    engine = Engine(metered(model, meter), reuse_cached_rows=False)  # every run pays vision + prefill
     image = load_image(args.image, engine.shapes.vision_size)
     options = GenerationOptions(max_tokens=args.max_tokens, ignore_stop=True)
     results = []
     try:
         for index in range(args.runs + 1):  # run 0 warms caches and is not reported
-            # A fresh image key per run: no prefix reuse, every run pays vision + prefill.
+            # No image key and no reuse of the cache's rows: every run pays vision + prefill.
             prompt = Prompt(args.prompt, images=[image] if image is not None else [], image_key=None)
             result = bench_once(engine, meter, prompt, options)
             if index:

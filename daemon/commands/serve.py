@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="reference backend precision")
     parser.add_argument("--backend", choices=("auto", "reference", "axengine"), help="model runtime backend")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="least severe level logged")
+    parser.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible API here too (config [http] listen)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -28,6 +29,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
     )
     if args.backend is not None:
         overrides.setdefault("model", {})["backend"] = args.backend
+    if getattr(args, "http", None) is not None:
+        overrides.setdefault("http", {})["listen"] = args.http
     return overrides
 
 

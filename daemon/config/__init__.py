@@ -6,7 +6,7 @@ device id (identity.py).
 The names callers use are re-exported here; knows nothing of MQTT, the engine or the service.
 """
 
-from daemon.config.load import cli_overrides, ignored_env_names, load_config, redacted_dict
+from daemon.config.load import cli_overrides, ignored_env_names, load_config, read_api_keys, redacted_dict
 from daemon.config.model import (
     EX_CONFIG,
     BrokerAddress,
@@ -20,5 +20,5 @@ from daemon.config.sources import ConfigError
 
 __all__ = [
     "EX_CONFIG", "BrokerAddress", "CameraConfig", "Config", "ConfigError", "MqttConfig", "RequestsConfig",
-    "cli_overrides", "ignored_env_names", "load_config", "parse_broker_url", "redacted_dict",
+    "cli_overrides", "ignored_env_names", "load_config", "parse_broker_url", "read_api_keys", "redacted_dict",
 ]

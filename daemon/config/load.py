@@ -14,6 +14,9 @@ Contract:
   may use `${CREDENTIALS_DIRECTORY}`; with neither password nor password_file set,
   `$CREDENTIALS_DIRECTORY/mqtt_password` is used when it exists (systemd
   LoadCredential=). The password is read at load time and kept as a `SecretStr`.
+- `[http] api_keys_file` may use `${CREDENTIALS_DIRECTORY}` too, and defaults to
+  `$CREDENTIALS_DIRECTORY/http_api_keys` when that exists; it must be readable and hold a
+  key when set. Listening beyond loopback without a key file is a configuration error.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
-from daemon.config.model import CREDENTIAL_NAME, Config, MqttConfig
+from daemon.config.model import CREDENTIAL_NAME, HTTP_KEYS_CREDENTIAL, Config, HttpConfig, MqttConfig, is_loopback
 from daemon.config.sources import (
     ENV_PREFIX,
     ConfigError,
@@ -41,7 +44,7 @@ from daemon.config.sources import (
     set_key,
 )
 
-_PATH_KEYS: set[Key] = {("model", "path"), ("mqtt", "password_file"), ("journal", "directory"),
+_PATH_KEYS: set[Key] = {("model", "path"), ("mqtt", "password_file"), ("journal", "directory"), ("http", "api_keys_file"),
                         *(("mqtt", "tls", k) for k in ("ca_file", "cert_file", "key_file"))}
 
 
@@ -114,10 +117,47 @@ def _resolve_files(config: Config, env: Mapping[str, str], provenance: dict[Key,
             issues.append(located(("mqtt", "tls", name), provenance, f"no such file: {file}"))
     if config.model.path is not None and not config.model.path.exists():
         issues.append(located(("model", "path"), provenance, f"no such model directory or file: {config.model.path}"))
+    keys_file = _http_keys_file(config.http, env, issues, provenance)
     if issues:
         raise ConfigError(issues)
     new_mqtt = mqtt.model_copy(update={"password": password, "password_file": password_file})
-    return config.model_copy(update={"mqtt": new_mqtt})
+    return config.model_copy(update={"mqtt": new_mqtt, "http": config.http.model_copy(update={"api_keys_file": keys_file})})
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """The keys of an API keys file: one a line, blank lines and `#` comments skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _http_keys_file(http: HttpConfig, env: Mapping[str, str], issues: list[ConfigIssue],
+                    provenance: dict[Key, str]) -> Path | None:
+    """The API keys file to use (None: none), checked readable and not empty; a listen
+    address beyond loopback without one is an issue."""
+    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    path = http.api_keys_file
+    if path is None:
+        found = Path(credentials) / HTTP_KEYS_CREDENTIAL if credentials else None
+        path = found if found is not None and found.is_file() else None  # systemd's LoadCredential=http_api_keys
+    elif "CREDENTIALS_DIRECTORY" in str(path):
+        if not credentials:
+            issues.append(located(("http", "api_keys_file"), provenance,
+                                  "api_keys_file uses $CREDENTIALS_DIRECTORY, which only systemd sets (LoadCredential=)"))
+            return None
+        path = Path(str(path).replace("${CREDENTIALS_DIRECTORY}", credentials).replace("$CREDENTIALS_DIRECTORY", credentials))
+    if path is not None:
+        try:
+            if not read_api_keys(path):
+                issues.append(located(("http", "api_keys_file"), provenance, f"the API keys file {path} holds no key"))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            issues.append(located(("http", "api_keys_file"), provenance, f"cannot read the API keys file {path}: {reason}"))
+    address = http.address
+    if address is not None and path is None and not is_loopback(address[0]):
+        issues.append(located(("http", "listen"), provenance,
+                              f"listening on {address[0]} (beyond loopback) needs api_keys_file: anyone on the network"
+                              " could use the model otherwise"))
+    return path
 
 
 def _password_file(mqtt: MqttConfig, env: Mapping[str, str]) -> Path | str | None:

@@ -1,6 +1,9 @@
 """The config's shape: every section as a frozen pydantic model (`extra="forbid"`, strict
 types, a description on every field) and `Config`, the whole of it.
 
+`[http]` (the OpenAI-compatible API) is off while `listen` is empty; listening beyond
+loopback without an API keys file is refused by load.py, which resolves the file.
+
 `Config()` alone gives the defaults with `device_id`, `root` and `mqtt.client_id` filled
 in. Knows nothing of files or the environment: daemon/config/load.py builds a Config from
 those, daemon/config/sources.py reads them.
@@ -8,6 +11,7 @@ those, daemon/config/sources.py reads them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -22,6 +26,7 @@ from protocol.watches import DEFAULT_MAX_AGE_S, WatchDefinition, WatchName
 
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
 CREDENTIAL_NAME = "mqtt_password"
+HTTP_KEYS_CREDENTIAL = "http_api_keys"
 _GROUP_BAD = re.compile(r"[/+#\x00]")
 
 
@@ -123,6 +128,43 @@ class MqttConfig(_Section):
     def password_value(self) -> str | None:
         """The plain password for paho's username_pw_set, or None when unset."""
         return self.password.get_secret_value() or None
+
+
+class HttpConfig(_Section):
+    listen: str = Field("", description='"HOST:PORT" for the OpenAI-compatible API (port 0 = any free port); empty = off')
+    api_keys_file: Path | None = Field(None, strict=False, description="file of API keys, one a line (e.g. ${CREDENTIALS_DIRECTORY}/http_api_keys); required unless listen is a loopback address")
+    model_name: str = Field("", description="the model id clients name (GET /v1/models); empty = the model directory's name")
+    image_url_hosts: list[str] = Field(default_factory=list, description="host names whose http(s) image URLs vlmd may fetch; empty = none (data: URIs only)")
+    max_body_bytes: int = Field(32_000_000, gt=0, description="largest request body (base64 images included)")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="timeout of one allowed image URL fetch")
+
+    _empty_is_none = field_validator("api_keys_file", mode="before")(_optional_path)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_listen(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """("host", port) of "HOST:PORT" ("[::1]:8000" for IPv6); ValueError naming the problem."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f'listen must be "HOST:PORT" with a port of 0-65535, got {value!r}')
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class EmbeddedBrokerConfig(_Section):
@@ -294,6 +336,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log level and format")
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="stopping and giving up")
     journal: JournalConfig = Field(default_factory=JournalConfig, description="the request journal (exactly one final across a crash)")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="the OpenAI-compatible HTTP API (off unless listen is set)")
 
     @field_validator("device_id")
     @classmethod

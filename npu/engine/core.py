@@ -57,17 +57,18 @@ import numpy as np
 
 from npu.engine.constrain import ConstrainedAnswer, FormatCache, PostScores
 from npu.engine.conversation import ConversationLimits, ConversationStore, TurnPlan
-from npu.engine.formats import with_hint
 from npu.engine.kv_cache import KVCache, PrefixEntry, PrefixStore
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import chunk_mask, open_history, plan_prefill
-from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
-from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, UnsupportedOptions,
-                               check_fits, encode_prompt)
+from npu.engine.prefix import (REPLAY_POLICIES, CachedRows, ParkedChats, cached_rows, find_follow_up, first_image_at,
+                               follow_up_start, prefix_key, reusable_rows)
+from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, RequestError,
+                               UnsupportedOptions, check_fits, encode_prompt, with_format_hint)
 from npu.engine.rows import PromptRows
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.engine.stack import Cancelled as _Cancelled
 from npu.engine.stack import SessionStack
+from npu.engine.stops import StopStrings
 from npu.families import family_of
 from npu.image import ImagePreprocess
 from npu.session import BF16, SessionError
@@ -89,6 +90,8 @@ class GenerationOptions:
     ignore_stop: bool = False
     # A normalised typed-answer format (protocol/formats.py): the answer is decoded to fit it.
     format: dict[str, Any] | None = None
+    # The answer ends before the first of these strings (which is not sent): npu.engine.stops.
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -147,7 +150,7 @@ class Engine:
 
     def __init__(self, model: Any, max_prefixes: int = 4, prefix_replay: str = "auto",
                  prices: Mapping[int, float] | None = None, conversation_limits: ConversationLimits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, reuse_cached_rows: bool = True) -> None:
         if prefix_replay not in REPLAY_POLICIES:
             raise ValueError(f"prefix_replay must be one of {REPLAY_POLICIES}, got {prefix_replay!r}")
         self.model = model
@@ -169,6 +172,9 @@ class Engine:
         self.prefixes = PrefixStore(max_prefixes)
         self.conversations = ConversationStore(conversation_limits, clock)
         self.formats = FormatCache(model.tokenizer, sorted(model.template.stop_ids))
+        self._cached: CachedRows | None = None  # what the cache's rows hold, for automatic prefix reuse
+        self.reuse_cached_rows = reuse_cached_rows  # False: every prompt pays its rows (benchmarks of a cold prompt)
+        self.parked_chats = ParkedChats(2 if reuse_cached_rows else 0)  # chats' rows another prompt pushed out
         self._post_scores = PostScores(s.logits_index, s.topk_ids_index, s.topk_values_index)
         self._host_copies = 0  # bytes copied outside the cache
         self._layers = list(model.layers)
@@ -244,9 +250,11 @@ class Engine:
         options = options or GenerationOptions()
         should_stop = should_stop or _never
         started = time.perf_counter()
-        question = prompt.text
+        question = prompt.text if not prompt.messages else prompt.messages[-1].text
+        if prompt.messages and prompt.conversation is not None:
+            raise RequestError("conversation: a prompt of messages carries its whole history; it takes no conversation")
         if options.format is not None:  # the model is told the form too (npu.engine.formats)
-            prompt = replace(prompt, text=with_hint(question, options.format))
+            prompt = with_format_hint(prompt, options.format)
         self._check_options(options)
         plan = None if prompt.conversation is None else self.conversations.plan(
             prompt, self.model.template, self.shapes.image_tokens, self.shapes.capacity, options.max_tokens)
@@ -259,6 +267,7 @@ class Engine:
         if options.format is not None:
             typed = ConstrainedAnswer(self.formats.compile(options.format, question), budget, self._post_scores)
         sampler = Sampler(options.sampling_params())
+        stops = StopStrings(options.stop)
         history = list(encoded.ids)  # what the repetition penalty sees: prompt and answer
         detok = IncrementalDetokenizer(self.model.tokenizer)
         stop_ids = frozenset() if options.ignore_stop else self.model.template.stop_ids
@@ -267,8 +276,9 @@ class Engine:
         pieces: list[str] = []
         answer_ids: list[int] = []
         finish = "length"
+        cached, self._cached = self._cached, None  # known again only once this prompt's rows are written
         try:
-            hidden = self._prefill(prompt, encoded, should_stop, timings, plan)
+            hidden = self._prefill(prompt, encoded, should_stop, timings, plan, cached)
             token = self._next_token(hidden, sampler, options, history, typed)
             first_token_at = time.perf_counter()
             timings["ttft_ms"] = _ms(first_token_at - started)
@@ -276,9 +286,16 @@ class Engine:
                 if token in stop_ids:
                     finish = "stop"
                     break
-                delta = detok.push(token)
-                pieces.append(delta)
+                delta, stopped = stops.push(detok.push(token))
                 answer_ids.append(token)
+                if stopped:  # the stop string's token is not counted
+                    answer_ids.pop()
+                    pieces.append(delta)
+                    if delta:
+                        yield TokenEvent(token, delta, len(pieces) - 1)
+                    finish = "stop"
+                    break
+                pieces.append(delta)
                 yield TokenEvent(token, delta, len(pieces) - 1)
                 if typed is not None and typed.done:  # only the end may follow: no graph call for it
                     finish = "stop"
@@ -307,14 +324,21 @@ class Engine:
         # What the detokenizer still holds is the start of a character the answer stopped
         # inside (max_tokens, a stop token, a cancel): dropped, so `text` is exactly the deltas.
         detok.flush()
+        held = stops.flush() if finish != "stop" else ""
+        if held:  # a tail that could have begun a stop string: it did not, so it is sent
+            pieces.append(held)
+            yield TokenEvent(answer_ids[-1], held, len(pieces) - 1)
         text = "".join(pieces)
         extra = {} if typed is None else typed.final_fields(finish, timings)
+        if plan is None:  # a conversation's rows are its store's to track
+            self._cached = cached_rows(list(encoded.ids) + answer_ids, self.cache.position, encoded, prompt.images,
+                                       self.shapes.image_tokens, chat=bool(prompt.messages))
         if plan is not None:
             turn = self.conversations.finish(plan, encoded, answer_ids, text, self.cache.position,
                                              finish in ("stop", "length"))
             notes = turn.pop("notes", []) + extra.pop("notes", [])
             extra.update(turn, **({"notes": notes} if notes else {}))
-        yield DoneEvent(text, finish, num_prompt, len(pieces), timings, extra)
+        yield DoneEvent(text, finish, num_prompt, len(answer_ids), timings, extra)
 
     def forget_conversation(self, conversation_id: str) -> bool:
         """Drop a conversation and its KV snapshot (a reset); True when it existed."""
@@ -335,6 +359,7 @@ class Engine:
         error.prompt_tokens = num_prompt
         if isinstance(error, NumericError):
             self.prefixes.clear()
+            self.parked_chats.clear()
             if self.conversations.live is not None:  # its rows may hold them too
                 self.conversations.forget(self.conversations.live, "its KV rows held non-finite values")
         return error
@@ -342,28 +367,50 @@ class Engine:
     # ------------------------------------------------------------------ prefill
 
     def _prefill(self, prompt: Prompt, encoded: EncodedPrompt, should_stop: Callable[[], bool],
-                 timings: dict[str, Any], plan: TurnPlan | None = None) -> np.ndarray:
+                 timings: dict[str, Any], plan: TurnPlan | None = None, cached: CachedRows | None = None) -> np.ndarray:
         """Fill the cache with the prompt; return the last row's hidden state [1, 1, hidden].
-        A later conversation turn prefills only the rows after the conversation's cached ones."""
+        A later conversation turn prefills only the rows after the conversation's cached ones;
+        any other prompt keeps the rows it shares with what the cache holds (`cached`) when
+        that is more than a stored prefix snapshot gives."""
         ids, end = encoded.ids, len(encoded.ids)
         if plan is not None and plan.encoded is not None:
             key, entry = None, None
+            self.parked_chats.park(cached, self.cache)
             start = self.conversations.place(self.cache, plan)
             timings["history_rows"] = start
         else:
             key = prefix_key(prompt, self.model.template.name)
             entry = find_follow_up(self.prefixes, key, encoded)
-            start = self._place_prefix(entry, end)
+            reuse = plan is None and self.reuse_cached_rows
+            kept = reusable_rows(cached, encoded, prompt.images, self.shapes.image_tokens) if reuse else 0
+            parked, index = self.parked_chats.best(encoded, prompt.images, self.shapes.image_tokens) if reuse else (0, None)
+            if max(kept, parked) > (entry.snapshot.length if entry is not None else 0):
+                key, entry = None, None  # the cache's own rows (or a parked chat's) go further than the snapshot
+                self.conversations.park(self.cache)
+                if parked > kept:
+                    snapshot = self.parked_chats.take(index, parked)
+                    self.parked_chats.park(cached, self.cache)
+                    self.cache.restore(snapshot, parked)
+                else:
+                    if cached is not None and kept < len(cached.ids):  # the rows it cuts may be another chat's
+                        self.parked_chats.park(cached, self.cache)
+                    self.cache.rewind(kept)
+                start = max(kept, parked)
+            else:
+                self.parked_chats.park(cached, self.cache)
+                start = self._place_prefix(entry, end)
         timings["prefix_reused"] = entry is not None or start > 0
+        timings["cached_rows"] = start
         self._rows.set_positions(encoded.ids, self.model.template.image_context_id)
         self._fill_embeds(ids, start, entry)
         for rows, features in plan.stored_features if plan is not None else ():
             self._rows.put(rows, features)  # earlier turns' images (all planes), prefilled again
-        if entry is None and prompt.images:
+        first_image = first_image_at(encoded.context_rows, self.shapes.image_tokens, start)
+        if entry is None and len(prompt.images) > first_image:
             image_started = time.perf_counter()
-            self._encode_images(prompt.images, encoded.context_rows, should_stop)
+            self._encode_images(prompt.images, encoded.context_rows, should_stop, first_image)
             timings["image_ms"] = _ms(time.perf_counter() - image_started)
-            timings["images_encoded"] = len(prompt.images)
+            timings["images_encoded"] = len(prompt.images) - first_image
         if plan is not None and prompt.images:  # kept so the turn can be prefilled again later
             source = entry.embeds if entry is not None else self._rows.planes
             plan.features = source[encoded.context_rows].copy()  # (num_images * image_tokens, planes, hidden)
@@ -413,10 +460,13 @@ class Engine:
         self._host_copies += self._embeds[start:end].nbytes
 
     def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
-                       should_stop: Callable[[], bool]) -> None:
+                       should_stop: Callable[[], bool], first: int = 0) -> None:
+        """Vision features of images[first:] over their context rows (every plane the family feeds)."""
         s, vision, family = self.shapes, self.model.vision, self.family
         preprocess = getattr(self.model, "preprocess", None) or ImagePreprocess()
         for k, image in enumerate(images):
+            if k < first:
+                continue
             try:
                 pixels = family.prepare_image(preprocess, image, self._pixels, s)
             except ValueError as exc:
@@ -507,7 +557,6 @@ class Engine:
 
 def _never() -> bool:
     return False
-
 
 
 def _ms(seconds: float) -> float:

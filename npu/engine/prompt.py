@@ -16,10 +16,13 @@ knows nothing of sessions, buffers or MQTT; `npu.engine` re-exports its public n
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
+from npu.engine.formats import with_hint
+from npu.text.messages import ChatMessage, encode_messages
 
 
 class EngineError(Exception):
@@ -70,6 +73,9 @@ class Prompt:
     system prompt and template share a KV prefix snapshot, so the key must change when
     the pixels do. None disables prefix reuse. `conversation` names a conversation the
     prompt is the next turn of (npu.engine.conversation); None: a question on its own.
+
+    `messages`, when given, is the whole chat (npu/text/messages.py) and replaces `text` and
+    `system`; `images` are then its image parts' pixels, in the order the parts come.
     """
 
     text: str
@@ -77,6 +83,7 @@ class Prompt:
     image_key: Hashable | None = None
     system: str | None = None
     conversation: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass
@@ -95,14 +102,23 @@ def encode_prompt(model: Any, image_tokens: int, prompt: Prompt) -> EncodedPromp
     num_images = len(prompt.images)
     if num_images and (model.vision is None or template.image_context_id is None):
         raise ImageError("this model has no vision graph (or its tokenizer no <IMG_CONTEXT>): ask without an image")
-    encoded = template.encode_prompt(prompt.text, num_images, image_tokens, system=prompt.system)
-    ids = list(encoded.ids)
+    if prompt.messages:
+        if sum(message.num_images for message in prompt.messages) != num_images:
+            raise ImageError(f"the messages have {sum(m.num_images for m in prompt.messages)} image parts but"
+                             f" {num_images} image(s) came with them")
+        try:
+            ids, num_prefix_ids = encode_messages(template, prompt.messages, image_tokens), 0
+        except ValueError as exc:
+            raise RequestError(f"messages: {exc}") from None
+    else:
+        encoded = template.encode_prompt(prompt.text, num_images, image_tokens, system=prompt.system)
+        ids, num_prefix_ids = list(encoded.ids), encoded.num_prefix_ids
     context_id = template.image_context_id
     rows = np.flatnonzero(np.asarray(ids) == context_id) if context_id is not None else np.zeros(0, np.int64)
     if len(rows) != num_images * image_tokens:
         raise ImageError(f"the prompt holds {len(rows)} <IMG_CONTEXT> tokens but {num_images} image(s) of"
                          f" {image_tokens} features each need {num_images * image_tokens}")
-    return EncodedPrompt(ids, encoded.num_prefix_ids, rows)
+    return EncodedPrompt(ids, num_prefix_ids, rows)
 
 
 def check_fits(encoded: EncodedPrompt, capacity: int) -> None:
@@ -111,3 +127,16 @@ def check_fits(encoded: EncodedPrompt, capacity: int) -> None:
         raise PromptTooLong(
             f"the prompt is {len(encoded.ids)} tokens ({len(encoded.context_rows)} of them image tokens) but the"
             f" KV cache holds {capacity} and one must remain for the answer: shorten the question or send fewer images")
+
+
+def with_format_hint(prompt: Prompt, schema: dict[str, Any]) -> Prompt:
+    """The prompt with a format's sentence added to its question (the last message's last text)."""
+    if not prompt.messages:
+        return replace(prompt, text=with_hint(prompt.text, schema))
+    last = prompt.messages[-1]
+    texts = [k for k, part in enumerate(last.parts) if part is not None]
+    if not texts:
+        return prompt
+    parts = list(last.parts)
+    parts[texts[-1]] = with_hint(parts[texts[-1]], schema)
+    return replace(prompt, messages=(*prompt.messages[:-1], replace(last, parts=tuple(parts))))

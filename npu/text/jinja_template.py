@@ -37,6 +37,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from npu.families.base import ImageTags
+from npu.text.messages import IMAGE, ChatMessage, merge_system, message_content
 from npu.text.template import (END_OF_TEXT_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, PromptIds, Turn, image_blocks,
                                tags_known)
 from npu.text.tokenizer import Tokenizer
@@ -151,9 +152,31 @@ class JinjaChatTemplate:
         if any(turn.num_images for turn in turns):
             self.image_blocks(1, image_tokens)  # the same refusals as the built-in templates
         add_generation_prompt = bool(turns) and turns[-1].answer is None
+        return self._render(self._messages(turns, image_tokens, system), add_generation_prompt, image_tokens)
+
+    def render_messages(self, messages: Sequence[ChatMessage], image_tokens: int) -> str:
+        """A chat's messages as the template renders them (npu/text/messages.py), parts in
+        order (a template that reads parts gets `{"type": "image"}` where each image is);
+        the assistant's turn opened when the last message is the user's."""
+        system, turns = merge_system(messages)
+        system = self.system_message if system is None else system
+        listed = [] if system is None else [{"role": "system", "content": self._text(system)}]
+        for message in turns:
+            if self.structured:
+                content: Any = [{"type": "image"} if part is IMAGE else {"type": "text", "text": self._mark(part)}
+                                for part in message.parts]
+            else:
+                content = message_content([p if p is IMAGE else self._mark(p) for p in message.parts],
+                                          lambda n: self.image_blocks(n, image_tokens))
+            listed.append({"role": message.role, "content": content})
+        if any(message.num_images for message in turns):
+            self.image_blocks(1, image_tokens)  # the same refusals as the built-in templates
+        return self._render(listed, bool(turns) and turns[-1].role == "user", image_tokens)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, image_tokens: int) -> str:
         try:
-            text = self._template.render(messages=self._messages(turns, image_tokens, system),
-                                         add_generation_prompt=add_generation_prompt, **self._variables)
+            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self._variables)
         except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise ValueError(f"the checkpoint's chat template refused the conversation: {exc}") from exc
         if self.structured:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from npu.families.base import ImageTags
+from npu.text.messages import ChatMessage, merge_system, message_content
 from npu.text.tokenizer import Tokenizer
 
 IMG_START = "<img>"
@@ -152,6 +153,20 @@ class ChatTemplate:
             text += spec.user_role + self.image_blocks(turn.num_images, image_tokens) + turn.question + self.suffix()
             if turn.answer is not None:
                 text += turn.answer + spec.sep
+        return text
+
+    def render_messages(self, messages: Sequence[ChatMessage], image_tokens: int) -> str:
+        """A chat's messages in this template's form (npu/text/messages.py): the system turn
+        (the messages' system prompt, else the template's own), then each user or assistant
+        turn with its parts in order; the assistant's turn opened when the last is the user's."""
+        spec = self.spec
+        system, turns = merge_system(messages)
+        text = spec.system_template.format(system=self.system_message if system is None else system) + spec.sep
+        for message in turns:
+            role = spec.user_role if message.role == "user" else spec.assistant_role
+            text += role + message_content(message.parts, lambda n: self.image_blocks(n, image_tokens)) + spec.sep
+        if turns and turns[-1].role == "user":
+            text += spec.assistant_role
         return text
 
     def image_blocks(self, num_images: int, image_tokens: int) -> str:
