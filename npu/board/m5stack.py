@@ -69,14 +69,18 @@ def model_root(mode_file: Path) -> Path:
     """The model folder of a mode file passed directly: `<prefix>/data/<model>/` for a file in
     data/models/, etc/ or share/, or the file's own folder when it holds the graphs."""
     data = read_json(mode_file) or {}
-    model = data.get("mode") or mode_file.stem.removeprefix("mode_")
     if any(mode_file.parent.glob("*.axmodel")):  # the description kept inside the model folder
         return mode_file.parent
+    # StackFlow finds a mode file by the requested model's name (get_config_file_paths), so the
+    # file's name says which package it describes; its "mode" field can disagree (StackFlow
+    # d9084ba mode_smolvlm-500M-ax650.json says "smolvlm-500M-ax630c"): the name is tried first.
+    names = dict.fromkeys(n for n in (mode_file.stem.removeprefix("mode_"), data.get("mode")) if isinstance(n, str) and n)
     prefix = mode_file.parent.parent.parent if mode_file.parent.name == "models" else mode_file.parent.parent
-    for folder in (prefix / "data" / model, mode_file.parent.parent / model):
-        if folder.is_dir():
-            return folder
-    raise LayoutError(f"{mode_file}: model folder {prefix / 'data' / model} not found")
+    for model in names:
+        for folder in (prefix / "data" / model, mode_file.parent.parent / model):
+            if folder.is_dir():
+                return folder
+    raise LayoutError(f"{mode_file}: model folder {prefix / 'data' / next(iter(names), '?')} not found")
 
 
 def m5stack_layout(root: Path, mode_file: Path) -> ModelLayout:
@@ -85,6 +89,10 @@ def m5stack_layout(root: Path, mode_file: Path) -> ModelLayout:
     if not isinstance(params, dict):
         raise LayoutError(f"{mode_file}: no mode_param object (not an M5Stack model description)")
     notes = [f"M5Stack package described by {mode_file}"]
+    named = mode_file.stem.removeprefix("mode_")
+    if mode.get("mode") and mode.get("mode") not in (named, root.name):
+        notes.append(f"the mode file says \"mode\": {mode['mode']!r}, its name and folder say {root.name!r}"
+                     " (StackFlow loads it by the name)")
     problems: list[str] = []
 
     def file(key: str) -> Path | None:
