@@ -31,6 +31,7 @@ from npu.board.graphs import BoardModelError, check_embeddings, layout_template,
 from npu.board.layout import ModelLayout, detect_layout
 from npu.embeddings import Embeddings, cached_embeddings_file
 from npu.errors import ModelError
+from npu.families import DEFAULT_FAMILY, ModelFamily
 from npu.image import RESIZE_METHODS, ImagePreprocess
 from npu.reference import build_reference_sessions
 from npu.session import Session, dtype_name
@@ -73,6 +74,7 @@ class Model:
     template_source: str = ""
     layout: str | None = None  # "hf", "axera", "m5stack", "manifest" (npu.board.layout)
     provider: str | None = None  # the axengine execution provider; None on the reference backend
+    family: ModelFamily = DEFAULT_FAMILY  # what differs per model family (npu/families/)
 
     def shapes(self) -> GraphShapes:
         return read_shapes(self)
@@ -93,7 +95,8 @@ class Model:
         """A JSON-able summary for logs and `vlmd model inspect`."""
         s = self.shapes()
         return {
-            "name": self.name, "source": str(self.source) if self.source else None, "layout": self.layout,
+            "name": self.name, "family": self.family.name, "source": str(self.source) if self.source else None,
+            "layout": self.layout,
             "backend": self.backend, "provider": self.provider,
             "precision": self.precision, "template": getattr(self.template, "name", None),
             "template_source": self.template_source, "sampling_defaults": dict(self.sampling_defaults),

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from npu.errors import ModelError
-from npu.session import BF16, Session, TensorSpec, dtype_name
+from npu.families import family_of
+from npu.families.base import check_index_rows
+from npu.session import Session, TensorSpec, dtype_name
 
 LAYER_INPUTS = ("K_cache", "V_cache", "indices", "input", "mask")
 LAYER_OUTPUTS = ("K_cache_out", "V_cache_out", "output")
-FEATURE_DTYPES = (BF16, np.dtype(np.float32))
 
 
 class ShapeError(ModelError):
@@ -63,8 +64,12 @@ class GraphShapes:
     image_tokens: int = 0
     vision_dtype: np.dtype | None = None  # the features' dtype
     # "nhwc": uint8 [1,H,W,3], normalised inside the graph; "nchw": float32 [1,3,H,W],
-    # normalised by the host (AXERA's InternVL3 builds)
+    # normalised by the host (AXERA's InternVL3 builds); "patches": uint8 [1, patches, 2*16*16, 3]
+    # (Qwen3-VL, npu/families/qwen3_vl.py)
     vision_layout: str | None = None
+    vision_planes: int = 1  # vision outputs that are image rows: the input, then planes added after layers
+    index_rows: int = 1  # rows of the prefill graphs' `indices` (1: positions; 3: M-RoPE t/h/w)
+    family: str = "internvl"  # the model family (npu/families/) these shapes were read for
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able facts `vlmd model inspect` and the daemon's start line report."""
@@ -75,7 +80,9 @@ class GraphShapes:
             "vocab": self.vocab, "post_topk": self.post_topk, "image_tokens": self.image_tokens,
             "image_size": None if self.vision_size is None else list(self.vision_size),
             "vision_dtype": None if self.vision_dtype is None else dtype_name(self.vision_dtype),
-            "vision_input": {"nhwc": "uint8 NHWC", "nchw": "float32 NCHW"}.get(self.vision_layout),
+            "vision_input": {"nhwc": "uint8 NHWC", "nchw": "float32 NCHW",
+                             "patches": "uint8 patches"}.get(self.vision_layout),
+            "family": self.family, "index_rows": self.index_rows,
         }
 
 
@@ -94,7 +101,9 @@ def _layer_group(layer: Session, group: int) -> tuple[dict[str, TensorSpec], tup
 
 def read_shapes(graphs: Any) -> GraphShapes:
     """Read and cross-check `graphs.layers`, `graphs.post`, `graphs.vision`; ShapeError lists
-    every problem found."""
+    every problem found. The vision graph and the `indices` rows are read as the model's
+    family (`graphs.family`, npu/families/) says."""
+    family = family_of(graphs)
     layers = list(graphs.layers)
     if not layers:
         raise ShapeError(["the model has no decoder layer graphs"])
@@ -112,12 +121,14 @@ def read_shapes(graphs: Any) -> GraphShapes:
     if decode["mask"].shape != (1, 1, capacity + 1):
         problems.append(f"{layer0.name}: decode mask {list(decode['mask'].shape)}, expected [1, 1, {capacity + 1}]")
     output_order = {0: order0}
-    chunk, history, first_kv = 0, {}, ()
+    chunk, history, first_kv, index_rows = 0, {}, (), 1
     for group in range(1, layer0.num_groups):
         inputs, output_order[group] = _layer_group(layer0, group)
         rows = inputs["input"].shape[1]
         if group == 1:
             chunk, first_kv = rows, inputs["K_cache"].shape
+            index_rows = inputs["indices"].shape[0] if len(inputs["indices"].shape) == 2 else 1
+            check_index_rows(family, index_rows, problems)
             continue
         history_len = inputs["K_cache"].shape[1]
         if history_len > capacity:
@@ -130,14 +141,14 @@ def read_shapes(graphs: Any) -> GraphShapes:
             problems.append(f"{layer0.name} groups {history[history_len]} and {group} both have {history_len} history rows")
         history[history_len] = group
     post = _post_shapes(graphs.post, hidden, problems)
-    vision = _vision_shapes(graphs.vision, hidden, problems) if graphs.vision is not None else {}
+    vision = family.vision_shapes(graphs.vision, hidden, problems) if graphs.vision is not None else {}
     if problems:
         raise ShapeError(problems)
     return GraphShapes(
         n_layers=len(layers), hidden=hidden, capacity=capacity, kv_dim=kv_dim, chunk=chunk,
         history_groups=history, first_chunk_kv_shape=tuple(first_kv), act_dtype=decode["input"].dtype,
         kv_dtype=decode["K_cache"].dtype, mask_dtype=decode["mask"].dtype, output_order=output_order,
-        **post, **vision)
+        index_rows=index_rows, family=family.name, **post, **vision)
 
 
 def _post_shapes(post: Session, hidden: int, problems: list[str]) -> dict[str, Any]:
@@ -159,24 +170,3 @@ def _post_shapes(post: Session, hidden: int, problems: list[str]) -> dict[str, A
     else:
         problems.append("the post graph has no outputs")
     return shapes
-
-
-def _vision_shapes(vision: Session, hidden: int, problems: list[str]) -> dict[str, Any]:
-    """Either convention the published builds use, told apart as StackFlow's runtime does (where
-    the 3 channels are): uint8 [1,H,W,3], or float32 [1,3,H,W] normalised on the host."""
-    image_in, features = vision.inputs(0)[0], vision.outputs(0)[0]
-    shape = image_in.shape
-    if len(shape) == 4 and shape[0] == 1 and shape[3] == 3 and image_in.dtype == np.uint8:
-        layout, size = "nhwc", (shape[1], shape[2])
-    elif len(shape) == 4 and shape[0] == 1 and shape[1] == 3 and image_in.dtype == np.float32:
-        layout, size = "nchw", (shape[2], shape[3])
-    else:
-        problems.append(f"vision input {image_in.describe()} is neither uint8 [1, H, W, 3] nor float32 [1, 3, H, W]")
-        return {}
-    if len(features.shape) != 3 or features.shape[2] != hidden:
-        problems.append(f"vision output {features.describe()} is not [1, tokens, {hidden}]")
-        return {}
-    if features.dtype not in FEATURE_DTYPES:
-        problems.append(f"vision output dtype {dtype_name(features.dtype)}: expected bfloat16 or float32")
-    return {"vision_input_name": image_in.name, "vision_size": size, "image_tokens": features.shape[1],
-            "vision_dtype": features.dtype, "vision_layout": layout}

@@ -40,7 +40,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ import numpy as np
 from npu.board.axengine_session import PROVIDER_BOARD, AxEngineSession
 from npu.board.traffic import DeviceTraffic
 from npu.engine.kv_cache import KVCache
-from npu.engine.stack import Cancelled
+from npu.engine.stack import Cancelled, add_rows
 from npu.session import SessionError, ShapeGroups, check_feed
 from npu.shapes import GraphShapes
 
@@ -333,7 +333,7 @@ class ZeroCopyStack:
                        for g in self.layers]
 
     def run(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
-            should_stop: Callable[[], bool]) -> np.ndarray:
+            should_stop: Callable[[], bool], added: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
         self.runtime.check_owner(self.owner)
         first = feeds[0]
         self.layers[0].inputs["input"].write(first["input"])
@@ -352,10 +352,11 @@ class ZeroCopyStack:
         for index, (layer, k_out, v_out, k_in, v_in) in enumerate(self._parts):
             if should_stop():
                 raise Cancelled
-            if index and not chained[index]:  # this link's buffers differ: through the host
+            through_host = added is not None and index - 1 in added  # the host adds rows to its input
+            if index and (not chained[index] or through_host):  # this link's buffers differ: through the host
                 output = self._views[index - 1][group]["output"]
                 self.layers[index - 1].outputs["output"].invalidate(0, output.nbytes)
-                layer.inputs["input"].write(output)
+                layer.inputs["input"].write(add_rows(output, added[index - 1]) if through_host else output)
             layer.execute(group)
             views = self._views[index][group]
             k_out.invalidate(0, rows)
@@ -366,7 +367,10 @@ class ZeroCopyStack:
         self.runtime.traffic.written += 2 * rows * len(self._parts)
         last = self.layers[-1]
         last.outputs["output"].invalidate((num_rows - 1) * self._hidden_bytes, self._hidden_bytes)
-        return self._views[-1][group]["output"][:, num_rows - 1:num_rows]
+        hidden = self._views[-1][group]["output"][:, num_rows - 1:num_rows]
+        if added is not None and len(self.layers) - 1 in added:  # the last layer's rows: added on the host
+            hidden = add_rows(hidden, added[len(self.layers) - 1][num_rows - 1:num_rows])
+        return hidden
 
     def _sync_decode_mask(self) -> None:
         """Mirror the cache's decode mask into the mask buffer(s): the slots opened since the last

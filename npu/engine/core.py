@@ -30,6 +30,13 @@ next token's embedding row (greedy reads the logits in place).
 5. yield a `TokenEvent` per answer token (UTF-8-safe text deltas; stop tokens are not
    emitted) and one `DoneEvent` with the text, usage and timings.
 
+What differs between model families (how an image is fed to the vision graph and what
+its outputs become, the position ids, what the host adds between layers) is asked of
+the model's family (`model.family`, npu/families/): the engine holds, per prompt row,
+its input planes (plane 0 the layer-0 input; plane p >= 1 added to the output of layer
+`added_layers[p-1]` while the row is prefilled) and its rotary positions, and keeps a
+token's rotary position apart from its KV row (the cache position) throughout.
+
 The engine does not know MQTT, config files, image decoding, threads or requests: it
 runs one prompt at a time and must not be shared between threads. It executes; the
 decisions live beside it: `npu.engine.prompt` (tokenising, the request errors), `npu.engine.prefill`
@@ -60,6 +67,7 @@ from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericEr
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.engine.stack import Cancelled as _Cancelled
 from npu.engine.stack import SessionStack
+from npu.families import family_of
 from npu.image import ImagePreprocess
 from npu.session import BF16, SessionError
 from npu.shapes import GraphShapes, read_shapes
@@ -149,6 +157,7 @@ class Engine:
         # this engine measured.
         self.stack_seconds: dict[int, float] = dict(prices or {})
         self._measure_prices = prices is None
+        self.family = family_of(model)
         self.shapes: GraphShapes = read_shapes(model)
         s = self.shapes
         # A board data path may keep the KV cache in the graphs' own buffers and run the
@@ -175,7 +184,14 @@ class Engine:
 
     def _allocate(self) -> None:
         s = self.shapes
-        self._embeds = np.zeros((s.capacity, s.hidden), s.act_dtype)  # (capacity, hidden) prompt rows
+        self._added_layers = self.family.added_layers(s) if s.vision_size is not None else ()
+        # (capacity, planes, hidden) per prompt row: its input, then what is added after each added layer
+        self._planes = np.zeros((s.capacity, 1 + len(self._added_layers), s.hidden), s.act_dtype)
+        self._embeds = self._planes[:, 0]  # (capacity, hidden) prompt rows, a view
+        self._has_added = np.zeros(s.capacity, bool)  # rows whose added planes are not zero
+        # Rotary positions per cache row (index_rows, capacity + chunk): the prompt's as the family
+        # says, then one more per row; a chunk's padding rows read past the capacity.
+        self._rope = np.zeros((s.index_rows, s.capacity + max(s.chunk, 1)), np.uint32)
         self._token_input = np.zeros((1, 1, s.hidden), s.act_dtype)  # (1, 1, hidden)
         self._token_id = np.zeros(1, np.int64)  # (1,)
         self._position = np.zeros((1, 1), np.uint32)  # (1, 1)
@@ -188,16 +204,14 @@ class Engine:
         self._history_masks: dict[int, tuple[np.ndarray, int]] = {}  # group -> (its mask, history length)
         if s.chunk:
             self._chunk_input = np.zeros((1, s.chunk, s.hidden), s.act_dtype)  # (1, chunk, hidden)
-            self._chunk_indices = np.zeros((1, s.chunk), np.uint32)  # (1, chunk)
-            self._chunk_offsets = np.arange(s.chunk, dtype=np.uint32)  # (chunk,)
+            self._chunk_indices = np.zeros((s.index_rows, s.chunk), np.uint32)  # (index_rows, chunk)
             self._prefill_feeds[1] = self._chunk_feeds(0)
             for history_len, group in s.history_groups.items():
                 self._prefill_feeds[group] = self._chunk_feeds(history_len)
                 self._history_masks[group] = (self._prefill_feeds[group][0]["mask"], history_len)
         self._post_input = np.zeros((1, 1, s.hidden), s.post_dtype)  # (1, 1, hidden)
         if s.vision_size is not None:
-            # uint8 (1, H, W, 3) or float32 (1, 3, H, W): the vision graph's input, as it reads it
-            self._pixels = ImagePreprocess.input_buffer(s.vision_layout, *s.vision_size)
+            self._pixels = self.family.input_buffer(s)  # the vision graph's input, as the family feeds it
         self._logits = np.zeros(s.vocab, np.float32) if s.vocab else None  # (vocab,) for the sampler
         self._order_keys = np.zeros(s.vocab, np.int16) if s.vocab else None  # (vocab,) bf16 top-k keys
 
@@ -346,25 +360,38 @@ class Engine:
             entry = find_follow_up(self.prefixes, key, encoded)
             start = self._place_prefix(entry, end)
         timings["prefix_reused"] = entry is not None or start > 0
+        self._set_positions(encoded)
         self._fill_embeds(ids, start, entry)
         for rows, features in plan.stored_features if plan is not None else ():
-            self._embeds[rows] = features  # earlier turns' images, prefilled again
+            self._set_rows(rows, features)  # earlier turns' images, prefilled again
         if entry is None and prompt.images:
             image_started = time.perf_counter()
             self._encode_images(prompt.images, encoded.context_rows, should_stop)
             timings["image_ms"] = _ms(time.perf_counter() - image_started)
             timings["images_encoded"] = len(prompt.images)
         if plan is not None and prompt.images:  # kept so the turn can be prefilled again later
-            source = entry.embeds if entry is not None else self._embeds
-            plan.features = source[encoded.context_rows].copy()  # (num_images * image_tokens, hidden)
+            source = entry.embeds if entry is not None else self._planes
+            plan.features = source[encoded.context_rows].copy()  # (num_images * image_tokens, planes, hidden)
         prefill_started = time.perf_counter()
         hidden = self._run_plan(start, end, should_stop)
         timings["prefill_ms"] = _ms(time.perf_counter() - prefill_started)
         timings["prefill_rows"] = end - start
         n_prefix = encoded.num_prefix_ids
         if key is not None and entry is None and 0 < n_prefix < end:  # first ask on these images
-            self.prefixes.put(key, ids[:n_prefix], self.cache.snapshot(n_prefix), self._embeds[:n_prefix].copy())
+            self.prefixes.put(key, ids[:n_prefix], self.cache.snapshot(n_prefix), self._planes[:n_prefix].copy())
         return hidden
+
+    def _set_positions(self, encoded: EncodedPrompt) -> None:
+        """The prompt's rotary positions (as the family says), then one more per later row."""
+        positions, after = self.family.positions(encoded.ids, self.model.template.image_context_id, self.shapes)
+        n = positions.shape[1]
+        self._rope[:, :n] = positions
+        self._rope[:, n:] = np.arange(after, after + self._rope.shape[1] - n, dtype=np.uint32)
+
+    def _set_rows(self, rows: np.ndarray, planes: np.ndarray) -> None:
+        """Input planes (len(rows), planes, hidden) of image rows, spliced in."""
+        self._planes[rows] = planes
+        self._has_added[rows] = len(self._added_layers) > 0
 
     def _run_plan(self, start: int, end: int, should_stop: Callable[[], bool]) -> np.ndarray:
         """Cache rows start..end-1 from `_embeds` through the planned groups -> the last
@@ -374,7 +401,7 @@ class Engine:
             if group == 0:
                 np.copyto(self._token_input[0, 0], self._embeds[row])
                 self._host_copies += self._token_input.nbytes
-                hidden = self._decode_step(should_stop)
+                hidden = self._decode_step(should_stop, row)
             else:
                 hidden = self._chunk_step(group, row, size, should_stop)
         return hidden
@@ -394,37 +421,48 @@ class Engine:
         """Input rows start..len(ids)-1: a replayed prefix's rows come from the snapshot's
         saved inputs (image features included), every later row from the embedding table."""
         end, lookup_from = len(ids), start
+        self._has_added[start:end] = False
         if entry is not None and start < entry.snapshot.length:
             lookup_from = entry.snapshot.length
-            self._embeds[start:lookup_from] = entry.embeds[start:lookup_from]
+            self._planes[start:lookup_from] = entry.embeds[start:lookup_from]
+            self._has_added[start:lookup_from] = len(self._added_layers) > 0
+        self._planes[lookup_from:end, 1:] = 0
         self.model.embeddings.lookup(np.asarray(ids[lookup_from:], np.int64), self._embeds[lookup_from:end])
         self._host_copies += self._embeds[start:end].nbytes
 
     def _encode_images(self, images: Sequence[np.ndarray], rows: np.ndarray,
                        should_stop: Callable[[], bool]) -> None:
-        s, vision = self.shapes, self.model.vision
+        s, vision, family = self.shapes, self.model.vision, self.family
         preprocess = getattr(self.model, "preprocess", None) or ImagePreprocess()
         for k, image in enumerate(images):
             try:
-                pixels = preprocess.prepare(image, self._pixels)
+                pixels = family.prepare_image(preprocess, image, self._pixels, s)
             except ValueError as exc:
                 raise ImageError(f"image {k}: {exc}") from None
             if should_stop():
                 raise _Cancelled
             try:
-                features = vision.run({s.vision_input_name: pixels}, 0)[0]  # (1, image_tokens, hidden)
+                outputs = vision.run({s.vision_input_name: pixels}, 0)
             except SessionError as exc:
                 raise EngineError(f"the vision graph failed: {exc}") from exc
-            self._embeds[rows[k * s.image_tokens:(k + 1) * s.image_tokens]] = features[0]
-            self._host_copies += features[0].size * self._embeds.itemsize
+            planes = family.image_planes(outputs, s)  # each (image_tokens, hidden)
+            image_rows = rows[k * s.image_tokens:(k + 1) * s.image_tokens]
+            for p, plane in enumerate(planes):
+                self._planes[image_rows, p] = plane
+            self._has_added[image_rows] = len(planes) > 1
+            self._host_copies += sum(plane.size for plane in planes) * self._embeds.itemsize
 
     # ------------------------------------------------------------------ graph calls
 
     def _run_layers(self, group: int, feeds: list[dict[str, np.ndarray]], num_rows: int,
-                    should_stop: Callable[[], bool]) -> np.ndarray:
-        """Every layer on the group's input buffer (the stack writes the new K/V rows); advance once."""
+                    should_stop: Callable[[], bool], row: int | None = None) -> np.ndarray:
+        """Every layer on the group's input buffer (the stack writes the new K/V rows); advance once.
+        `row`: the first prompt row of a prefill step, whose added planes (if any) the stack adds."""
         started = time.perf_counter()
-        hidden = self._stack.run(group, feeds, num_rows, should_stop)  # (1, 1, hidden): the last real row
+        added = None
+        if row is not None and self._added_layers and self._has_added[row:row + num_rows].any():
+            added = {layer: self._planes[row:row + num_rows, p + 1] for p, layer in enumerate(self._added_layers)}
+        hidden = self._stack.run(group, feeds, num_rows, should_stop, added)  # (1, 1, hidden): the last real row
         self.cache.advance(num_rows)
         if self._measure_prices:
             elapsed = time.perf_counter() - started
@@ -432,20 +470,23 @@ class Engine:
             self.stack_seconds[group] = elapsed if previous is None else 0.75 * previous + 0.25 * elapsed
         return hidden
 
-    def _decode_step(self, should_stop: Callable[[], bool]) -> np.ndarray:
-        """The token in `_token_input` at the cache position -> its hidden state [1, 1, hidden]."""
-        self._position[0, 0] = self.cache.position
-        return self._run_layers(0, self._decode_feeds, 1, should_stop)
+    def _decode_step(self, should_stop: Callable[[], bool], row: int | None = None) -> np.ndarray:
+        """The token in `_token_input` -> its hidden state [1, 1, hidden]. Its K/V row is the
+        cache position; its rotary position is that row's in `_rope` (the two differ after an
+        image whose positions advance by less than its rows). `row`: a prompt row, not an answer token."""
+        self._position[0, 0] = self._rope[0, self.cache.position]
+        return self._run_layers(0, self._decode_feeds, 1, should_stop, row)
 
     def _chunk_step(self, group: int, row: int, size: int, should_stop: Callable[[], bool]) -> np.ndarray:
         """Prompt rows row..row+size-1 through a prefill group -> the last row's hidden state."""
+        s = self.shapes
         self._chunk_input[0, :size] = self._embeds[row:row + size]
         self._chunk_input[0, size:] = 0  # padding rows: their K/V rows are never attended
         self._host_copies += self._chunk_input.nbytes
-        np.add(self._chunk_offsets, row, out=self._chunk_indices[0])
+        np.copyto(self._chunk_indices, self._rope[:, row:row + s.chunk])  # padding rows: positions after
         if group in self._history_masks:  # history columns past the cached rows stay blocked
             open_history(*self._history_masks[group], cached_rows=row)
-        return self._run_layers(group, self._prefill_feeds[group], size, should_stop)
+        return self._run_layers(group, self._prefill_feeds[group], size, should_stop, row)
 
     def _run_post(self, hidden: np.ndarray) -> list[np.ndarray]:
         s = self.shapes
