@@ -50,7 +50,7 @@ def test_the_standin_serves_the_smolvlm_graph_contracts(smolvlm_package, tiny_sm
     layer = axengine_standin.InferenceSession(str(root / "llama_p128_l0_together.axmodel"))
     decode = {i.name: tuple(i.shape) for i in layer.get_inputs(shape_group=0)}
     prefill = {i.name: tuple(i.shape) for i in layer.get_inputs(shape_group=1)}
-    assert decode["indices"] == (1,) and prefill["indices"] == (PREFILL_CHUNK,)
+    assert decode["indices"] == (1, 1) and prefill["indices"] == (1, PREFILL_CHUNK)
     assert decode["mask"] == (1, 1, KV_CAPACITY + 1) and prefill["K_cache"] == (1, 1, 64)
 
     from tests.smolvlm_factory import sample_image
@@ -60,7 +60,7 @@ def test_the_standin_serves_the_smolvlm_graph_contracts(smolvlm_package, tiny_sm
     reference = build_smolvlm_sessions(tiny_smolvlm.path, kv_capacity=KV_CAPACITY, prefill_chunk=PREFILL_CHUNK)
     np.testing.assert_array_equal(got, reference.vision.run({"pixel_values": picture})[0])
     feed = {"K_cache": np.zeros((1, 1, 64), BF16), "V_cache": np.zeros((1, 1, 64), BF16),
-            "indices": np.arange(PREFILL_CHUNK, dtype=np.uint32),
+            "indices": np.arange(PREFILL_CHUNK, dtype=np.uint32)[None],
             "input": np.random.default_rng(0).standard_normal((1, PREFILL_CHUNK, 64)).astype(BF16),
             "mask": np.zeros((1, PREFILL_CHUNK, PREFILL_CHUNK), BF16)}
     got = layer.run(None, feed, shape_group=1)

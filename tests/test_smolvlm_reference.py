@@ -19,7 +19,7 @@ from npu.reference.checkpoint import CheckpointError
 from npu.reference.blueprint import BlueprintError
 from npu.reference.idefics3 import SmolVLMBlueprint, load_idefics3_checkpoint
 from npu.reference.smolvlm_graphs import build_smolvlm_sessions, patch_position_ids, pixel_shuffle
-from npu.session import BF16, MASK_BLOCKED, SessionError
+from npu.session import BF16, MASK_BLOCKED
 from npu.text.tokenizer import Tokenizer
 from tests.fixtures_models import model_factory
 
@@ -67,7 +67,7 @@ class Driver:
             mask[0, r, hist : hist + r + 1] = 0.0
         data = np.zeros((1, CHUNK, x.shape[1]), np.float32)
         data[0, :n] = x
-        indices = np.arange(start, start + CHUNK, dtype=np.uint32)  # 1-D
+        indices = np.arange(start, start + CHUNK, dtype=np.uint32)[None]  # (1, chunk)
         for i, layer in enumerate(self.g.layers):
             spec = {s.name: s for s in layer.inputs(group)}
             k_in = self.k[i][:, :hist] if hist else np.zeros(spec["K_cache"].shape, np.float32)
@@ -88,7 +88,7 @@ class Driver:
         data = self.embed[[token]].astype(np.float32)[None]  # (1, 1, hidden)
         for i, layer in enumerate(self.g.layers):
             k_out, v_out, out = layer.run({"K_cache": self.k[i], "V_cache": self.v[i],
-                                           "indices": np.array([p], np.uint32), "input": data, "mask": mask}, 0)
+                                           "indices": np.array([[p]], np.uint32), "input": data, "mask": mask}, 0)
             self.k[i][0, p] = k_out[0, 0]
             self.v[i][0, p] = v_out[0, 0]
             data = out.copy()
@@ -124,16 +124,12 @@ def test_graphs_have_the_published_names_shapes_and_dtypes(smol):
     decode = {s.name: (s.shape, s.dtype) for s in layer.inputs(0)}
     prefill = {s.name: (s.shape, s.dtype) for s in layer.inputs(1)}
     assert [s.name for s in layer.inputs(0)] == ["K_cache", "V_cache", "indices", "input", "mask"]
-    assert decode["indices"] == ((1,), np.uint32) and prefill["indices"] == ((CHUNK,), np.uint32)
+    assert decode["indices"] == ((1, 1), np.uint32) and prefill["indices"] == ((1, CHUNK), np.uint32)
     assert decode["K_cache"] == ((1, CAPACITY, 32), BF16) and prefill["K_cache"] == ((1, 1, 64), BF16)
     assert decode["mask"] == ((1, 1, CAPACITY + 1), BF16) and prefill["mask"] == ((1, CHUNK, CHUNK), BF16)
     assert [(s.name, s.shape) for s in layer.outputs(1)] == [
         ("K_cache_out", (1, CHUNK, 32)), ("V_cache_out", (1, CHUNK, 32)), ("output", (1, CHUNK, 64))]
     assert [(s.name, s.shape, s.dtype) for s in graphs.post.outputs(0)] == [("output", (1, 1, f.VOCAB_SIZE), BF16)]
-    with pytest.raises(SessionError, match="indices"):  # a 2-D indices feed is not what these graphs declare
-        layer.run({"K_cache": np.zeros((1, 1, 64), BF16), "V_cache": np.zeros((1, 1, 64), BF16),
-                   "indices": np.zeros((1, CHUNK), np.uint32), "input": np.zeros((1, CHUNK, 64), BF16),
-                   "mask": np.zeros((1, CHUNK, CHUNK), BF16)}, 1)
 
 
 def test_pixel_shuffle_follows_transformers_view_order():

@@ -12,9 +12,14 @@ What the published packages hold (sources cited per fact):
   post-layernorm AND the connector (pixel shuffle + projection), as the export moves the
   connector into the vision model (`modeling_idefics3_export.py` forward_export, same commit;
   names from its `export.py`).
-- layer i (`llama_p128_l%d_together.axmodel`, mode files above): `K_cache`, `V_cache`, `indices`
-  (uint32, 1-D here: [chunk] in prefill, [1] in decode), `input`, `mask` -> `K_cache_out`,
-  `V_cache_out`, `output`, in the same shape groups as every llm_build package.
+- layer i (`llama_p128_l%d_together.axmodel`, mode files above): `K_cache`, `V_cache`, `indices`,
+  `input`, `mask` -> `K_cache_out`, `V_cache_out`, `output`, in the same shape groups as every
+  llm_build package. `indices` is one row of positions, uint32 [1, chunk] in prefill and [1, 1]
+  in decode: StackFlow runs these packages with its `LLM` runner (main.cpp: the vision file
+  is named under `filename_vpm_resampler_axmodedl`, and the default encoder name holds "vpm"),
+  which reads the chunk from `get_input(prefill_grpid, "indices").vShape[1]` (LLM.hpp `Init`),
+  so the prefill indices are 2-D; AXERA's SmolVLM runner feeds (1, prefill_len) and (1, 1)
+  (SmolVLM-256M-Instruct.axera 41ebfb4 python/infer_axmodel.py).
 - post (`llama_post.axmodel`): final RMSNorm + lm_head.
 
 Inside the vision graph (transformers 5.25 `models/smolvlm/modeling_smolvlm.py`): 16x16 (patch)
@@ -165,19 +170,6 @@ class SmolVisionSession(ReferenceSession):
         outputs[0][0] = self.encoder.forward(feed[VISION_INPUT][0])
 
 
-class FlatIndicesLayerSession(LayerSession):
-    """The shared decoder layer with `indices` declared 1-D ([rows]) instead of [1, rows]."""
-
-    def _specs(self, io):
-        inputs, outputs = super()._specs(io)
-        for group in inputs:
-            group[:] = [TensorSpec(s.name, (s.shape[1],), s.dtype) if s.name == "indices" else s for s in group]
-        return inputs, outputs
-
-    def _compute(self, feed, group, outputs):
-        super()._compute({**feed, "indices": feed["indices"].reshape(1, -1)}, group, outputs)
-
-
 def build_smolvlm_sessions(
     source: str | Path | tuple[SmolVLMBlueprint, Weights],
     precision: str = "bf16",
@@ -200,5 +192,5 @@ def build_smolvlm_sessions(
     bp, weights = source if isinstance(source, tuple) else load_idefics3_checkpoint(Path(source))
     io = PRECISIONS[precision]
     groups = _layer_groups(bp.text, kv_capacity, prefill_chunk, lengths, placeholder)
-    layers = [FlatIndicesLayerSession(bp.text, weights, i, io, groups) for i in range(bp.text.n_layers)]
+    layers = [LayerSession(bp.text, weights, i, io, groups) for i in range(bp.text.n_layers)]
     return ReferenceGraphs(bp.text, SmolVisionSession(bp, weights), layers, PostSession(bp.text, weights, io), precision)

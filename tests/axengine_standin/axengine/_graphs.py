@@ -89,7 +89,7 @@ def _reference_sessions(spec: dict) -> Any:
 
     options = reference_build_options(spec)
     family = spec.get("family", "internvl")
-    if family == "smolvlm":  # SmolVLM's llama packages: 1-D indices, vision pixel_values -> last_hidden_state
+    if family == "smolvlm":  # SmolVLM's llama packages: vision pixel_values -> last_hidden_state
         options = {k: v for k, v in options.items() if k in _SMOLVLM_OPTIONS}
     key = (spec["checkpoint"], family, *sorted(options.items()))
     with _GRAPHS_LOCK:
