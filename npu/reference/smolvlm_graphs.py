@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from npu.families import ModelFamily
+from npu.families.smolvlm import SMOLVLM
 from npu.reference import ops
 from npu.reference.checkpoint import Weights
 from npu.reference.graphs import (
@@ -170,27 +172,36 @@ class SmolVisionSession(ReferenceSession):
         outputs[0][0] = self.encoder.forward(feed[VISION_INPUT][0])
 
 
+class SmolVLMGraphs(ReferenceGraphs):
+    """Reference graphs of a SmolVLM checkpoint: the SmolVLM family (npu/families/smolvlm.py)."""
+
+    @property
+    def family(self) -> ModelFamily:
+        return SMOLVLM
+
+
 def build_smolvlm_sessions(
     source: str | Path | tuple[SmolVLMBlueprint, Weights],
     precision: str = "bf16",
     kv_capacity: int = 1023,
     prefill_chunk: int = 128,
+    history_groups: int = 0,
     history_lengths: Sequence[int] | None = None,
     placeholder: str = "hidden",
-) -> ReferenceGraphs:
+) -> SmolVLMGraphs:
     """Reference graphs of a SmolVLM checkpoint with the published packages' names and shapes.
 
     Groups as `build_reference_sessions`: 0 decode, 1 first chunk, then one per history
-    length. `ReferenceGraphs.blueprint` is the text decoder's; the SmolVLM blueprint is
-    `graphs.vision.encoder.bp` (vision) and the loader's first return value.
+    length (`history_lengths`, or `history_groups` of them: chunk, 2 * chunk, ...).
+    `blueprint` is the text decoder's; the vision one is `graphs.vision.encoder.bp`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
     if placeholder not in ("hidden", "kv_dim"):
         raise ValueError(f"placeholder {placeholder!r}: expected 'hidden' or 'kv_dim'")
-    lengths = _history_lengths(prefill_chunk, 0, history_lengths or [], kv_capacity)
+    lengths = _history_lengths(prefill_chunk, history_groups, history_lengths, kv_capacity)
     bp, weights = source if isinstance(source, tuple) else load_idefics3_checkpoint(Path(source))
     io = PRECISIONS[precision]
     groups = _layer_groups(bp.text, kv_capacity, prefill_chunk, lengths, placeholder)
     layers = [LayerSession(bp.text, weights, i, io, groups) for i in range(bp.text.n_layers)]
-    return ReferenceGraphs(bp.text, SmolVisionSession(bp, weights), layers, PostSession(bp.text, weights, io), precision)
+    return SmolVLMGraphs(bp.text, SmolVisionSession(bp, weights), layers, PostSession(bp.text, weights, io), precision)

@@ -75,7 +75,7 @@ def reference_build_options(spec: dict) -> dict:
 # Build keys of published builds, passed to the reference builder as they are.
 _BUILD_OPTIONS = ("history_lengths", "placeholder", "vision_input", "vision_output")
 # What a SmolVLM package's graphs can differ in (`build_smolvlm_sessions`' arguments).
-_SMOLVLM_OPTIONS = ("precision", "kv_capacity", "prefill_chunk", "history_lengths", "placeholder")
+_SMOLVLM_OPTIONS = ("precision", "kv_capacity", "prefill_chunk", "history_groups", "history_lengths", "placeholder")
 
 
 _GRAPHS: dict[tuple, Any] = {}
