@@ -26,6 +26,7 @@ from npu.board.layout import ModelLayout
 from npu.board.layout_parts import read_json
 from npu.embeddings import EmbeddingsError, open_table
 from npu.errors import ModelError
+from npu.families.base import ImageTags
 from npu.session import Session
 from npu.shapes import GraphShapes
 from npu.text.chat_templates import template_for
@@ -109,10 +110,12 @@ def template_config(layout: ModelLayout) -> dict[str, Any]:
     return dict(layout.config, template=layout.template) if layout.template else dict(layout.config)
 
 
-def layout_template(layout: ModelLayout, tokenizer: Tokenizer) -> ChatTemplate | JinjaChatTemplate:
+def layout_template(layout: ModelLayout, tokenizer: Tokenizer,
+                    image_tags: ImageTags | None = None) -> ChatTemplate | JinjaChatTemplate:
     """The chat template the layout found (npu.text.chat_templates.template_for); ValueError
     when it cannot be used with this tokenizer."""
     tokenizer_config: dict[str, Any] = {}
     if layout.tokenizer_dir is not None and (layout.tokenizer_dir / "tokenizer_config.json").is_file():
         tokenizer_config = read_json(layout.tokenizer_dir / "tokenizer_config.json") or {}
-    return template_for(template_config(layout), tokenizer, layout.chat_template, tokenizer_config)
+    return template_for(template_config(layout), tokenizer, layout.chat_template, tokenizer_config,
+                        image_tags=image_tags)

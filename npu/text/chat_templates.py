@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from npu.families.base import ImageTags
 from npu.text.jinja_template import JinjaChatTemplate
 from npu.text.template import ChatTemplate
 from npu.text.tokenizer import Tokenizer
@@ -68,10 +69,10 @@ def find_chat_template(directories: list[Path | None]) -> tuple[str, Path] | Non
 
 def template_for(config: dict[str, Any], tokenizer: Tokenizer, chat_template: str | None = None,
                  tokenizer_config: dict[str, Any] | None = None,
-                 stop_tokens: tuple[str, ...] = ()) -> ChatTemplate | JinjaChatTemplate:
+                 stop_tokens: tuple[str, ...] = (), image_tags: ImageTags | None = None) -> ChatTemplate | JinjaChatTemplate:
     """The template a checkpoint defines: its `template` field, else `chat_template`
     (Jinja, with `tokenizer_config` for the special tokens it may use), else Qwen2 ChatML."""
     if config.get("template") or not chat_template:
-        return ChatTemplate.from_checkpoint(config, tokenizer)
+        return ChatTemplate.from_checkpoint(config, tokenizer, image_tags)
     return JinjaChatTemplate(chat_template, tokenizer, tokenizer_config=tokenizer_config,
-                             system_message=config.get("system_message"), stop_tokens=stop_tokens)
+                             system_message=config.get("system_message"), stop_tokens=stop_tokens, image_tags=image_tags)

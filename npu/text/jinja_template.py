@@ -36,7 +36,9 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from npu.text.template import END_OF_TEXT_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, PromptIds, Turn, image_blocks
+from npu.families.base import ImageTags
+from npu.text.template import (END_OF_TEXT_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, PromptIds, Turn, encode_parts,
+                               image_blocks, tags_known)
 from npu.text.tokenizer import Tokenizer
 
 _QUESTION = "\ue00fquestion\ue00f"  # stands for the question while the template renders
@@ -90,7 +92,8 @@ class JinjaChatTemplate:
     interface as npu.text.template.ChatTemplate)."""
 
     def __init__(self, source: str, tokenizer: Tokenizer, tokenizer_config: dict[str, Any] | None = None,
-                 system_message: str | None = None, stop_tokens: Sequence[str] = ()) -> None:
+                 system_message: str | None = None, stop_tokens: Sequence[str] = (),
+                 image_tags: ImageTags | None = None) -> None:
         config = tokenizer_config or {}
         try:
             self._template = _compile(source)
@@ -102,13 +105,15 @@ class JinjaChatTemplate:
         self.system_message = system_message
         self.structured = bool(_PARTS_RE.search(source))
         extra = config.get("extra_special_tokens") if isinstance(config.get("extra_special_tokens"), dict) else {}
-        self.image_token = _token_text(extra.get("context_image_token")) or IMG_CONTEXT
-        self.image_start = _token_text(extra.get("start_image_token")) or IMG_START
-        self.image_end = _token_text(extra.get("end_image_token")) or IMG_END
+        if image_tags is None:  # InternVL's processor tokens, as its tokenizer_config names them
+            image_tags = ImageTags(_token_text(extra.get("start_image_token")) or IMG_START,
+                                   _token_text(extra.get("context_image_token")) or IMG_CONTEXT,
+                                   _token_text(extra.get("end_image_token")) or IMG_END)
+        self.image_tags = image_tags
+        self.image_token, self.image_start, self.image_end = image_tags.token, image_tags.start, image_tags.end
         self._variables = {key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(config.get(key)))}
         self.image_context_id = tokenizer.token_id(self.image_token)
-        self._image_tags_ok = all(tokenizer.token_id(t) is not None
-                                  for t in (self.image_start, self.image_end, self.image_token))
+        self._image_tags_ok = tags_known(image_tags, tokenizer)
         stops = (*END_OF_TEXT_TOKENS, *stop_tokens, self._variables.get("eos_token", ""))
         self.stop_ids = frozenset(i for t in stops if t and (i := tokenizer.token_id(t)) is not None)
         if not self.stop_ids:
@@ -152,7 +157,8 @@ class JinjaChatTemplate:
         except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise ValueError(f"the checkpoint's chat template refused the conversation: {exc}") from exc
         if self.structured:
-            block = self.image_start + self.image_token * image_tokens + self.image_end
+            edges = self.image_tags.expand_edges  # else the template writes the start and end tags itself
+            block = (self.image_start if edges else "") + self.image_token * image_tokens + (self.image_end if edges else "")
             text = re.sub(f"(?<!{_MARK_START}){re.escape(self.image_token)}", lambda _: block, text)
         return text.replace(_MARK_START, "").replace(_MARK_END, "")
 
@@ -160,7 +166,7 @@ class JinjaChatTemplate:
         return self.render_conversation([Turn(question, num_images)], image_tokens, system)
 
     def image_blocks(self, num_images: int, image_tokens: int) -> str:
-        return image_blocks(num_images, image_tokens, self._image_tags_ok)
+        return image_blocks(num_images, image_tokens, self._image_tags_ok, self.image_tags)
 
     def _split(self, num_images: int, image_tokens: int, system: str | None) -> tuple[str, str]:
         """(everything before the question, everything after it) for a one-turn prompt."""
@@ -189,6 +195,4 @@ class JinjaChatTemplate:
         """Token ids of `render(...)` in three parts: the question encoded as plain text
         (it cannot forge special tokens), the prefix ids independent of it."""
         prefix, suffix = self._split(num_images, image_tokens, system)
-        prefix_ids = self.tokenizer.encode(prefix)
-        question_ids = self.tokenizer.encode(question, parse_special=False)
-        return PromptIds(prefix_ids + question_ids + self.tokenizer.encode(suffix), len(prefix_ids))
+        return encode_parts(self.tokenizer, prefix, question, suffix)

@@ -30,15 +30,19 @@ Token ids (stop tokens, `<IMG_CONTEXT>`) are read from the tokenizer, never hard
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from npu.families.base import ImageTags
 from npu.text.tokenizer import Tokenizer
 
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
+INTERNVL_TAGS = ImageTags(IMG_START, IMG_CONTEXT, IMG_END)
+_SPECIAL_RE = re.compile(r"<[^<>\s]+>")  # one special token of a tag
 # Tokens that end a turn whichever template is in use, when the tokenizer has them.
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>")
 
@@ -100,25 +104,27 @@ class PromptIds:
 class ChatTemplate:
     """Renders and tokenises prompts for one checkpoint."""
 
-    def __init__(self, spec: TemplateSpec, tokenizer: Tokenizer, system_message: str | None = None):
+    def __init__(self, spec: TemplateSpec, tokenizer: Tokenizer, system_message: str | None = None,
+                 image_tags: ImageTags | None = None):
         self.spec = spec
+        self.image_tags = image_tags or INTERNVL_TAGS  # how the model family marks an image (npu/families/)
         self.name = spec.name
         self.tokenizer = tokenizer
         self.system_message = spec.system_message if system_message is None else system_message
         self.stop_ids = _stop_ids(spec, tokenizer)
-        self.image_context_id = tokenizer.token_id(IMG_CONTEXT)
-        self._image_tags_ok = all(tokenizer.token_id(t) is not None
-                                  for t in (IMG_START, IMG_END, IMG_CONTEXT))
+        self.image_context_id = tokenizer.token_id(self.image_tags.token)
+        self._image_tags_ok = tags_known(self.image_tags, tokenizer)
 
     @classmethod
-    def from_checkpoint(cls, config: dict[str, Any], tokenizer: Tokenizer) -> ChatTemplate:
+    def from_checkpoint(cls, config: dict[str, Any], tokenizer: Tokenizer,
+                        image_tags: ImageTags | None = None) -> ChatTemplate:
         """The template named by `config["template"]`, Qwen2 ChatML when there is none."""
         name = config.get("template") or QWEN2_CHATML
         spec = TEMPLATES.get(name)
         if spec is None:
             known = ", ".join(sorted(TEMPLATES))
             raise ValueError(f"unknown chat template {name!r} in config.json; known: {known}")
-        return cls(spec, tokenizer, config.get("system_message"))
+        return cls(spec, tokenizer, config.get("system_message"), image_tags)
 
     # -- text ----------------------------------------------------------------------------
 
@@ -151,7 +157,7 @@ class ChatTemplate:
         return text
 
     def image_blocks(self, num_images: int, image_tokens: int) -> str:
-        return image_blocks(num_images, image_tokens, self._image_tags_ok)
+        return image_blocks(num_images, image_tokens, self._image_tags_ok, self.image_tags)
 
     # -- ids -----------------------------------------------------------------------------
 
@@ -164,25 +170,46 @@ class ChatTemplate:
         prefix ids do not depend on the question. For ordinary questions the result equals
         `tokenizer.encode(render(...))`.
         """
-        prefix_ids = self.tokenizer.encode(self.prefix(num_images, image_tokens, system))
-        question_ids = self.tokenizer.encode(question, parse_special=False)
-        suffix_ids = self.tokenizer.encode(self.suffix())
-        return PromptIds(prefix_ids + question_ids + suffix_ids, len(prefix_ids))
+        return encode_parts(self.tokenizer, self.prefix(num_images, image_tokens, system), question, self.suffix())
 
 
-def image_blocks(num_images: int, image_tokens: int, tags_ok: bool = True) -> str:
+def encode_parts(tokenizer: Tokenizer, before: str, question: str, after: str) -> PromptIds:
+    """Ids of `before + question + after`, the question encoded as plain text, and how many
+    ids come before it (independent of the question).
+
+    Spaces that end `before` are encoded with the question: a byte-level BPE joins a space to
+    the word after it, so "User: " + "And" is "User", ":", " And" when the whole text is
+    tokenised (as transformers does), never a lone " " (SmolVLM's template writes "User: "
+    before a text-only question; InternVL's end their prefixes with a newline).
+    """
+    kept = before.rstrip(" ")
+    prefix_ids = tokenizer.encode(kept)
+    question_ids = tokenizer.encode(before[len(kept):] + question, parse_special=False)
+    return PromptIds(prefix_ids + question_ids + tokenizer.encode(after), len(prefix_ids))
+
+
+def tags_known(tags: ImageTags, tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer has every special token the (non-empty) tags are made of (a tag may
+    be several: SmolVLM's start is `<fake_token_around_image><global-img>`)."""
+    names = [name for tag in (tags.start, tags.end, tags.token) if tag for name in _SPECIAL_RE.findall(tag) or [tag]]
+    return all(tokenizer.token_id(name) is not None for name in names)
+
+
+def image_blocks(num_images: int, image_tokens: int, tags_ok: bool = True, tags: ImageTags | None = None) -> str:
     """InternVL's image blocks before a question: `<img>` + N x `<IMG_CONTEXT>` + `</img>\\n`,
-    numbered `Image-i: ` when there are several. ValueError for impossible counts or when
+    numbered `Image-i: ` when there are several (another family's `tags`: its start, token and
+    end, a newline after each block when `tags.newline`). ValueError for impossible counts or when
     the tokenizer lacks the image tags (`tags_ok` False)."""
+    tags = tags or INTERNVL_TAGS
     if num_images < 0 or image_tokens < 0:
         raise ValueError(f"num_images ({num_images}) and image_tokens ({image_tokens}) must be >= 0")
     if num_images == 0:
         return ""
     if not tags_ok:
-        raise ValueError(f"the tokenizer lacks {IMG_START}, {IMG_END} or {IMG_CONTEXT}: this model cannot take images")
+        raise ValueError(f"the tokenizer lacks {tags.start}, {tags.end} or {tags.token}: this model cannot take images")
     if image_tokens == 0:
         raise ValueError("image_tokens must be > 0 when there are images")
-    block = IMG_START + IMG_CONTEXT * image_tokens + IMG_END + "\n"
+    block = tags.start + tags.token * image_tokens + tags.end + ("\n" if tags.newline else "")
     if num_images == 1:
         return block
     return "".join(f"Image-{i}: {block}" for i in range(1, num_images + 1))
