@@ -19,11 +19,15 @@ from typing import Any
 from npu.board.data_path import select_data_path
 from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, layout_template, open_board_graphs
 from npu.board.layout import ModelLayout, detect_layout
+from npu.board.layout_parts import layout_names
 from npu.embeddings import cached_embeddings_path
 from npu.errors import ModelError
+from npu.families import family_for
 from npu.image import ImagePreprocess
 from npu.model import DEMO_MODEL_DIR, load_part
 from npu.reference import build_reference_sessions
+from npu.reference.idefics3 import is_idefics3_config
+from npu.reference.smolvlm_graphs import build_smolvlm_sessions
 from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.tokenizer import Tokenizer
 
@@ -116,7 +120,8 @@ def _preprocess(layout: ModelLayout) -> dict[str, Any]:
 
 
 def _reference_graphs(layout: ModelLayout, precision: str) -> BoardGraphs:
-    built = build_reference_sessions(layout.root, precision=precision)
+    build = build_smolvlm_sessions if is_idefics3_config(layout.config) else build_reference_sessions
+    built = build(layout.root, precision=precision)
     return BoardGraphs(built.vision, list(built.layers), built.post)
 
 
@@ -130,18 +135,21 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     except ModelError as exc:
         problems.append(f"unusable: {exc}")
         return {}
-    special = {token: tokenizer.token_id(token) for token in SPECIAL_TOKENS}
+    family = family_for(layout_names(layout), layout.config)
+    image_token = family.image_tags.token
+    special = {token: tokenizer.token_id(token) for token in dict.fromkeys((*SPECIAL_TOKENS, image_token))}
     report: dict[str, Any] = {"dir": str(Path(layout.tokenizer_dir).resolve()), "special_ids": special}
     top = max((i for i in special.values() if i is not None), default=None)
     if rows is not None and top is not None and top >= rows:
         problems.append(f"tokenizer id {top} is past the embedding file's {rows} rows")
-    image_id = special["<IMG_CONTEXT>"]
+    image_id = special[image_token]
+    report["family"], report["image_token"] = family.name, image_token
     if layout.image_context_id is not None and layout.image_context_id != image_id:
         problems.append(f"the package declares image token id {layout.image_context_id}, the tokenizer has {image_id}")
     if layout.template is None and layout.chat_template is None and shapes.image_tokens:
         problems.append("no chat template for a vision model: " + layout.template_source)
     try:
-        template = load_part("template", layout.root, layout_template, layout, tokenizer)
+        template = load_part("template", layout.root, layout_template, layout, tokenizer, family.image_tags)
     except ModelError as exc:
         problems.append(str(exc))
         return report
@@ -152,7 +160,7 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
         count = tokenizer.encode(prompt).count(image_id) if image_id is not None else 0
         report["image_context_tokens"] = count
         if count != shapes.image_tokens:
-            problems.append(f"the prompt carries {count} <IMG_CONTEXT> tokens,"
+            problems.append(f"the prompt carries {count} {image_token} tokens,"
                             f" the vision graph yields {shapes.image_tokens} rows")
     return report
 
@@ -195,7 +203,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"tokenizer {tokenizer['dir']}")
         lines.append("special   " + ", ".join(f"{k}={v}" for k, v in tokenizer["special_ids"].items()))
         if "image_context_tokens" in tokenizer:
-            lines.append(f"image     {tokenizer['image_context_tokens']} <IMG_CONTEXT> tokens in a one-image prompt")
+            token = tokenizer.get("image_token", "<IMG_CONTEXT>")
+            lines.append(f"image     {tokenizer['image_context_tokens']} {token} tokens in a one-image prompt"
+                         f" ({tokenizer.get('family', 'internvl')} family)")
         if "stop_ids" in tokenizer:
             lines.append(f"stop ids  {tokenizer['stop_ids']}")
     problems = report.get("problems", [])

@@ -12,6 +12,7 @@ from npu.board.layout import detect_layout
 from npu.board.m5stack import find_mode_file
 from npu.reference.smolvlm_graphs import build_smolvlm_sessions
 from npu.session import BF16
+from npu.text.tokenizer import Tokenizer
 from tests.fixtures_smolvlm import KV_CAPACITY, PREFILL_CHUNK, REAL_MODE_FILES, SHIPPED
 
 
@@ -67,3 +68,74 @@ def test_the_standin_serves_the_smolvlm_graph_contracts(smolvlm_package, tiny_sm
     want = reference.layers[0].run(feed, 1)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    from daemon.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_what_a_user_runs_on_each_package(name, smolvlm_package, tiny_smolvlm, axengine_standin, capsys, tmp_path):
+    """`vlmd model inspect` (no problems, the SmolVLM family), `vlmd ask` with an image (its
+    <fake_token_around_image><global-img> + 64 <image> + <fake_token_around_image> in the prompt),
+    `vlmd check` against the checkpoint (faithful) and `vlmd bench`, on the stand-in."""
+    from PIL import Image
+
+    from tests.smolvlm_factory import sample_image
+
+    root = smolvlm_package(name)
+    code, out = _cli(capsys, "model", "inspect", "--json", root)
+    report = json.loads(out)
+    assert code == 0 and report["problems"] == [], out
+    assert report["tokenizer"]["family"] == "smolvlm" and report["tokenizer"]["image_context_tokens"] == 64
+    assert report["facts"]["vision_input"] == "uint8 NHWC" and report["facts"]["vision_dtype"] == "float32"
+    image_path = tmp_path / "frame.png"
+    Image.fromarray(sample_image(3)).save(image_path)
+    code, out = _cli(capsys, "ask", "--model", root, "--image", image_path, "--max-tokens", "3", "--json",
+                     "What is in the image?")
+    assert code == 0, out
+    with_image = _last_json(out)
+    text_only = _last_json(_cli(capsys, "ask", "--model", root, "--max-tokens", "1", "--json", "What is in the image?")[1])
+    assert with_image["timings"]["images_encoded"] == 1
+    # the image block is 2 + 64 + 1 tokens after "User:"; without it "User: " + question, the space
+    # joining the question's first word (as transformers tokenises it)
+    tok = Tokenizer.from_dir(root / "tokenizer")
+    question = "What is in the image?"
+    spaced = len(tok.encode(question)) - len(tok.encode(" " + question))
+    assert with_image["usage"]["prompt_tokens"] == text_only["usage"]["prompt_tokens"] + 67 + spaced
+    code, out = _cli(capsys, "check", "--model", root, "--reference", tiny_smolvlm.path, "--max-tokens", "4", "--json")
+    check = _last_json(out)
+    assert code == 0 and check["verdict"] == "faithful" and check["answers"]["identical"] is True, out
+    code, out = _cli(capsys, "bench", "--model", root, "--runs", "1", "--max-tokens", "2", "--json")
+    assert code == 0 and _last_json(out)["bench"]["image_ms"] > 0, out
+
+
+def test_answers_on_both_data_paths_equal_the_reference_backend(smolvlm_package, tiny_smolvlm, axengine_standin):
+    from npu.engine import Engine, GenerationOptions, Prompt, TokenEvent
+    from npu.model import load_model
+    from tests.smolvlm_factory import sample_image
+
+    def answer(model) -> list[int]:
+        engine, image = Engine(model), sample_image(5)
+        tokens = []
+        for prompt in (Prompt("What is in the image?", images=[image], image_key="f"),
+                       Prompt("And the colour?", images=[image], image_key="f")):  # a follow-up at an offset
+            tokens.append([e.token_id for e in engine.generate(prompt, GenerationOptions(max_tokens=6))
+                           if isinstance(e, TokenEvent)])
+        return tokens
+
+    root = smolvlm_package("smolvlm-256M-ax630c")
+    reference = answer(load_model(tiny_smolvlm.path, backend="reference", precision="bf16", kv_capacity=KV_CAPACITY,
+                                  prefill_chunk=PREFILL_CHUNK))
+    for data_path in ("public", "zero-copy"):
+        model = load_model(root, data_path=data_path)
+        assert model.family.name == "smolvlm" and model.data_path.describe()["data_path"] == data_path
+        assert answer(model) == reference, data_path

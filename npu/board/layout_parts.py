@@ -145,6 +145,13 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("llm_config") or config.get("text_config") or config
 
 
+def layout_names(layout: ModelLayout) -> list[str]:
+    """The names a package is known by: its folder, its vision graph, its first layer graph,
+    its tokenizer folder (what a model family is recognised by, npu.families.family_for)."""
+    paths = [layout.root, layout.vision, layout.layers[0] if layout.layers else None, layout.tokenizer_dir]
+    return [Path(p).name for p in paths if p is not None]
+
+
 def model_family(names: list[str]) -> tuple[str | None, str]:
     """The built-in template a package's names imply (the first name that says)."""
     for model_name in names:

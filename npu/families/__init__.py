@@ -7,6 +7,9 @@ recognised (npu/board/layout.py, npu/reference/), from its config or graph names
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from npu.families.base import ImageTags, ModelFamily
 from npu.families.internvl import INTERNVL
 from npu.families.qwen3_vl import QWEN3_VL
@@ -26,10 +29,16 @@ def family_named(name: str | None) -> ModelFamily:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
+def family_for(names: Sequence[str], config: dict[str, Any] | None = None) -> ModelFamily:
+    """The family that recognises a compiled package by its names or config, else the default."""
+    found = [f for f in FAMILIES.values() if f is not DEFAULT_FAMILY and f.recognises(names, config or {})]
+    return found[0] if found else DEFAULT_FAMILY
+
+
 def family_of(graphs: object) -> ModelFamily:
     """The family a model or graph set declares (`.family`), else the default."""
     family = getattr(graphs, "family", None)
     return family if isinstance(family, ModelFamily) else DEFAULT_FAMILY
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "ImageTags", "ModelFamily", "family_named", "family_of"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "ImageTags", "ModelFamily", "family_for", "family_named", "family_of"]
