@@ -87,14 +87,15 @@ def _reference_sessions(spec: dict) -> Any:
     from npu.reference import build_reference_sessions
     from npu.reference.smolvlm_graphs import build_smolvlm_sessions
 
-    options = reference_build_options(spec)
+    builders = {"internvl": (build_reference_sessions, None), "smolvlm": (build_smolvlm_sessions, _SMOLVLM_OPTIONS)}
     family = spec.get("family", "internvl")
-    if family == "smolvlm":  # SmolVLM's llama packages: vision pixel_values -> last_hidden_state
-        options = {k: v for k, v in options.items() if k in _SMOLVLM_OPTIONS}
+    if family not in builders:
+        raise RuntimeError("Failed to load model.")
+    build, accepted = builders[family]
+    options = {k: v for k, v in reference_build_options(spec).items() if accepted is None or k in accepted}
     key = (spec["checkpoint"], family, *sorted(options.items()))
     with _GRAPHS_LOCK:
         if key not in _GRAPHS:
-            build = build_smolvlm_sessions if family == "smolvlm" else build_reference_sessions
             _GRAPHS[key] = build(spec["checkpoint"], **options)
         return _GRAPHS[key]
 
