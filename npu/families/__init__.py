@@ -1,7 +1,8 @@
 """Model families (npu/families/base.py says what a family answers); `FAMILIES` by name.
 
 `family_named(name)` -> the family object; `DEFAULT_FAMILY` (InternVL) is what a model
-that names none runs as. Which family a checkpoint or package is, is decided where it is
+that names none runs as; `family_for(names, config)` the family that recognises a compiled
+package (`ModelFamily.recognises`). Which family a checkpoint or package is, is decided where it is
 recognised (npu/board/layout.py, npu/reference/), from its config or graph names.
 """
 
