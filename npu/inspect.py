@@ -19,10 +19,9 @@ from typing import Any
 from npu.board.data_path import select_data_path
 from npu.board.graphs import BoardGraphs, check_embeddings, describe_graph, layout_template, open_board_graphs
 from npu.board.layout import ModelLayout, detect_layout
-from npu.board.layout_parts import layout_names
 from npu.embeddings import cached_embeddings_path
 from npu.errors import ModelError
-from npu.families import family_for
+from npu.families import family_named
 from npu.image import ImagePreprocess
 from npu.model import DEMO_MODEL_DIR, load_part
 from npu.reference import build_reference_sessions
@@ -122,7 +121,7 @@ def _preprocess(layout: ModelLayout) -> dict[str, Any]:
 def _reference_graphs(layout: ModelLayout, precision: str) -> BoardGraphs:
     build = build_smolvlm_sessions if is_idefics3_config(layout.config) else build_reference_sessions
     built = build(layout.root, precision=precision)
-    return BoardGraphs(built.vision, list(built.layers), built.post)
+    return BoardGraphs(built.vision, list(built.layers), built.post, family=built.family)
 
 
 def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
@@ -135,14 +134,14 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     except ModelError as exc:
         problems.append(f"unusable: {exc}")
         return {}
-    family = family_for(layout_names(layout), layout.config)
+    family = family_named(layout.family)
     image_token = family.image_tags.token
     special = {token: tokenizer.token_id(token) for token in dict.fromkeys((*SPECIAL_TOKENS, image_token))}
     report: dict[str, Any] = {"dir": str(Path(layout.tokenizer_dir).resolve()), "special_ids": special}
     top = max((i for i in special.values() if i is not None), default=None)
     if rows is not None and top is not None and top >= rows:
         problems.append(f"tokenizer id {top} is past the embedding file's {rows} rows")
-    image_id = special[image_token]
+    image_id = special[image_token]  # <IMG_CONTEXT>, <|image_pad|>, <image>: the family's
     report["family"], report["image_token"] = family.name, image_token
     if layout.image_context_id is not None and layout.image_context_id != image_id:
         problems.append(f"the package declares image token id {layout.image_context_id}, the tokenizer has {image_id}")
@@ -160,7 +159,7 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
         count = tokenizer.encode(prompt).count(image_id) if image_id is not None else 0
         report["image_context_tokens"] = count
         if count != shapes.image_tokens:
-            problems.append(f"the prompt carries {count} {image_token} tokens,"
+            problems.append(f"the prompt carries {count} {family.image_tags.token} tokens,"
                             f" the vision graph yields {shapes.image_tokens} rows")
     return report
 

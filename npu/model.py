@@ -29,10 +29,9 @@ from typing import Any, TypeVar
 from npu.board.data_path import DATA_PATHS, select_data_path
 from npu.board.graphs import BoardModelError, check_embeddings, layout_template, open_board_graphs
 from npu.board.layout import ModelLayout, detect_layout
-from npu.board.layout_parts import layout_names
 from npu.embeddings import Embeddings, cached_embeddings_file
 from npu.errors import ModelError
-from npu.families import DEFAULT_FAMILY, ModelFamily, family_for, family_of
+from npu.families import DEFAULT_FAMILY, ModelFamily
 from npu.image import RESIZE_METHODS, ImagePreprocess
 from npu.reference import build_reference_sessions
 from npu.reference.idefics3 import is_idefics3_config
@@ -196,14 +195,13 @@ def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefi
                       kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, history_groups=history_groups,
                       history_lengths=history_lengths)
     tokenizer = load_part("tokenizer", root, Tokenizer.from_dir, root)
-    family = family_of(built)
-    template = load_part("template", root, layout_template, layout, tokenizer, family.image_tags)
+    template = load_part("template", root, layout_template, layout, tokenizer, built.family.image_tags)
     embeddings_file = load_part("embeddings", root, cached_embeddings_file, root)
     embeddings = load_part("embeddings", root, Embeddings, embeddings_file, built.blueprint.vocab, built.blueprint.hidden)
     return Model(built.vision, list(built.layers), built.post, embeddings, tokenizer, template,
                  name=root.name, backend="reference", precision=precision, source=root,
                  notes=tuple(layout.notes) + (f"template {template.name}: {layout.template_source}",), layout=layout.kind,
-                 family=family)
+                 family=built.family)
 
 
 def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: str) -> Model:
@@ -222,8 +220,7 @@ def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: s
         raise BoardModelError(f"{layout.root}: " + "; ".join(problems) + f" (see `vlmd model inspect {layout.root}`)",
                               part="layout")
     tokenizer = load_part("tokenizer", layout.tokenizer_dir, Tokenizer.from_dir, layout.tokenizer_dir)
-    family = family_for(layout_names(layout), layout.config)
-    template = load_part("template", layout.root, layout_template, layout, tokenizer, family.image_tags)
+    template = load_part("template", layout.root, layout_template, layout, tokenizer, graphs.family.image_tags)
     embeddings = load_part("embeddings", layout.embeddings, Embeddings, layout.embeddings, rows, shapes.hidden)
     notes = layout.notes + (f"template {template.name}: {layout.template_source}",)
     path = load_part("data path", layout.root, select_data_path, graphs.layers, graphs.post, shapes, data_path)
@@ -231,4 +228,4 @@ def _load_board(layout: ModelLayout, provider: str, device_id: int, data_path: s
                  template, name=layout.root.name, backend="axengine",
                  precision="bf16" if dtype_name(shapes.act_dtype) == "bfloat16" else "fp32",
                  source=layout.root, notes=notes, data_path=path, cmm=graphs.cmm, layout=layout.kind,
-                 provider=getattr(graphs.post, "provider", None), family=family)  # provider: what axengine chose
+                 provider=getattr(graphs.post, "provider", None), family=graphs.family)  # AxEngineSession.provider: what axengine chose

@@ -41,3 +41,17 @@ def tiny_internvl_original(tmp_path_factory, tiny_internvl_native):
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
     return model_factory().build_qwen2_text(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+def qwen3_vl_factory():
+    """tests.model_factory_qwen3vl, or a skip naming what is missing."""
+    model_factory()  # the same requirements (torch, transformers, the Qwen2 vocabulary)
+    from tests import model_factory_qwen3vl as factory  # torch at import: only once it is known to be there
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory):
+    """A tiny random Qwen3VLForConditionalGeneration checkpoint (tests/model_factory_qwen3vl.py)."""
+    return qwen3_vl_factory().build_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl"))

@@ -28,6 +28,14 @@ Sources read:
   graph fed {"image": float32 NCHW}, `model.embed_tokens.weight.npy`;
 - AXERA-TECH/ax-llm at c26dcbb2bb0c9e10ce7d77a63d9bf64b9aa46981 src/post_config.json.
 
+Qwen3-VL (m5stack/StackFlow d9084ba models/mode_qwen3-vl-2B-Int4-ax630c.json and -ax650.json,
+their scripts/tokenizer_qwen3-vl-2B-Int4-*.py, `--model_id` default 'tokenizer'): the mode files
+as shipped with the dimensions made tiny (tokens_embed_size 64, axmodel_num 3, vision 96 px:
+tests/model_factory_qwen3vl.py); graphs built from a tiny Qwen3-VL checkpoint. Their builds
+are not published: AX630C p64 with 64-step histories to 512 in a 1023-row cache (assumed),
+AX650 as AXERA's model_convert/build_llm.sh builds it (AXERA-TECH/Qwen3-VL.AXERA 2e8db66:
+--prefill_len 128, --last_kv_cache_len 128 .. 1152, --kv_cache_len 2047).
+
 What no public source states (the graphs' KV capacity and history lengths inside M5Stack's
 packages) is chosen to cover both kinds of build: 128-step histories on
 internvl3-1B-448-ax630c, 512-step ones on internvl3-1B-448-ax650.
@@ -101,10 +109,30 @@ MODE_FILES = {
        for model, precompute, cmm in (("internvl3-1B-448-ax630c", 1024, 1674992),
                                       ("internvl3-1B-448-ax650", 2048, 1919044))},
 }
+_QWEN3_VL_PARAMS = {
+    "tokenizer_type": 2, "url_tokenizer_model": "http://localhost:8080",
+    "filename_tokens_embed": "model.embed_tokens.weight.bfloat16.bin", "filename_post_axmodel": "qwen3_vl_text_post.axmodel",
+    **_CTX_SAMPLING, "axmodel_num": 3, "tokens_embed_num": 151936, "tokens_embed_size": 64, "b_use_mmap_load_embed": True,
+    "b_video": False, "vision_config.temporal_patch_size": 2, "vision_config.tokens_per_second": 2,
+    "vision_config.spatial_merge_size": 2, "vision_config.patch_size": 16, "vision_config.height": 96,
+    "vision_config.width": 96, "vision_config.fps": 1, "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "precompute_len": 0}
+QWEN3_VL_MODE_FILES = {
+    model: {"mode": model, "type": "vlm", "homepage": "https://huggingface.co/AXERA-TECH/Qwen3-VL-2B-Instruct",
+            "capabilities": ["text_generation", "chat"], **_IO_TYPES, "mode_param": {
+                **_QWEN3_VL_PARAMS, "template_filename_axmodel": layers, "filename_image_encoder_axmodel": vision,
+                "cmm_size": cmm, "ext_scripts": [f"tokenizer_{model}.py"]}}
+    for model, layers, vision, cmm in (
+        ("qwen3-vl-2B-Int4-ax630c", "qwen3_vl_text_p64_l%d_together.axmodel",
+         "Qwen3-VL-2B-Instruct_vision_u8_384_ax630c.axmodel", 3098624),
+        ("qwen3-vl-2B-Int4-ax650", "qwen3_vl_text_p128_l%d_together.axmodel", "Qwen3-VL-2B-Instruct_vision.axmodel",
+         3582336))}
+MODE_FILES.update(QWEN3_VL_MODE_FILES)
 # The tokenizer scripts' --model_id defaults (StackFlow passes <model>/tokenizer instead).
 SCRIPT_TOKENIZER = {"internvl2-1B-ax630c": "internvl2_tokenizer", "internvl2.5-1B-ax630c": "internvl2_tokenizer",
                     "internvl2.5-1B-364-ax630c": "internvl2_tokenizer",
-                    "internvl3-1B-448-ax630c": "internvl3_tokenizer", "internvl3-1B-448-ax650": "internvl3_tokenizer"}
+                    "internvl3-1B-448-ax630c": "internvl3_tokenizer", "internvl3-1B-448-ax650": "internvl3_tokenizer",
+                    "qwen3-vl-2B-Int4-ax630c": "tokenizer", "qwen3-vl-2B-Int4-ax650": "tokenizer"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +189,10 @@ PUBLISHED = {p.name: p for p in (
     Published("InternVL3-1B-npy", "axera", "internvl2_5", 448,
               Build(2559, 128, STEPS_128 + (1536, 2048), "float32_nchw", "fp32"), {"npy_embeddings": True}),
 )}
+QWEN3_VL_PUBLISHED = {p.name: p for p in (
+    Published("qwen3-vl-2B-Int4-ax630c", "m5stack", "qwen3_vl", 96, Build(1023, 64, tuple(range(64, 513, 64)))),
+    Published("qwen3-vl-2B-Int4-ax650", "m5stack", "qwen3_vl", 96, Build(2047, 128, tuple(range(128, 1153, 128)))),
+)}
 
 
 def _graph(path: Path, checkpoint: Path, graph: str, build: Build) -> None:
@@ -170,11 +202,11 @@ def _graph(path: Path, checkpoint: Path, graph: str, build: Build) -> None:
 
 
 def _write_graphs(checkpoint: Path, folder: Path, build: Build, layer_name: str, post: str, vision: str,
-                  embeddings: str) -> None:
+                  embeddings: str, n_layers: int = TINY["axmodel_num"]) -> None:
     from npu.embeddings import export_embeddings
 
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(TINY["axmodel_num"]):
+    for i in range(n_layers):
         _graph(folder / (layer_name % i), checkpoint, f"layer{i}", build)
     _graph(folder / post, checkpoint, "post", build)
     _graph(folder / vision, checkpoint, "vision", build)
@@ -199,7 +231,8 @@ def build_m5stack(package: Published, checkpoint: Path, prefix: Path) -> Path:
     model_dir = prefix / "data" / package.name
     vision_key = next(k for k in ("filename_image_encoder_axmodel", "filename_vpm_resampler_axmodedl") if k in params)
     _write_graphs(checkpoint, model_dir, package.build, params["template_filename_axmodel"],
-                  params["filename_post_axmodel"], params[vision_key], params["filename_tokens_embed"])
+                  params["filename_post_axmodel"], params[vision_key], params["filename_tokens_embed"],
+                  params["axmodel_num"])
     _tokenizer(checkpoint, model_dir / "tokenizer")  # StackFlow: --model_id <model dir>/tokenizer
     (prefix / "data" / "models").mkdir(parents=True, exist_ok=True)
     (prefix / "data" / "models" / f"mode_{package.name}.json").write_text(json.dumps(mode, indent=4))
@@ -243,6 +276,10 @@ def published_checkpoints(tmp_path_factory):
     made: dict[tuple[str, int], model_factory.TinyModel] = {}
 
     def get(key: tuple[str, int]) -> model_factory.TinyModel:
+        if key not in made and key[0] == "qwen3_vl":
+            from tests import model_factory_qwen3vl
+
+            made[key] = model_factory_qwen3vl.build_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl"), seed=4)
         if key not in made:
             family, size = key
             made[key] = model_factory.build_internvl_native(tmp_path_factory.mktemp(f"{family}_{size}"), seed=4,
@@ -260,7 +297,7 @@ def published_package(published_checkpoints, tmp_path_factory):
 
     def get(name: str):
         if name not in made:
-            package = PUBLISHED[name]
+            package = PUBLISHED[name] if name in PUBLISHED else QWEN3_VL_PUBLISHED[name]
             checkpoint = published_checkpoints(package.checkpoint_key)
             out = tmp_path_factory.mktemp(name.replace(".", "_"))
             if package.maker == "m5stack":

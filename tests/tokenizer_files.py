@@ -94,3 +94,11 @@ def write_internvl2_tokenizer(directory: Path, added_tokens: dict[str, int] | No
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+# Qwen3-VL (Qwen3 base): Qwen2.5's 22 added tokens (so <|vision_start|> 151652, <|vision_end|>
+# 151653, <|image_pad|> 151655, as StackFlow's qwen3-vl mode files declare: image_token_id
+# 151655, vision_start_token_id 151652), then Qwen3's tool-response and think tags; the
+# embedding table has 151936 rows (tokens_embed_num in the same mode files).
+QWEN3_VL_ADDED_TOKENS: dict[str, int] = {
+    t: 151643 + i for i, t in enumerate(_QWEN2_5_ADDED + ["<tool_response>", "</tool_response>", "<think>", "</think>"])}
+QWEN3_VL_VOCAB_SIZE = 151936

@@ -141,7 +141,8 @@ class _Inputs:
         if self.size:
             self.chunk = _random(rng, (1, s.chunk, s.hidden), s.act_dtype)  # (1, chunk, hidden)
             self.chunk[0, self.size:] = 0  # padding rows, as the engine feeds them
-            self.chunk_indices = np.arange(s.chunk, dtype=np.uint32).reshape(1, -1)  # (1, chunk)
+            # (index_rows, chunk): the positions in each row (1-D, or M-RoPE t/h/w for text rows)
+            self.chunk_indices = np.tile(np.arange(s.chunk, dtype=np.uint32), (s.index_rows, 1))
             self.chunk_mask = chunk_mask(s, 0)
         self.tokens = [_random(rng, (1, 1, s.hidden), s.act_dtype) for _ in self.positions]  # each (1, 1, hidden)
 

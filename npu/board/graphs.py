@@ -26,6 +26,7 @@ from npu.board.layout import ModelLayout
 from npu.board.layout_parts import read_json
 from npu.embeddings import EmbeddingsError, open_table
 from npu.errors import ModelError
+from npu.families import DEFAULT_FAMILY, ModelFamily, family_named
 from npu.families.base import ImageTags
 from npu.session import Session
 from npu.shapes import GraphShapes
@@ -44,6 +45,7 @@ class BoardGraphs:
     layers: list[Session]
     post: Session
     cmm: dict[str, Any] | None = None  # free CMM before loading, the estimate, and after (on a board)
+    family: ModelFamily = DEFAULT_FAMILY  # how the graphs are fed (npu/families/)
 
 
 def open_board_graphs(layout: ModelLayout, provider: str = "auto", device_id: int = 0) -> BoardGraphs:
@@ -77,7 +79,7 @@ def open_board_graphs(layout: ModelLayout, provider: str = "auto", device_id: in
     if cmm is not None or after is not None:
         cmm = dict(cmm or {}, after=after.describe() if after else None)
     return BoardGraphs(sessions.get("vision"), [sessions[f"layer{i}"] for i in range(len(layout.layers))],
-                       sessions["post"], cmm)
+                       sessions["post"], cmm, family_named(layout.family))
 
 
 def describe_graph(session: Session, path: Path | None = None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from npu.board.layout_parts import (
-    MANIFEST_NAME, LayoutError, ModelLayout, choose_template, config_dirs, find_config, find_embeddings,
+    MANIFEST_NAME, LayoutError, ModelLayout, choose_template, config_dirs, family_from_names, find_config, find_embeddings,
     find_image_processor, find_post_config, find_tokenizer_dir, has_tokenizer, read_json, text_config,
 )
 from npu.board.m5stack import find_mode_file, m5stack_layout, model_root
@@ -83,6 +83,10 @@ def detect_layout(path: str | Path) -> ModelLayout:
     )
 
 
+# config.json model_type -> model family (npu/families/)
+HF_FAMILIES = {"qwen3_vl": "qwen3_vl", "smolvlm": "smolvlm", "idefics3": "smolvlm"}
+
+
 def _has_layers(directory: Path) -> bool:
     return any(LAYER_RE.match(p.name) for p in directory.glob("*.axmodel"))
 
@@ -100,6 +104,7 @@ def _hugging_face(root: Path) -> ModelLayout:
                        vocab_size=text_config(config).get("vocab_size"), template=choice.template,
                        chat_template=choice.chat_template, template_source=choice.source,
                        image_processor=find_image_processor([root]),
+                       family=HF_FAMILIES.get(config.get("model_type"), "internvl"),
                        notes=("Hugging Face checkpoint: graphs are built by the reference backend,"
                               " embeddings exported from its weights",))
 
@@ -142,7 +147,7 @@ def _axera(root: Path) -> ModelLayout:
         vocab_size=llm.get("vocab_size"), hidden_size=llm.get("hidden_size"), template=choice.template,
         chat_template=choice.chat_template, template_source=choice.source, sampling=sampling,
         sampling_source=sampling_source, image_processor=find_image_processor(dirs), notes=tuple(notes),
-        problems=tuple(problems),
+        problems=tuple(problems), family=family_from_names(*(p.name for p in (*layers, *visions))),
     )
 
 
@@ -212,5 +217,5 @@ def _manifest(root: Path) -> ModelLayout:
         chat_template=choice.chat_template, template_source=source,
         image_context_id=manifest.get("image_context_id"), post_topk=manifest.get("post_topk"),
         sampling=sampling, sampling_source=sampling_source, image_processor=find_image_processor(dirs),
-        notes=tuple(notes), problems=tuple(problems),
+        notes=tuple(notes), problems=tuple(problems), family=family_from_names(*(p.name for p in layers)),
     )

@@ -52,6 +52,7 @@ class ModelLayout:
     sampling_source: str = ""
     image_processor: dict[str, Any] = field(default_factory=dict)  # preprocessor_config.json, if any
     mode_params: dict[str, Any] = field(default_factory=dict)  # an M5Stack mode file's mode_param as given
+    family: str = "internvl"  # the model family (npu/families/): told by graph names or config model_type
     notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
 
@@ -145,13 +146,6 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("llm_config") or config.get("text_config") or config
 
 
-def layout_names(layout: ModelLayout) -> list[str]:
-    """The names a package is known by: its folder, its vision graph, its first layer graph,
-    its tokenizer folder (what a model family is recognised by, npu.families.family_for)."""
-    paths = [layout.root, layout.vision, layout.layers[0] if layout.layers else None, layout.tokenizer_dir]
-    return [Path(p).name for p in paths if p is not None]
-
-
 def model_family(names: list[str]) -> tuple[str | None, str]:
     """The built-in template a package's names imply (the first name that says)."""
     for model_name in names:
@@ -160,6 +154,9 @@ def model_family(names: list[str]) -> tuple[str | None, str]:
             return "internvl2_5", f"assumed from the package name {model_name!r} (the InternVL2.5/3 family)"
         if "internvl2" in name or "intervl2" in name:
             return "Hermes-2", f"assumed from the package name {model_name!r} (the InternVL2 family)"
+        if "qwen3-vl" in name.replace(".", "-"):  # StackFlow's tokenizer script: Qwen2 ChatML, its system text
+            return "qwen2-chatml", (f"assumed from the package name {model_name!r} (StackFlow's tokenizer_qwen3-vl-*.py:"
+                                    " ChatML, 'You are a helpful assistant.')")
     return None, "unknown: add config.json with `template`, or `template` in vlmd.toml"
 
 
@@ -249,3 +246,15 @@ def script_model_id(script: Path) -> str | None:
     match = re.search(r"""['"]--model_id['"][^)]*?default\s*=\s*['"]([^'"]+)['"]""",
                       script.read_text(encoding="utf-8", errors="replace"))
     return match[1] if match else None
+
+
+def family_from_names(*names: str | None) -> str:
+    """The model family graph file names say: `qwen3_vl_text_*` layers are Qwen3-VL's (as
+    Pulsar2's llm_build names them: StackFlow d9084ba mode_qwen3-vl-2B-Int4-*.json,
+    AXERA-TECH/Qwen3-VL.AXERA 2e8db66 python/infer_image.py); a SmolVLM vision graph or
+    package (`SmolVLM-256M-Instruct_vision_nhwc.axmodel`, `smolvlm-256M-ax630c`: StackFlow
+    d9084ba mode_smolvlm-*.json; their layers are plain `llama_p128_l%d_together.axmodel`)
+    is SmolVLM's; anything else InternVL."""
+    if any(name and name.startswith("qwen3_vl") for name in names):
+        return "qwen3_vl"
+    return "smolvlm" if any(name and "smolvlm" in name.lower() for name in names) else "internvl"

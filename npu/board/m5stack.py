@@ -16,7 +16,7 @@ elsewhere. A mode file may also be passed directly.
 vision graph under `filename_image_encoder_axmodel` (InternVL3 packages; main.cpp's
 LLM_CTX runner) or `filename_vpm_resampler_axmodedl` (their spelling; InternVL2/2.5
 packages, the LLM runner), `tokens_embed_num` (vocab rows), `tokens_embed_size` (hidden),
-`img_token_id`, `b_use_topk`, `system_prompt` (the system message, when set), and the
+`img_token_id` (`image_token_id` in the qwen3-vl mode files), `b_use_topk`, `system_prompt` (the system message, when set), and the
 sampling keys `enable_temperature`/`temperature`, `enable_top_k_sampling`/`top_k`,
 `enable_top_p_sampling`/`top_p`, `enable_repetition_penalty`/`repetition_penalty`.
 `cmm_size` (KiB of device memory the model takes) becomes `ModelLayout.declared_cmm_kb`;
@@ -37,7 +37,7 @@ from typing import Any
 
 from npu.board.layout_parts import (
     LayoutError, ModelLayout, choose_template, config_dirs, find_config, find_image_processor, find_tokenizer_dir,
-    has_tokenizer, layer_name, read_json, sampling_from, script_model_id,
+    family_from_names, has_tokenizer, layer_name, read_json, sampling_from, script_model_id,
 )
 
 VISION_KEYS = ("filename_image_encoder_axmodel", "filename_vpm_resampler_axmodedl")
@@ -133,7 +133,8 @@ def m5stack_layout(root: Path, mode_file: Path) -> ModelLayout:
         "m5stack", root, vision=vision, layers=layers, post=post, embeddings=embeddings,
         tokenizer_dir=tokenizer_dir, config=config, vocab_size=params.get("tokens_embed_num"),
         hidden_size=params.get("tokens_embed_size"), template=choice.template, chat_template=choice.chat_template,
-        template_source=choice.source, image_context_id=params.get("img_token_id"), post_topk=params.get("b_use_topk"),
+        template_source=choice.source, image_context_id=params.get("img_token_id", params.get("image_token_id")),
+        post_topk=params.get("b_use_topk"), family=family_from_names(template_name, vision.name if vision else None, root.name),
         declared_cmm_kb=params["cmm_size"] if isinstance(params.get("cmm_size"), int) else None, sampling=sampling, sampling_source=f"{mode_file} mode_param" if sampling else "",
         image_processor=find_image_processor(dirs), mode_params=dict(params), notes=tuple(notes),
         problems=tuple(problems),

@@ -1,15 +1,11 @@
 """Model families (npu/families/base.py says what a family answers); `FAMILIES` by name.
 
 `family_named(name)` -> the family object; `DEFAULT_FAMILY` (InternVL) is what a model
-that names none runs as; `family_for(names, config)` the family that recognises a compiled
-package (`ModelFamily.recognises`). Which family a checkpoint or package is, is decided where it is
+that names none runs as. Which family a checkpoint or package is, is decided where it is
 recognised (npu/board/layout.py, npu/reference/), from its config or graph names.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from typing import Any
 
 from npu.families.base import ImageTags, ModelFamily
 from npu.families.internvl import INTERNVL
@@ -30,16 +26,10 @@ def family_named(name: str | None) -> ModelFamily:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
-def family_for(names: Sequence[str], config: dict[str, Any] | None = None) -> ModelFamily:
-    """The family that recognises a compiled package by its names or config, else the default."""
-    found = [f for f in FAMILIES.values() if f is not DEFAULT_FAMILY and f.recognises(names, config or {})]
-    return found[0] if found else DEFAULT_FAMILY
-
-
 def family_of(graphs: object) -> ModelFamily:
     """The family a model or graph set declares (`.family`), else the default."""
     family = getattr(graphs, "family", None)
     return family if isinstance(family, ModelFamily) else DEFAULT_FAMILY
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "ImageTags", "ModelFamily", "family_for", "family_named", "family_of"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "ImageTags", "ModelFamily", "family_named", "family_of"]

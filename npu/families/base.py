@@ -95,11 +95,6 @@ class ModelFamily:
         n = len(ids)
         return np.arange(n, dtype=np.uint32)[None, :], n
 
-    def recognises(self, names: Sequence[str], config: dict[str, Any]) -> bool:
-        """Whether a compiled package is this family, by its file and folder `names` (the
-        runtimes pick their runner by the encoder's file name) or the config beside it."""
-        return False
-
     def describe(self) -> dict[str, Any]:
         return {"family": self.name, "image_token": self.image_tags.token, "index_rows": self.index_rows}
 

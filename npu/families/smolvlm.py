@@ -29,9 +29,6 @@ the chat template SmolVLM's Hugging Face repository ships.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from npu.families.base import ImageTags
 from npu.families.internvl import InternVLFamily
 
@@ -43,11 +40,6 @@ IMAGE_END = "<fake_token_around_image>"
 class SmolVLMFamily(InternVLFamily):
     name = "smolvlm"
     image_tags = ImageTags(IMAGE_START, IMAGE_TOKEN, IMAGE_END, expand_edges=True, newline=False)
-
-    def recognises(self, names: Sequence[str], config: dict[str, Any]) -> bool:
-        """M5Stack's packages say it in every name (smolvlm-256M-ax630c/, SmolVLM-256M-Instruct_vision_nhwc
-        .axmodel); a checkpoint's config says model_type smolvlm or idefics3."""
-        return config.get("model_type") in ("smolvlm", "idefics3") or any("smolvlm" in n.lower() for n in names)
 
 
 SMOLVLM = SmolVLMFamily()

@@ -6,7 +6,10 @@ Three config dialects are understood:
   `downsample_ratio`, `vision_feature_layer`;
 - the original OpenGVLab `InternVLChatModel`: `llm_config`, `vision_config`,
   `force_image_size`, `downsample_ratio`, `select_layer`, `ps_version`, `template`;
-- a text-only `Qwen2ForCausalLM` (no vision).
+- a text-only `Qwen2ForCausalLM` (no vision);
+- transformers' `Qwen3VLForConditionalGeneration` (`model_type: qwen3_vl`): a Qwen3 decoder
+  (q_norm/k_norm, no q/k/v bias) with interleaved M-RoPE (`mrope_section`) and the
+  Qwen3-VL vision tower (`Qwen3VisionBlueprint`; computed in npu/reference/qwen3_vision.py).
 
 Only plain RoPE and GELU vision/projector activations are supported (the InternVL2
 family); anything else raises `BlueprintError` rather than computing something else.
@@ -20,6 +23,7 @@ from typing import Any
 KIND_INTERNVL_NATIVE = "internvl-native"
 KIND_INTERNVL_ORIGINAL = "internvl-original"
 KIND_QWEN2 = "qwen2"
+KIND_QWEN3_VL = "qwen3-vl"
 
 
 class BlueprintError(ValueError):
@@ -92,6 +96,9 @@ class Blueprint:
     tie_embeddings: bool
     vision: VisionBlueprint | None
     template: str | None  # config["template"], e.g. "Hermes-2"
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    mrope_section: tuple[int, ...] | None = None  # Qwen3-VL: frequencies per t/h/w, interleaved
+    qwen3_vision: Qwen3VisionBlueprint | None = None
 
     @property
     def kv_dim(self) -> int:
@@ -103,12 +110,21 @@ class Blueprint:
 
     @property
     def n_image_tokens(self) -> int:
+        if self.qwen3_vision is not None:
+            return self.qwen3_vision.n_image_tokens
         return self.vision.n_image_tokens if self.vision else 0
+
+    @property
+    def family(self) -> str:
+        """The model family (npu/families/) these graphs are built as."""
+        return "qwen3_vl" if self.kind == KIND_QWEN3_VL else "internvl"
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Blueprint:
         """Read a config.json dict (any of the three dialects); raises BlueprintError."""
         kind = detect_kind(config)
+        if kind == KIND_QWEN3_VL:
+            return _qwen3_vl(config)
         if kind == KIND_INTERNVL_NATIVE:
             text, vision = config.get("text_config") or {}, _native_vision(config)
         elif kind == KIND_INTERNVL_ORIGINAL:
@@ -144,9 +160,11 @@ def detect_kind(config: dict[str, Any]) -> str:
         return KIND_INTERNVL_ORIGINAL
     if config.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in architectures:
         return KIND_QWEN2
+    if config.get("model_type") == "qwen3_vl" or "Qwen3VLForConditionalGeneration" in architectures:
+        return KIND_QWEN3_VL
     raise BlueprintError(
         f"unsupported model: model_type={config.get('model_type')!r} architectures={architectures}"
-        " (expected InternVL2 or Qwen2ForCausalLM)"
+        " (expected InternVL2, Qwen2ForCausalLM or Qwen3VLForConditionalGeneration)"
     )
 
 
@@ -238,3 +256,86 @@ def _original_vision(config: dict[str, Any]) -> VisionBlueprint:
         ps_version=ps_version,
         text_hidden=text_hidden,
     )
+
+
+def _qwen3_vl(config: dict[str, Any]) -> Blueprint:
+    """Qwen3VLForConditionalGeneration: its text_config and vision_config."""
+    text = config.get("text_config") or {}
+    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    section = params.get("mrope_section")
+    if params.get("rope_type", "default") != "default" or not section:
+        raise BlueprintError(f"Qwen3-VL RoPE {params}: expected the default type with an mrope_section")
+    if text.get("attention_bias"):
+        raise BlueprintError("Qwen3-VL with attention biases is not supported")
+    n_heads, hidden = _need(text, "num_attention_heads"), _need(text, "hidden_size")
+    head_dim = int(text.get("head_dim") or hidden // n_heads)
+    if sum(section) != head_dim // 2:
+        raise BlueprintError(f"mrope_section {section} does not cover head_dim/2 = {head_dim // 2} frequencies")
+    return Blueprint(
+        kind=KIND_QWEN3_VL, hidden=hidden, n_layers=_need(text, "num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=int(text.get("num_key_value_heads") or n_heads), head_dim=head_dim,
+        intermediate=_need(text, "intermediate_size"), vocab=_need(text, "vocab_size"),
+        rope_theta=float(params.get("rope_theta", text.get("rope_theta", 10000.0))),
+        rms_eps=float(text.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        vision=None, template=config.get("template"), qk_norm=True, mrope_section=tuple(int(x) for x in section),
+        qwen3_vision=qwen3_vision_blueprint(config.get("vision_config") or {}, hidden),
+    )
+
+
+# The side of the square image the reference vision graph takes: the M5Stack packages' 384
+# (StackFlow d9084ba mode_qwen3-vl-2B-Int4-*.json vision_config.height/width), or less when the
+# checkpoint's learned position grid covers less (tiny test checkpoints).
+QWEN3_VL_IMAGE_SIDE = 384
+
+
+@dataclass(frozen=True)
+class Qwen3VisionBlueprint:
+    hidden: int
+    depth: int
+    n_heads: int
+    intermediate: int
+    out_hidden: int  # the text model's hidden size
+    patch: int
+    merge: int
+    temporal: int
+    pos_side: int  # the learned position grid is pos_side x pos_side
+    deepstack: tuple[int, ...]  # vision blocks whose output feeds a deepstack merger
+    act: str  # the blocks' MLP activation: "gelu_pytorch_tanh" or "gelu"
+    rope_theta: float
+    image_size: int  # the graph's square input side in pixels
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.n_patches // (self.merge * self.merge)
+
+
+def qwen3_vision_blueprint(vision: dict[str, Any], text_hidden: int) -> Qwen3VisionBlueprint:
+    patch, merge = int(vision.get("patch_size", 16)), int(vision.get("spatial_merge_size", 2))
+    n_pos = int(vision.get("num_position_embeddings", 2304))
+    pos_side = int(round(n_pos**0.5))
+    if pos_side * pos_side != n_pos:
+        raise BlueprintError(f"num_position_embeddings {n_pos} is not a square grid")
+    step = patch * merge
+    side = min(QWEN3_VL_IMAGE_SIDE, pos_side * patch) // step * step
+    act = vision.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu"):
+        raise BlueprintError(f"Qwen3-VL vision activation {act!r} is not supported")
+    rope = vision.get("rope_parameters") or {}
+    if int(vision.get("temporal_patch_size", 2)) != 2 or side < step:
+        raise BlueprintError("Qwen3-VL vision needs temporal_patch_size 2 and a position grid of at least one block")
+    if int(vision.get("out_hidden_size", text_hidden)) != text_hidden:
+        raise BlueprintError("the vision out_hidden_size must equal the text hidden_size")
+    return Qwen3VisionBlueprint(
+        hidden=_need(vision, "hidden_size"), depth=_need(vision, "depth"), n_heads=_need(vision, "num_heads"),
+        intermediate=_need(vision, "intermediate_size"), out_hidden=text_hidden, patch=patch, merge=merge,
+        temporal=2, pos_side=pos_side, deepstack=tuple(int(i) for i in vision.get("deepstack_visual_indexes", ())),
+        act=act, rope_theta=float(rope.get("rope_theta", 10000.0)), image_size=side)

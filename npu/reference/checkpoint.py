@@ -122,6 +122,19 @@ _TEXT = [
     (r"layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{0}.mlp_norm"),
     (r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", "layers.{0}.{1}.{2}"),
     (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "layers.{0}.{1}.weight"),
+    (r"layers\.(\d+)\.self_attn\.([qk]_norm)\.weight", "layers.{0}.{1}"),  # Qwen3
+]
+# Qwen3VLForConditionalGeneration's vision tower (transformers' Qwen3VLVisionModel names).
+_VISION_QWEN3 = [
+    (r"patch_embed\.proj\.(weight|bias)", "vision.patch.{0}"),
+    (r"pos_embed\.weight", "vision.pos"),
+    (r"blocks\.(\d+)\.(norm[12])\.(weight|bias)", "vision.layers.{0}.{1}.{2}"),
+    (r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", "vision.layers.{0}.{1}.{2}"),
+    (r"blocks\.(\d+)\.mlp\.linear_(fc[12])\.(weight|bias)", "vision.layers.{0}.{1}.{2}"),
+    (r"merger\.norm\.(weight|bias)", "vision.merger.norm.{0}"),
+    (r"merger\.linear_(fc[12])\.(weight|bias)", "vision.merger.{0}.{1}"),
+    (r"deepstack_merger_list\.(\d+)\.norm\.(weight|bias)", "vision.deepstack.{0}.norm.{1}"),
+    (r"deepstack_merger_list\.(\d+)\.linear_(fc[12])\.(weight|bias)", "vision.deepstack.{0}.{1}.{2}"),
 ]
 _VISION_NATIVE = [
     (r"embeddings\.cls_token", "vision.cls"),
@@ -160,6 +173,7 @@ _PROJECTOR_ORIGINAL = [
 _PREFIXES = [
     ("model.language_model.", _TEXT),
     ("language_model.model.", _TEXT),
+    ("model.visual.", _VISION_QWEN3),
     ("model.vision_tower.", _VISION_NATIVE),
     ("vision_tower.", _VISION_NATIVE),
     ("model.multi_modal_projector.", _PROJECTOR_NATIVE),
@@ -232,13 +246,35 @@ def expected_shapes(bp: Blueprint) -> tuple[dict[str, tuple[int, ...]], dict[str
         p = f"layers.{i}."
         req.update({p + "attn_norm": (h,), p + "mlp_norm": (h,), p + "o.weight": (h, q)})
         req.update({p + "q.weight": (q, h), p + "k.weight": (kv, h), p + "v.weight": (kv, h)})
-        req.update({p + "q.bias": (q,), p + "k.bias": (kv,), p + "v.bias": (kv,)})
+        if bp.qk_norm:  # Qwen3: per-head q/k norms, no q/k/v biases
+            req.update({p + "q_norm": (bp.head_dim,), p + "k_norm": (bp.head_dim,)})
+        else:
+            req.update({p + "q.bias": (q,), p + "k.bias": (kv,), p + "v.bias": (kv,)})
         req.update({p + "gate.weight": (bp.intermediate, h), p + "up.weight": (bp.intermediate, h)})
         req[p + "down.weight"] = (h, bp.intermediate)
         opt[p + "o.bias"] = (h,)
     if bp.vision is not None:
         _vision_shapes(bp, req, opt)
+    if bp.qwen3_vision is not None:
+        _qwen3_vision_shapes(bp.qwen3_vision, req)
     return req, opt
+
+
+def _qwen3_vision_shapes(v, req: dict) -> None:
+    c, wide = v.hidden, v.hidden * v.merge * v.merge
+    req.update({"vision.patch.weight": (c, 3, v.temporal, v.patch, v.patch), "vision.patch.bias": (c,),
+                "vision.pos": (v.pos_side * v.pos_side, c)})
+    for i in range(v.depth):
+        p = f"vision.layers.{i}."
+        for name in ("q", "k", "v", "proj"):
+            req.update({p + name + ".weight": (c, c), p + name + ".bias": (c,)})
+        req.update({p + "fc1.weight": (v.intermediate, c), p + "fc1.bias": (v.intermediate,),
+                    p + "fc2.weight": (c, v.intermediate), p + "fc2.bias": (c,)})
+        for norm in ("norm1", "norm2"):
+            req.update({p + norm + ".weight": (c,), p + norm + ".bias": (c,)})
+    for p, norm_width in [("vision.merger.", c)] + [(f"vision.deepstack.{j}.", wide) for j in range(len(v.deepstack))]:
+        req.update({p + "norm.weight": (norm_width,), p + "norm.bias": (norm_width,), p + "fc1.weight": (wide, wide),
+                    p + "fc1.bias": (wide,), p + "fc2.weight": (v.out_hidden, wide), p + "fc2.bias": (v.out_hidden,)})
 
 
 def _vision_shapes(bp: Blueprint, req: dict, opt: dict) -> None:

@@ -35,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from npu.families import ModelFamily, family_named
 from npu.reference import ops
 from npu.reference.blueprint import Blueprint
 from npu.reference.checkpoint import Weights, load_checkpoint
+from npu.reference.qwen3_vision import Qwen3VisionSession
 from npu.reference.vision import VisionEncoder
 from npu.session import BF16, Session, SessionError, ShapeGroups, TensorSpec, check_feed
 
@@ -131,7 +133,11 @@ class LayerSession(ReferenceSession):
         p = f"layers.{index}."
         qkv_w = [weights.f32(p + f"{x}.weight") for x in "qkv"]
         self.qkv_w = np.ascontiguousarray(np.concatenate(qkv_w).T)  # (hidden, q_dim + 2 * kv_dim)
-        self.qkv_b = np.concatenate([weights.f32(p + f"{x}.bias") for x in "qkv"])  # (q_dim + 2 * kv_dim,)
+        self.qkv_b = (np.concatenate([weights.f32(p + f"{x}.bias") for x in "qkv"]) if p + "q.bias" in weights
+                      else np.zeros(bp.q_dim + 2 * bp.kv_dim, F32))  # (q_dim + 2 * kv_dim,); Qwen3 has none
+        # Qwen3: RMSNorm over each head of q and k before RoPE
+        self.q_norm = weights.f32(p + "q_norm") if bp.qk_norm else None
+        self.k_norm = weights.f32(p + "k_norm") if bp.qk_norm else None
         self.o_w = np.ascontiguousarray(weights.f32(p + "o.weight").T)  # (q_dim, hidden)
         self.o_b = weights.f32(p + "o.bias") if p + "o.bias" in weights else None
         gate_up = np.concatenate([weights.f32(p + "gate.weight"), weights.f32(p + "up.weight")])
@@ -159,7 +165,7 @@ class LayerSession(ReferenceSession):
             inputs.append([
                 TensorSpec("K_cache", (1, g.cache_rows, g.cache_width), io),
                 TensorSpec("V_cache", (1, g.cache_rows, g.cache_width), io),
-                TensorSpec("indices", (1, g.n), U32),
+                TensorSpec("indices", (3 if self.bp.mrope_section and g.n > 1 else 1, g.n), U32),
                 TensorSpec("input", (1, g.n, h), io),
                 TensorSpec("mask", (1, g.n, g.n_hist + g.n), io),
             ])
@@ -170,7 +176,20 @@ class LayerSession(ReferenceSession):
             ])
         return inputs, outputs
 
-    def _rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rope(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (n, half) for `indices` (rows, n): one row of positions, or M-RoPE's t/h/w rows
+        interleaved across frequencies (frequency j takes h when j % 3 == 1 and j < 3 * section[1],
+        w when j % 3 == 2 and j < 3 * section[2], else t: transformers' Qwen3-VL text rotary)."""
+        rows = [self._rope_row(row) for row in indices]
+        if len(rows) == 1:
+            return rows[0]
+        cos, sin = rows[0][0].copy(), rows[0][1].copy()
+        for axis, offset in ((1, 1), (2, 2)):
+            take = slice(offset, 3 * self.bp.mrope_section[axis], 3)
+            cos[:, take], sin[:, take] = rows[axis][0][:, take], rows[axis][1][:, take]
+        return cos, sin
+
+    def _rope_row(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if int(positions.max()) < len(self.rope_cos):
             return self.rope_cos[positions], self.rope_sin[positions]
         return ops.rope_cos_sin(positions, self.inv_freq)
@@ -186,7 +205,10 @@ class LayerSession(ReferenceSession):
         q = qkv[:, : bp.q_dim].reshape(n, bp.n_heads, bp.head_dim)
         k = qkv[:, bp.q_dim : bp.q_dim + bp.kv_dim].reshape(n, bp.n_kv_heads, bp.head_dim)
         v = qkv[:, bp.q_dim + bp.kv_dim :].reshape(n, bp.n_kv_heads, bp.head_dim)
-        cos, sin = self._rope(feed["indices"][0])
+        if self.q_norm is not None:
+            ops.rms_norm(q, self.q_norm, bp.rms_eps, out=q)
+            ops.rms_norm(k, self.k_norm, bp.rms_eps, out=k)
+        cos, sin = self._rope(feed["indices"])
         ops.apply_rope_(q, cos, sin)
         ops.apply_rope_(k, cos, sin)
         k_out, v_out, hidden_out = outputs
@@ -250,6 +272,10 @@ class ReferenceGraphs:
     post: Session
     precision: str
 
+    @property
+    def family(self) -> ModelFamily:
+        return family_named(self.blueprint.family)
+
 
 def build_reference_sessions(
     source: str | Path | tuple[Blueprint, Weights],
@@ -285,7 +311,9 @@ def build_reference_sessions(
     io = PRECISIONS[precision]
     groups = _layer_groups(blueprint, kv_capacity, prefill_chunk, lengths, placeholder)
     vision = None
-    if blueprint.vision is not None:
+    if blueprint.qwen3_vision is not None:
+        vision = Qwen3VisionSession(blueprint, weights)
+    elif blueprint.vision is not None:
         vision = VisionSession(blueprint, weights, io, vision_input, vision_output and PRECISIONS[vision_output])
     layers = [LayerSession(blueprint, weights, i, io, groups) for i in range(blueprint.n_layers)]
     return ReferenceGraphs(blueprint, vision, layers, PostSession(blueprint, weights, io), precision)
