@@ -12,7 +12,7 @@ only; the 500M-ax650 mode file ships with no package.
 
 Graphs: stand-in specs (`"family": "smolvlm"`) of the tiny SmolVLM checkpoint
 (tests/smolvlm_factory.py) with the build no public source states for these packages: a 1023-row
-cache (llm_build's --kv_cache_len in AXERA's SmolVLM build, SmolVLM-256M-Instruct.axera 41ebfb4
+cache (llm_build's --kv_cache_len in AXERA's SmolVLM build, nnn112358/SmolVLM-256M-Instruct.axera 4b0bfff
 build_LM.sh), 128-row chunks (`p128` in the file names), no history groups.
 """
 

@@ -11,8 +11,8 @@ What differs from InternVL, and where it is read (cited per fact):
 - the image token is `<image>`, id 49190 in SmolVLM's tokenizer (mode files' `img_token_id`);
   the vision graph's output rows replace the `<image>` rows in order (StackFlow LLM.hpp
   `Encode`: the features are copied from the first `img_token_id` row on; transformers'
-  `inputs_merger`). AXERA's Python runner starts one row later (SmolVLM-256M-Instruct.axera
-  41ebfb4 python/infer_axmodel.py `image_insert_index = image_start_index + 1`), overwriting
+  `inputs_merger`). AXERA's Python runner starts one row later (nnn112358/SmolVLM-256M-Instruct.axera
+  4b0bfff python/infer_axmodel.py `image_insert_index = image_start_index + 1`), overwriting
   the closing `<fake_token_around_image>`: not copied here;
 - the vision graph: uint8 NHWC [1, H, W, 3] normalised inside (mean = std = 127.5), the whole
   frame resized to H x W (StackFlow LLM.hpp `Encode`: cv::resize to the graph's size), one

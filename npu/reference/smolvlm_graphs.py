@@ -7,7 +7,7 @@ What the published packages hold (sources cited per fact):
   width from `vShape[1]`, `vShape[2]`, memcpys resized RGB uint8 HWC into input 0 and reads
   output 0 as float32): input `pixel_values` uint8 NHWC [1, H, W, 3], normalised inside the
   graph ((x - 127.5) / 127.5: calibration mean/std 127.5 in the AXERA export's
-  `model_convert/config.json`, SmolVLM-256M-Instruct.axera 41ebfb4); output
+  `model_convert/config.json`, nnn112358/SmolVLM-256M-Instruct.axera 4b0bfff); output
   `last_hidden_state` float32 [1, n_image_tokens, text_hidden]: the tower, its
   post-layernorm AND the connector (pixel shuffle + projection), as the export moves the
   connector into the vision model (`modeling_idefics3_export.py` forward_export, same commit;
@@ -19,7 +19,7 @@ What the published packages hold (sources cited per fact):
   is named under `filename_vpm_resampler_axmodedl`, and the default encoder name holds "vpm"),
   which reads the chunk from `get_input(prefill_grpid, "indices").vShape[1]` (LLM.hpp `Init`),
   so the prefill indices are 2-D; AXERA's SmolVLM runner feeds (1, prefill_len) and (1, 1)
-  (SmolVLM-256M-Instruct.axera 41ebfb4 python/infer_axmodel.py).
+  (nnn112358/SmolVLM-256M-Instruct.axera 4b0bfff python/infer_axmodel.py).
 - post (`llama_post.axmodel`): final RMSNorm + lm_head.
 
 Inside the vision graph (transformers 5.25 `models/smolvlm/modeling_smolvlm.py`): 16x16 (patch)
