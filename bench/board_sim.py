@@ -1,9 +1,9 @@
 """The engine on a simulated AX630C: published graph times plus the host work measured for real.
 
 For each build in the cost table (bench/board_costs.toml: InternVL2-1B 224, InternVL2.5-1B
-364, InternVL3-1B 448 and SmolVLM-256M/500M 512 as M5Stack/AXERA build them; --costs
-bench/board_costs_ax650.toml for the AX650N), the real engine runs on graphs that
-cost nothing at that build's shapes (bench/zero_cost.py), each wrapped so that every call
+364, InternVL3-1B 448 and SmolVLM-256M/500M 512 as M5Stack/AXERA build them on the AX630C;
+bench/board_costs_ax650.toml: Qwen3-VL-2B 384 and SmolVLM-256M 512 on the AX650N), the real
+engine runs on graphs that cost nothing at that build's shapes (bench/zero_cost.py), each wrapped so that every call
 adds its published time (npu.engine.costs) to a simulated clock instead of sleeping. A
 question's simulated time is the engine's measured wall time (its own host work: image
 resize, feeds, cache writes, sampling; graphs free) plus the clock's graph time, so the
@@ -75,7 +75,7 @@ def simulated_model(model: Model, costs: BuildCosts, clock: SimulatedClock) -> t
     vision = PricedSession(model.vision, clock, {0: costs.vision_s}) if model.vision is not None else None
     post = PricedSession(model.post, clock, {0: costs.post_s})
     priced = Model(vision, layers, post, model.embeddings, model.tokenizer, model.template, name=model.name,
-                   backend="simulated " + costs.board, precision=model.precision)
+                   backend="simulated " + costs.board, precision=model.precision, family=model.family)
     return priced, prices
 
 
@@ -101,7 +101,8 @@ def ask(engine: Engine, clock: SimulatedClock, text: str, image, key: str, token
 def measure_build(costs: BuildCosts, args, tokenizer_dir: Path) -> dict:
     b = costs.shape
     shape = ZeroCostShape(kv_capacity=b.kv_capacity, prefill_chunk=b.prefill_chunk, history_lengths=b.history_lengths,
-                          image_size=b.image_size, image_tokens=b.image_tokens, template=b.template, name=b.name)
+                          image_size=b.image_size, image_tokens=b.image_tokens, template=b.template, name=b.name,
+                          family=b.family, n_layers=b.n_layers, hidden=b.hidden, kv_dim=b.kv_dim, vocab=b.vocab)
     clock = SimulatedClock()
     model, prices = simulated_model(zero_cost_model(shape, args.precision, tokenizer_dir), costs, clock)
     engine = Engine(model, prefix_replay="auto", prices=prices)
@@ -163,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     board = BoardCosts.load(args.costs)
     names = args.builds.split(",") if args.builds else list(board.shapes)
     with tempfile.TemporaryDirectory(prefix="vlmd-board-sim-") as scratch:
-        tokenizer_dir = internvl2_tokenizer(Path(scratch) / "tokenizer")
-        builds = [measure_build(board.build(name), args, tokenizer_dir) for name in names]
+        tokenizers = {family: internvl2_tokenizer(Path(scratch) / family, family)
+                      for family in {board.shapes[name].family for name in names}}
+        builds = [measure_build(board.build(name), args, tokenizers[board.shapes[name].family]) for name in names]
     machine = common.machine_info(threads=None)  # host work only: no BLAS
     result = {"benchmark": "board_sim", "board": board.board, "machine": machine, "costs": board.rows,
               "costs_file": str(Path(args.costs).resolve().relative_to(common.REPO)) if Path(args.costs).resolve()

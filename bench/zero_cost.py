@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from npu.families import family_named
 from npu.model import Model
 from npu.session import BF16, ShapeGroups, TensorSpec
 from npu.text.template import ChatTemplate
@@ -40,6 +41,7 @@ class ZeroCostShape:
     kv_dim: int = 128
     vocab: int = 151655
     name: str = field(default="zero-cost", compare=False)
+    family: str = "internvl"  # "qwen3_vl": patches vision input, deepstack outputs, (3, chunk) indices
 
 
 class ZeroCostSession(ShapeGroups):
@@ -62,7 +64,8 @@ def layer_session(index: int, shape: ZeroCostShape, dtype) -> ZeroCostSession:
 
     def group(rows: int, kv_rows: int, mask_cols: int):
         inputs = [TensorSpec("K_cache", (1, kv_rows, kv), dtype), TensorSpec("V_cache", (1, kv_rows, kv), dtype),
-                  TensorSpec("indices", (1, rows), U32), TensorSpec("input", (1, rows, shape.hidden), dtype),
+                  TensorSpec("indices", (3 if shape.family == "qwen3_vl" and rows > 1 else 1, rows), U32),
+                  TensorSpec("input", (1, rows, shape.hidden), dtype),
                   TensorSpec("mask", (1, rows, mask_cols), dtype)]
         outputs = [TensorSpec("K_cache_out", (1, rows, kv), dtype), TensorSpec("V_cache_out", (1, rows, kv), dtype),
                    TensorSpec("output", (1, rows, shape.hidden), dtype)]
@@ -87,6 +90,10 @@ def post_session(shape: ZeroCostShape, dtype) -> ZeroCostSession:
 
 def vision_session(shape: ZeroCostShape, dtype) -> ZeroCostSession:
     size = shape.image_size
+    if shape.family == "qwen3_vl":  # Qwen3-VL's graph: 16 px patches, 2x2 merge, 3 deepstack features (float32)
+        names = ["hidden_states_out"] + [f"deepstack_feature_{j}" for j in range(3)]
+        return ZeroCostSession("vision", [[TensorSpec("hidden_states", (1, (size // 16) ** 2, 512, 3), U8)]],
+                               [[TensorSpec(n, (shape.image_tokens, shape.hidden), np.dtype(np.float32)) for n in names]])
     return ZeroCostSession("vision", [[TensorSpec("input", (1, size, size, 3), U8)]],
                            [[TensorSpec("output", (1, shape.image_tokens, shape.hidden), dtype)]])
 
@@ -104,19 +111,21 @@ class RowEmbeddings:
             np.take(self.table, np.asarray(ids) % len(self.table), axis=0, out=out)
 
 
-def internvl2_tokenizer(directory: Path) -> Path:
-    """The real InternVL2 tokenizer files (assembled offline by tests/tokenizer_files.py) in `directory`."""
+def internvl2_tokenizer(directory: Path, family: str = "internvl") -> Path:
+    """The real InternVL2 tokenizer files (assembled offline by tests/tokenizer_files.py) in `directory`;
+    for family "qwen3_vl" the Qwen2 vocabulary with Qwen3-VL's added tokens."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
-    from tests.tokenizer_files import write_internvl2_tokenizer  # noqa: PLC0415 - tests/ is found at run time
+    from tests.tokenizer_files import QWEN3_VL_ADDED_TOKENS, write_internvl2_tokenizer  # noqa: PLC0415
 
-    return write_internvl2_tokenizer(Path(directory))
+    return write_internvl2_tokenizer(Path(directory), QWEN3_VL_ADDED_TOKENS if family == "qwen3_vl" else None)
 
 
 def zero_cost_model(shape: ZeroCostShape, precision: str, tokenizer_dir: Path) -> Model:
     dtype = BF16 if precision == "bf16" else np.dtype(np.float32)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    template = ChatTemplate.from_checkpoint({"template": shape.template}, tokenizer)
+    family = family_named(shape.family)
+    template = ChatTemplate.from_checkpoint({"template": shape.template}, tokenizer, family.image_tags)
     layers = [layer_session(i, shape, dtype) for i in range(shape.n_layers)]
     vision = vision_session(shape, dtype) if shape.image_size else None
     return Model(vision, layers, post_session(shape, dtype), RowEmbeddings(shape.hidden, dtype), tokenizer, template,
-                 name=shape.name, backend="bench", precision=precision)
+                 name=shape.name, backend="bench", precision=precision, family=family)

@@ -98,3 +98,14 @@ def test_smolvlm_prices_follow_their_published_figures_and_derivations(costs):
     assert b650.decode_stack_s + b650.post_s == pytest.approx(1 / 80)
     for row in ax650.rows:
         assert row["source"].strip() or row["derivation"].strip(), row
+def test_the_ax650_table_prices_qwen3_vl_from_its_published_per_layer_times():
+    """bench/board_costs_ax650.toml: AXERA's TIME-2B.md per-layer figures (28 layers)."""
+    costs = BoardCosts.load(TABLE.with_name("board_costs_ax650.toml"))
+    assert costs.board == "AX650N"
+    for row in costs.rows:
+        assert row["ms"] >= 0 and (row["source"].strip() or row["derivation"].strip()), row
+    build = costs.build("qwen3-vl-2b-384-ax650")
+    assert build.shape.family == "qwen3_vl" and build.shape.n_layers == 28 and build.shape.image_tokens == 144
+    assert build.decode_stack_s == pytest.approx(28 * 3.2e-3)
+    assert build.chunk_stack_s(0) == pytest.approx(28 * 5.8e-3)
+    assert build.chunk_stack_s(512) == pytest.approx(28 * 7.3e-3, rel=1e-4)

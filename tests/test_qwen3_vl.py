@@ -161,13 +161,13 @@ def test_decode_after_an_image_keeps_the_rotary_position_apart_from_the_kv_row(q
     assert engine.cache.position == len(ids) + 4
     # decode fed the KV row as its rotary position (prefill's positions kept): another answer
     wrong = Engine(model)
-    right_positions = wrong._set_positions
+    right_positions = wrong._rows.set_positions
 
-    def kv_row_positions(encoded):
-        right_positions(encoded)
-        n = len(encoded.ids)
-        wrong._rope[:, n:] = np.arange(n, n + wrong._rope.shape[1] - n, dtype=np.uint32)
+    def kv_row_positions(ids, image_token_id):
+        right_positions(ids, image_token_id)
+        n, rope = len(ids), wrong._rows.rope
+        rope[:, n:] = np.arange(n, n + rope.shape[1] - n, dtype=np.uint32)
 
-    wrong._set_positions = kv_row_positions
+    wrong._rows.set_positions = kv_row_positions
     assert answer(wrong, prompt, 5)[0] != ours
     assert ours == factory.oracle_greedy(tiny.torch_model, ids, [random_image(1)], 5)

@@ -64,6 +64,7 @@ from npu.engine.prefill import chunk_mask, open_history, plan_prefill
 from npu.engine.prefix import REPLAY_POLICIES, find_follow_up, follow_up_start, prefix_key
 from npu.engine.prompt import (EncodedPrompt, EngineError, ImageError, NumericError, Prompt, UnsupportedOptions,
                                check_fits, encode_prompt)
+from npu.engine.rows import PromptRows
 from npu.engine.sampling import Sampler, SamplingParams, top_k_indices
 from npu.engine.stack import Cancelled as _Cancelled
 from npu.engine.stack import SessionStack
@@ -184,14 +185,8 @@ class Engine:
 
     def _allocate(self) -> None:
         s = self.shapes
-        self._added_layers = self.family.added_layers(s) if s.vision_size is not None else ()
-        # (capacity, planes, hidden) per prompt row: its input, then what is added after each added layer
-        self._planes = np.zeros((s.capacity, 1 + len(self._added_layers), s.hidden), s.act_dtype)
-        self._embeds = self._planes[:, 0]  # (capacity, hidden) prompt rows, a view
-        self._has_added = np.zeros(s.capacity, bool)  # rows whose added planes are not zero
-        # Rotary positions per cache row (index_rows, capacity + chunk): the prompt's as the family
-        # says, then one more per row; a chunk's padding rows read past the capacity.
-        self._rope = np.zeros((s.index_rows, s.capacity + max(s.chunk, 1)), np.uint32)
+        self._rows = PromptRows(self.family, s)  # input planes and rotary positions per cache row
+        self._embeds = self._rows.embeds  # (capacity, hidden) prompt rows, a view
         self._token_input = np.zeros((1, 1, s.hidden), s.act_dtype)  # (1, 1, hidden)
         self._token_id = np.zeros(1, np.int64)  # (1,)
         self._position = np.zeros((1, 1), np.uint32)  # (1, 1)
@@ -360,17 +355,17 @@ class Engine:
             entry = find_follow_up(self.prefixes, key, encoded)
             start = self._place_prefix(entry, end)
         timings["prefix_reused"] = entry is not None or start > 0
-        self._set_positions(encoded)
+        self._rows.set_positions(encoded.ids, self.model.template.image_context_id)
         self._fill_embeds(ids, start, entry)
         for rows, features in plan.stored_features if plan is not None else ():
-            self._set_rows(rows, features)  # earlier turns' images, prefilled again
+            self._rows.put(rows, features)  # earlier turns' images (all planes), prefilled again
         if entry is None and prompt.images:
             image_started = time.perf_counter()
             self._encode_images(prompt.images, encoded.context_rows, should_stop)
             timings["image_ms"] = _ms(time.perf_counter() - image_started)
             timings["images_encoded"] = len(prompt.images)
         if plan is not None and prompt.images:  # kept so the turn can be prefilled again later
-            source = entry.embeds if entry is not None else self._planes
+            source = entry.embeds if entry is not None else self._rows.planes
             plan.features = source[encoded.context_rows].copy()  # (num_images * image_tokens, planes, hidden)
         prefill_started = time.perf_counter()
         hidden = self._run_plan(start, end, should_stop)
@@ -378,20 +373,9 @@ class Engine:
         timings["prefill_rows"] = end - start
         n_prefix = encoded.num_prefix_ids
         if key is not None and entry is None and 0 < n_prefix < end:  # first ask on these images
-            self.prefixes.put(key, ids[:n_prefix], self.cache.snapshot(n_prefix), self._planes[:n_prefix].copy())
+            self.prefixes.put(key, ids[:n_prefix], self.cache.snapshot(n_prefix),
+                              self._rows.planes[:n_prefix].copy())
         return hidden
-
-    def _set_positions(self, encoded: EncodedPrompt) -> None:
-        """The prompt's rotary positions (as the family says), then one more per later row."""
-        positions, after = self.family.positions(encoded.ids, self.model.template.image_context_id, self.shapes)
-        n = positions.shape[1]
-        self._rope[:, :n] = positions
-        self._rope[:, n:] = np.arange(after, after + self._rope.shape[1] - n, dtype=np.uint32)
-
-    def _set_rows(self, rows: np.ndarray, planes: np.ndarray) -> None:
-        """Input planes (len(rows), planes, hidden) of image rows, spliced in."""
-        self._planes[rows] = planes
-        self._has_added[rows] = len(self._added_layers) > 0
 
     def _run_plan(self, start: int, end: int, should_stop: Callable[[], bool]) -> np.ndarray:
         """Cache rows start..end-1 from `_embeds` through the planned groups -> the last
@@ -421,12 +405,10 @@ class Engine:
         """Input rows start..len(ids)-1: a replayed prefix's rows come from the snapshot's
         saved inputs (image features included), every later row from the embedding table."""
         end, lookup_from = len(ids), start
-        self._has_added[start:end] = False
         if entry is not None and start < entry.snapshot.length:
             lookup_from = entry.snapshot.length
-            self._planes[start:lookup_from] = entry.embeds[start:lookup_from]
-            self._has_added[start:lookup_from] = len(self._added_layers) > 0
-        self._planes[lookup_from:end, 1:] = 0
+            self._rows.put(slice(start, lookup_from), entry.embeds[start:lookup_from])
+        self._rows.text_rows(lookup_from, end)
         self.model.embeddings.lookup(np.asarray(ids[lookup_from:], np.int64), self._embeds[lookup_from:end])
         self._host_copies += self._embeds[start:end].nbytes
 
@@ -445,12 +427,8 @@ class Engine:
                 outputs = vision.run({s.vision_input_name: pixels}, 0)
             except SessionError as exc:
                 raise EngineError(f"the vision graph failed: {exc}") from exc
-            planes = family.image_planes(outputs, s)  # each (image_tokens, hidden)
-            image_rows = rows[k * s.image_tokens:(k + 1) * s.image_tokens]
-            for p, plane in enumerate(planes):
-                self._planes[image_rows, p] = plane
-            self._has_added[image_rows] = len(planes) > 1
-            self._host_copies += sum(plane.size for plane in planes) * self._embeds.itemsize
+            copied = self._rows.put_image(rows[k * s.image_tokens:(k + 1) * s.image_tokens], outputs)
+            self._host_copies += copied * self._embeds.itemsize
 
     # ------------------------------------------------------------------ graph calls
 
@@ -459,9 +437,7 @@ class Engine:
         """Every layer on the group's input buffer (the stack writes the new K/V rows); advance once.
         `row`: the first prompt row of a prefill step, whose added planes (if any) the stack adds."""
         started = time.perf_counter()
-        added = None
-        if row is not None and self._added_layers and self._has_added[row:row + num_rows].any():
-            added = {layer: self._planes[row:row + num_rows, p + 1] for p, layer in enumerate(self._added_layers)}
+        added = self._rows.added(row, num_rows) if row is not None else None
         hidden = self._stack.run(group, feeds, num_rows, should_stop, added)  # (1, 1, hidden): the last real row
         self.cache.advance(num_rows)
         if self._measure_prices:
@@ -472,9 +448,9 @@ class Engine:
 
     def _decode_step(self, should_stop: Callable[[], bool], row: int | None = None) -> np.ndarray:
         """The token in `_token_input` -> its hidden state [1, 1, hidden]. Its K/V row is the
-        cache position; its rotary position is that row's in `_rope` (the two differ after an
+        cache position; its rotary position is that row's in `_rows.rope` (the two differ after an
         image whose positions advance by less than its rows). `row`: a prompt row, not an answer token."""
-        self._position[0, 0] = self._rope[0, self.cache.position]
+        self._position[0, 0] = self._rows.rope[0, self.cache.position]
         return self._run_layers(0, self._decode_feeds, 1, should_stop, row)
 
     def _chunk_step(self, group: int, row: int, size: int, should_stop: Callable[[], bool]) -> np.ndarray:
@@ -483,7 +459,7 @@ class Engine:
         self._chunk_input[0, :size] = self._embeds[row:row + size]
         self._chunk_input[0, size:] = 0  # padding rows: their K/V rows are never attended
         self._host_copies += self._chunk_input.nbytes
-        np.copyto(self._chunk_indices, self._rope[:, row:row + s.chunk])  # padding rows: positions after
+        np.copyto(self._chunk_indices, self._rows.rope[:, row:row + s.chunk])  # padding rows: positions after
         if group in self._history_masks:  # history columns past the cached rows stay blocked
             open_history(*self._history_masks[group], cached_rows=row)
         return self._run_layers(group, self._prefill_feeds[group], size, should_stop, row)

@@ -52,6 +52,12 @@ class BuildShape:
     history_lengths: tuple[int, ...]
     source: str
     shipped: bool = True  # False: a build nobody ships, priced to show what a rebuild would give
+    # the language model's dimensions (Qwen2-0.5B's unless the build says) and the model family
+    family: str = "internvl"
+    n_layers: int = 24
+    hidden: int = 896
+    kv_dim: int = 128
+    vocab: int = 151655
 
 
 @dataclass(frozen=True)
