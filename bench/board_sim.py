@@ -1,9 +1,9 @@
 """The engine on a simulated AX630C: published graph times plus the host work measured for real.
 
 For each build in the cost table (bench/board_costs.toml: InternVL2-1B 224, InternVL2.5-1B
-364 and InternVL3-1B 448 as M5Stack/AXERA build them on the AX630C; bench/board_costs_ax650.toml:
-Qwen3-VL-2B 384 on the AX650N, its family's graphs), the real engine runs on graphs that
-cost nothing at that build's shapes (bench/zero_cost.py), each wrapped so that every call
+364, InternVL3-1B 448 and SmolVLM-256M/500M 512 as M5Stack/AXERA build them on the AX630C;
+bench/board_costs_ax650.toml: Qwen3-VL-2B 384 and SmolVLM-256M 512 on the AX650N), the real
+engine runs on graphs that cost nothing at that build's shapes (bench/zero_cost.py), each wrapped so that every call
 adds its published time (npu.engine.costs) to a simulated clock instead of sleeping. A
 question's simulated time is the engine's measured wall time (its own host work: image
 resize, feeds, cache writes, sampling; graphs free) plus the clock's graph time, so the

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from npu.reference.checkpoint import checkpoint_files, load_checkpoint
+from npu.reference.checkpoint import checkpoint_files, load_checkpoint, read_config
+from npu.reference.idefics3 import is_idefics3_config, load_idefics3_checkpoint
 from npu.session import BF16, dtype_name
 
 EMBEDDINGS_FILE = "model.embed_tokens.weight.bfloat16.bin"
@@ -86,7 +87,8 @@ def export_embeddings(checkpoint_dir: str | Path, out_path: str | Path) -> Path:
 
     Written to a temporary name first and renamed, so a reader never sees half a file.
     """
-    _, weights = load_checkpoint(Path(checkpoint_dir))
+    load = load_idefics3_checkpoint if is_idefics3_config(read_config(Path(checkpoint_dir))) else load_checkpoint
+    _, weights = load(Path(checkpoint_dir))
     table = weights["embed"]  # (vocab, hidden), stored dtype
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

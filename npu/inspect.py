@@ -25,6 +25,8 @@ from npu.families import family_named
 from npu.image import ImagePreprocess
 from npu.model import DEMO_MODEL_DIR, load_part
 from npu.reference import build_reference_sessions
+from npu.reference.idefics3 import is_idefics3_config
+from npu.reference.smolvlm_graphs import build_smolvlm_sessions
 from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.tokenizer import Tokenizer
 
@@ -117,7 +119,8 @@ def _preprocess(layout: ModelLayout) -> dict[str, Any]:
 
 
 def _reference_graphs(layout: ModelLayout, precision: str) -> BoardGraphs:
-    built = build_reference_sessions(layout.root, precision=precision)
+    build = build_smolvlm_sessions if is_idefics3_config(layout.config) else build_reference_sessions
+    built = build(layout.root, precision=precision)
     return BoardGraphs(built.vision, list(built.layers), built.post, family=built.family)
 
 
@@ -131,14 +134,15 @@ def tokenizer_report(layout: ModelLayout, shapes: GraphShapes, rows: int | None,
     except ModelError as exc:
         problems.append(f"unusable: {exc}")
         return {}
-    special = {token: tokenizer.token_id(token) for token in SPECIAL_TOKENS}
+    family = family_named(layout.family)
+    image_token = family.image_tags.token
+    special = {token: tokenizer.token_id(token) for token in dict.fromkeys((*SPECIAL_TOKENS, image_token))}
     report: dict[str, Any] = {"dir": str(Path(layout.tokenizer_dir).resolve()), "special_ids": special}
     top = max((i for i in special.values() if i is not None), default=None)
     if rows is not None and top is not None and top >= rows:
         problems.append(f"tokenizer id {top} is past the embedding file's {rows} rows")
-    family = family_named(layout.family)
-    image_id = tokenizer.token_id(family.image_tags.token)  # <IMG_CONTEXT>, <|image_pad|>: the family's
-    report["family"] = family.name
+    image_id = special[image_token]  # <IMG_CONTEXT>, <|image_pad|>, <image>: the family's
+    report["family"], report["image_token"] = family.name, image_token
     if layout.image_context_id is not None and layout.image_context_id != image_id:
         problems.append(f"the package declares image token id {layout.image_context_id}, the tokenizer has {image_id}")
     if layout.template is None and layout.chat_template is None and shapes.image_tokens:
@@ -198,7 +202,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"tokenizer {tokenizer['dir']}")
         lines.append("special   " + ", ".join(f"{k}={v}" for k, v in tokenizer["special_ids"].items()))
         if "image_context_tokens" in tokenizer:
-            lines.append(f"image     {tokenizer['image_context_tokens']} <IMG_CONTEXT> tokens in a one-image prompt")
+            token = tokenizer.get("image_token", "<IMG_CONTEXT>")
+            lines.append(f"image     {tokenizer['image_context_tokens']} {token} tokens in a one-image prompt"
+                         f" ({tokenizer.get('family', 'internvl')} family)")
         if "stop_ids" in tokenizer:
             lines.append(f"stop ids  {tokenizer['stop_ids']}")
     problems = report.get("problems", [])

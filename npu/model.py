@@ -34,6 +34,8 @@ from npu.errors import ModelError
 from npu.families import DEFAULT_FAMILY, ModelFamily
 from npu.image import RESIZE_METHODS, ImagePreprocess
 from npu.reference import build_reference_sessions
+from npu.reference.idefics3 import is_idefics3_config
+from npu.reference.smolvlm_graphs import build_smolvlm_sessions
 from npu.session import Session, dtype_name
 from npu.shapes import GraphShapes, ShapeError, read_shapes
 from npu.text.jinja_template import JinjaChatTemplate
@@ -188,7 +190,8 @@ def load_part(part: str, where: Any, load: Callable[..., T], *args: Any, **kwarg
 def _load_reference(layout: ModelLayout, precision: str, kv_capacity: int, prefill_chunk: int,
                     history_groups: int, history_lengths: Sequence[int] | None) -> Model:
     root = Path(layout.root)
-    built = load_part("checkpoint graphs", root, build_reference_sessions, root, precision=precision,
+    build = build_smolvlm_sessions if is_idefics3_config(layout.config) else build_reference_sessions
+    built = load_part("checkpoint graphs", root, build, root, precision=precision,
                       kv_capacity=kv_capacity, prefill_chunk=prefill_chunk, history_groups=history_groups,
                       history_lengths=history_lengths)
     tokenizer = load_part("tokenizer", root, Tokenizer.from_dir, root)

@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures_broker",
     "tests.fixtures_board",
     "tests.fixtures_published",
+    "tests.fixtures_smolvlm",
     "tests.fixtures_tokenizer",
     "tests.fixtures_daemon",
     "tests.fixtures_tls",

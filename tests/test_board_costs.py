@@ -71,6 +71,33 @@ def test_a_table_that_cannot_price_a_build_is_refused(tmp_path):
         BoardCosts.load(write(tmp_path, complete)).build("c")
 
 
+def _llama_weights(hidden: int, layers: int, kv_dim: int, intermediate: int, vocab: int) -> tuple[int, int]:
+    """(decoder layer weights, lm_head weights) of a Llama decoder."""
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * intermediate
+    return layers * per_layer, vocab * hidden
+
+
+def test_smolvlm_prices_follow_their_published_figures_and_derivations(costs):
+    """AXERA's card (AX630C: 800 ms encode, 182 ms TTFT, 31 tok/s; AX650: 105, 57, 80); the 500M
+    package scaled by weights (decode, bandwidth bound) and layer weights (prefill, compute bound)."""
+    small = _llama_weights(576, 30, 192, 1536, 49280)  # SmolVLM-256M: SmolLM2-135M
+    large = _llama_weights(960, 32, 320, 2560, 49280)  # SmolVLM-500M: SmolLM2-360M
+    b256, b500 = costs.build("smolvlm-256m-512"), costs.build("smolvlm-500m-512")
+    assert (b256.vision_s, b256.chunk_ttft_s) == (0.8, 0.182)
+    assert b256.decode_stack_s + b256.post_s == pytest.approx(1 / 31, rel=1e-3)
+    assert b256.post_s == pytest.approx((1 / 31) * small[1] / sum(small), rel=1e-3)
+    decode_500 = (1 / 31) * sum(large) / sum(small)
+    assert b500.decode_stack_s + b500.post_s == pytest.approx(decode_500, rel=1e-3)
+    assert b500.post_s == pytest.approx(decode_500 * large[1] / sum(large), rel=1e-3)
+    layers_256 = 0.182 - b256.post_s
+    assert b500.chunk_ttft_s == pytest.approx(layers_256 * large[0] / small[0] + b500.post_s, rel=1e-3)
+    ax650 = BoardCosts.load(TABLE.with_name("board_costs_ax650.toml"))
+    assert ax650.board == "AX650N"
+    b650 = ax650.build("smolvlm-256m-512")
+    assert (b650.vision_s, b650.chunk_ttft_s) == (0.105, 0.057)
+    assert b650.decode_stack_s + b650.post_s == pytest.approx(1 / 80)
+    for row in ax650.rows:
+        assert row["source"].strip() or row["derivation"].strip(), row
 def test_the_ax650_table_prices_qwen3_vl_from_its_published_per_layer_times():
     """bench/board_costs_ax650.toml: AXERA's TIME-2B.md per-layer figures (28 layers)."""
     costs = BoardCosts.load(TABLE.with_name("board_costs_ax650.toml"))

@@ -83,6 +83,10 @@ def detect_layout(path: str | Path) -> ModelLayout:
     )
 
 
+# config.json model_type -> model family (npu/families/)
+HF_FAMILIES = {"qwen3_vl": "qwen3_vl", "smolvlm": "smolvlm", "idefics3": "smolvlm"}
+
+
 def _has_layers(directory: Path) -> bool:
     return any(LAYER_RE.match(p.name) for p in directory.glob("*.axmodel"))
 
@@ -100,7 +104,7 @@ def _hugging_face(root: Path) -> ModelLayout:
                        vocab_size=text_config(config).get("vocab_size"), template=choice.template,
                        chat_template=choice.chat_template, template_source=choice.source,
                        image_processor=find_image_processor([root]),
-                       family="qwen3_vl" if config.get("model_type") == "qwen3_vl" else "internvl",
+                       family=HF_FAMILIES.get(config.get("model_type"), "internvl"),
                        notes=("Hugging Face checkpoint: graphs are built by the reference backend,"
                               " embeddings exported from its weights",))
 
@@ -143,7 +147,7 @@ def _axera(root: Path) -> ModelLayout:
         vocab_size=llm.get("vocab_size"), hidden_size=llm.get("hidden_size"), template=choice.template,
         chat_template=choice.chat_template, template_source=choice.source, sampling=sampling,
         sampling_source=sampling_source, image_processor=find_image_processor(dirs), notes=tuple(notes),
-        problems=tuple(problems), family=family_from_names(*(p.name for p in layers)),
+        problems=tuple(problems), family=family_from_names(*(p.name for p in (*layers, *visions))),
     )
 
 

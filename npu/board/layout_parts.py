@@ -251,5 +251,10 @@ def script_model_id(script: Path) -> str | None:
 def family_from_names(*names: str | None) -> str:
     """The model family graph file names say: `qwen3_vl_text_*` layers are Qwen3-VL's (as
     Pulsar2's llm_build names them: StackFlow d9084ba mode_qwen3-vl-2B-Int4-*.json,
-    AXERA-TECH/Qwen3-VL.AXERA 2e8db66 python/infer_image.py); anything else InternVL."""
-    return "qwen3_vl" if any(name and name.startswith("qwen3_vl") for name in names) else "internvl"
+    AXERA-TECH/Qwen3-VL.AXERA 2e8db66 python/infer_image.py); a SmolVLM vision graph or
+    package (`SmolVLM-256M-Instruct_vision_nhwc.axmodel`, `smolvlm-256M-ax630c`: StackFlow
+    d9084ba mode_smolvlm-*.json; their layers are plain `llama_p128_l%d_together.axmodel`)
+    is SmolVLM's; anything else InternVL."""
+    if any(name and name.startswith("qwen3_vl") for name in names):
+        return "qwen3_vl"
+    return "smolvlm" if any(name and "smolvlm" in name.lower() for name in names) else "internvl"

@@ -69,14 +69,18 @@ def model_root(mode_file: Path) -> Path:
     """The model folder of a mode file passed directly: `<prefix>/data/<model>/` for a file in
     data/models/, etc/ or share/, or the file's own folder when it holds the graphs."""
     data = read_json(mode_file) or {}
-    model = data.get("mode") or mode_file.stem.removeprefix("mode_")
     if any(mode_file.parent.glob("*.axmodel")):  # the description kept inside the model folder
         return mode_file.parent
+    # StackFlow finds a mode file by the requested model's name (get_config_file_paths), so the
+    # file's name says which package it describes; its "mode" field can disagree (StackFlow
+    # d9084ba mode_smolvlm-500M-ax650.json says "smolvlm-500M-ax630c"): the name is tried first.
+    names = dict.fromkeys(n for n in (mode_file.stem.removeprefix("mode_"), data.get("mode")) if isinstance(n, str) and n)
     prefix = mode_file.parent.parent.parent if mode_file.parent.name == "models" else mode_file.parent.parent
-    for folder in (prefix / "data" / model, mode_file.parent.parent / model):
-        if folder.is_dir():
-            return folder
-    raise LayoutError(f"{mode_file}: model folder {prefix / 'data' / model} not found")
+    for model in names:
+        for folder in (prefix / "data" / model, mode_file.parent.parent / model):
+            if folder.is_dir():
+                return folder
+    raise LayoutError(f"{mode_file}: model folder {prefix / 'data' / next(iter(names), '?')} not found")
 
 
 def m5stack_layout(root: Path, mode_file: Path) -> ModelLayout:
@@ -85,6 +89,10 @@ def m5stack_layout(root: Path, mode_file: Path) -> ModelLayout:
     if not isinstance(params, dict):
         raise LayoutError(f"{mode_file}: no mode_param object (not an M5Stack model description)")
     notes = [f"M5Stack package described by {mode_file}"]
+    named = mode_file.stem.removeprefix("mode_")
+    if mode.get("mode") and mode.get("mode") not in (named, root.name):
+        notes.append(f"the mode file says \"mode\": {mode['mode']!r}, its name and folder say {root.name!r}"
+                     " (StackFlow loads it by the name)")
     problems: list[str] = []
 
     def file(key: str) -> Path | None:
@@ -126,7 +134,7 @@ def m5stack_layout(root: Path, mode_file: Path) -> ModelLayout:
         tokenizer_dir=tokenizer_dir, config=config, vocab_size=params.get("tokens_embed_num"),
         hidden_size=params.get("tokens_embed_size"), template=choice.template, chat_template=choice.chat_template,
         template_source=choice.source, image_context_id=params.get("img_token_id", params.get("image_token_id")),
-        post_topk=params.get("b_use_topk"), family=family_from_names(template_name),
+        post_topk=params.get("b_use_topk"), family=family_from_names(template_name, vision.name if vision else None, root.name),
         declared_cmm_kb=params["cmm_size"] if isinstance(params.get("cmm_size"), int) else None, sampling=sampling, sampling_source=f"{mode_file} mode_param" if sampling else "",
         image_processor=find_image_processor(dirs), mode_params=dict(params), notes=tuple(notes),
         problems=tuple(problems),

@@ -33,7 +33,7 @@ import numpy as np
 
 from npu.engine.kv_cache import KVCache, KVSnapshot
 from npu.engine.prompt import EncodedPrompt, EngineError, Prompt, PromptTooLong, RequestError
-from npu.text.template import Turn
+from npu.text.template import Turn, encode_parts
 
 # Stand-ins rendered in place of the texts, to cut a rendered conversation into parts.
 _QUESTION = "\ue00bvlmd-question\ue00b"
@@ -343,9 +343,8 @@ def _turn_parts(template: Any, previous_images: int, num_images: int, image_toke
 
 def _later_turn(template: Any, parts: tuple[str, str], question: str) -> tuple[list[int], list[int]]:
     """The ids a later turn appends after the last answer, and where its image rows are."""
-    tokenizer = template.tokenizer
-    before = tokenizer.encode(parts[0])
-    ids = before + tokenizer.encode(question, parse_special=False) + tokenizer.encode(parts[1])
+    encoded = encode_parts(template.tokenizer, parts[0], question, parts[1])
+    ids, before = encoded.ids, encoded.ids[: encoded.num_prefix_ids]
     context_id = template.image_context_id
     offsets = [i for i, token in enumerate(before) if token == context_id] if context_id is not None else []
     return ids, offsets

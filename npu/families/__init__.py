@@ -10,8 +10,9 @@ from __future__ import annotations
 from npu.families.base import ImageTags, ModelFamily
 from npu.families.internvl import INTERNVL
 from npu.families.qwen3_vl import QWEN3_VL
+from npu.families.smolvlm import SMOLVLM
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (INTERNVL, QWEN3_VL)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (INTERNVL, QWEN3_VL, SMOLVLM)}
 DEFAULT_FAMILY = INTERNVL
 
 

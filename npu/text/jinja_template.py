@@ -38,8 +38,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from npu.families.base import ImageTags
 from npu.text.messages import IMAGE, ChatMessage, merge_system, message_content
-from npu.text.template import (END_OF_TEXT_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, PromptIds, Turn, image_blocks,
-                               tags_known)
+from npu.text.template import (END_OF_TEXT_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, PromptIds, Turn, encode_parts,
+                               image_blocks, tags_known)
 from npu.text.tokenizer import Tokenizer
 
 _QUESTION = "\ue00fquestion\ue00f"  # stands for the question while the template renders
@@ -218,6 +218,4 @@ class JinjaChatTemplate:
         """Token ids of `render(...)` in three parts: the question encoded as plain text
         (it cannot forge special tokens), the prefix ids independent of it."""
         prefix, suffix = self._split(num_images, image_tokens, system)
-        prefix_ids = self.tokenizer.encode(prefix)
-        question_ids = self.tokenizer.encode(question, parse_special=False)
-        return PromptIds(prefix_ids + question_ids + self.tokenizer.encode(suffix), len(prefix_ids))
+        return encode_parts(self.tokenizer, prefix, question, suffix)

@@ -30,6 +30,7 @@ Token ids (stop tokens, `<IMG_CONTEXT>`) are read from the tokenizer, never hard
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -42,6 +43,7 @@ IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 INTERNVL_TAGS = ImageTags(IMG_START, IMG_CONTEXT, IMG_END)
+_SPECIAL_RE = re.compile(r"<[^<>\s]+>")  # one special token of a tag
 # Tokens that end a turn whichever template is in use, when the tokenizer has them.
 END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>")
 
@@ -183,15 +185,29 @@ class ChatTemplate:
         prefix ids do not depend on the question. For ordinary questions the result equals
         `tokenizer.encode(render(...))`.
         """
-        prefix_ids = self.tokenizer.encode(self.prefix(num_images, image_tokens, system))
-        question_ids = self.tokenizer.encode(question, parse_special=False)
-        suffix_ids = self.tokenizer.encode(self.suffix())
-        return PromptIds(prefix_ids + question_ids + suffix_ids, len(prefix_ids))
+        return encode_parts(self.tokenizer, self.prefix(num_images, image_tokens, system), question, self.suffix())
+
+
+def encode_parts(tokenizer: Tokenizer, before: str, question: str, after: str) -> PromptIds:
+    """Ids of `before + question + after`, the question encoded as plain text, and how many
+    ids come before it (independent of the question).
+
+    Spaces that end `before` are encoded with the question: a byte-level BPE joins a space to
+    the word after it, so "User: " + "And" is "User", ":", " And" when the whole text is
+    tokenised (as transformers does), never a lone " " (SmolVLM's template writes "User: "
+    before a text-only question; InternVL's end their prefixes with a newline).
+    """
+    kept = before.rstrip(" ")
+    prefix_ids = tokenizer.encode(kept)
+    question_ids = tokenizer.encode(before[len(kept):] + question, parse_special=False)
+    return PromptIds(prefix_ids + question_ids + tokenizer.encode(after), len(prefix_ids))
 
 
 def tags_known(tags: ImageTags, tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer has every (non-empty) tag as a token."""
-    return all(tokenizer.token_id(t) is not None for t in (tags.start, tags.end, tags.token) if t)
+    """Whether the tokenizer has every special token the (non-empty) tags are made of (a tag may
+    be several: SmolVLM's start is `<fake_token_around_image><global-img>`)."""
+    names = [name for tag in (tags.start, tags.end, tags.token) if tag for name in _SPECIAL_RE.findall(tag) or [tag]]
+    return all(tokenizer.token_id(name) is not None for name in names)
 
 
 def image_blocks(num_images: int, image_tokens: int, tags_ok: bool = True, tags: ImageTags | None = None) -> str:

@@ -1,7 +1,8 @@
 """What a stand-in ".axmodel" computes: a reference graph of a checkpoint, or a synthetic one.
 
 A stand-in ".axmodel" is a small JSON file, `{"format": "vlmd-axengine-standin/1",
-"graph": "vision" | "layer<i>" | "post", ...}` with either
+"graph": "vision" | "layer<i>" | "post", ...}` (optional `"family": "smolvlm"`: the graphs of
+SmolVLM's packages, `npu.reference.smolvlm_graphs`; default InternVL's) with either
 
 - `"checkpoint": DIR` and the build options (`precision`, `kv_capacity`,
   `prefill_chunk`, `history_groups`, optional `post_topk`; and, as published builds
@@ -73,6 +74,8 @@ def reference_build_options(spec: dict) -> dict:
 
 # Build keys of published builds, passed to the reference builder as they are.
 _BUILD_OPTIONS = ("history_lengths", "placeholder", "vision_input", "vision_output")
+# What a SmolVLM package's graphs can differ in (`build_smolvlm_sessions`' arguments).
+_SMOLVLM_OPTIONS = ("precision", "kv_capacity", "prefill_chunk", "history_groups", "history_lengths", "placeholder")
 
 
 _GRAPHS: dict[tuple, Any] = {}
@@ -82,12 +85,18 @@ _GRAPHS_LOCK = threading.Lock()
 def _reference_sessions(spec: dict) -> Any:
     """The reference graphs of a checkpoint, built once per (checkpoint, build options)."""
     from npu.reference import build_reference_sessions
+    from npu.reference.smolvlm_graphs import build_smolvlm_sessions
 
-    options = reference_build_options(spec)
-    key = (spec["checkpoint"], *sorted(options.items()))
+    builders = {"internvl": (build_reference_sessions, None), "smolvlm": (build_smolvlm_sessions, _SMOLVLM_OPTIONS)}
+    family = spec.get("family", "internvl")
+    if family not in builders:
+        raise RuntimeError("Failed to load model.")
+    build, accepted = builders[family]
+    options = {k: v for k, v in reference_build_options(spec).items() if accepted is None or k in accepted}
+    key = (spec["checkpoint"], family, *sorted(options.items()))
     with _GRAPHS_LOCK:
         if key not in _GRAPHS:
-            _GRAPHS[key] = build_reference_sessions(spec["checkpoint"], **options)
+            _GRAPHS[key] = build(spec["checkpoint"], **options)
         return _GRAPHS[key]
 
 
