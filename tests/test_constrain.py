@@ -53,8 +53,9 @@ def every_answer(schema: dict) -> set[bytes]:
 
 def brute_force_allowed(tokenizer, answers: set[bytes], prefix: bytes, stop_ids) -> set[int]:
     special = set(tokenizer.added_tokens)
+    prefixes = {a[:n] for a in answers for n in range(len(prefix) + 1, len(a) + 1)}
     allowed = {token_id for token_id in range(tokenizer.vocab_size) if token_id not in special
-               and any(a.startswith(prefix + tokenizer.token_bytes(token_id)) for a in answers)}
+               and prefix + tokenizer.token_bytes(token_id) in prefixes}
     return allowed | (set(stop_ids) if prefix in answers else set())
 
 

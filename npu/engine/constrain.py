@@ -20,23 +20,25 @@ Per request, `ConstrainedAnswer.choose(run_post, sampler, history)`:
   sequence that finishes the answer from the current state, found by `finish` (the end
   when allowed, else a token that closes a string, array or object, else the longest
   allowed token). A format whose witness from the start does not fit the budget is
-  refused (FormatTooLong). The model chooses freely while the tokens left exceed the
-  witness by more than WITNESS_MARGIN; closer to the end, the answer follows the witness,
-  so it is always complete within the budget as long as one freely chosen token adds at
-  most WITNESS_MARGIN tokens to the finish (true of every flat format; a general schema
-  whose answer still runs out ends `length`, as free text does). The witness is found
-  again only when the model left it and the end is near: at most once per token, and
-  never while the budget is far.
+  refused (FormatTooLong). For the flat subset the model chooses freely while the
+  tokens left exceed the witness by WITNESS_MARGIN or more; closer to the end a chosen
+  token is kept only when a witness after it still fits, else the witness is followed,
+  so the answer is complete within the budget. A witness is found again only near the
+  end, at most twice per token. A general schema's answer is not guarded (its witness
+  can be long): one that runs out of tokens ends `length`, as free text does and as
+  OpenAI's API does; its witness serves the up-front check and the top-k fallback.
 
 Limits (`LIMITS`): llguidance's fuel caps the work of a compile and of each mask; a
 format over them, or without a witness within MAX_WITNESS_TOKENS, is refused up front
 with FormatError naming llguidance's reason (e.g. an unsupported keyword).
 
 `confidence()` is the probability, under the model's logits renormalised over the
-allowed tokens at each step, of the chosen answer's value: per step, the mass of the
-tokens that can still lead to that value (so "Yes" and "yes" are one answer), multiplied
-over the steps (the MAX_CONFIDENCE_CANDIDATES likeliest tokens of a step are kept for
-it). Forced steps count 1. Knows nothing of graphs beyond the post outputs.
+allowed tokens at each step, of the chosen answer's value: for the flat subset, per step,
+the mass of the tokens that can still lead to that value (so "Yes" and "yes" are one
+answer), multiplied over the steps (the MAX_CONFIDENCE_CANDIDATES likeliest tokens of a
+step are kept for it); for a general schema, whose steps may allow most of the
+vocabulary, the probability of the chosen spelling (a lower bound of its value's). Forced
+steps count 1. Knows nothing of graphs beyond the post outputs.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ MAX_COMPILED_FORMATS = 32
 MAX_WITNESS_TOKENS = 2048  # a format no answer of which the finisher writes within this is refused
 WITNESS_MARGIN = 8  # tokens of slack kept for the model's free choices before the witness is followed
 MAX_CONFIDENCE_CANDIDATES = 256  # per step: the likeliest allowed tokens kept for confidence()
-CLOSING_BYTES = b'"}]'
+STRUCTURE_BYTES = frozenset(b'"\\[]{},:')  # what a plain token (a word, digits, a literal) holds none of
 # llguidance's work caps: a compile and each token mask (its defaults, the lexer states lowered
 # to bound memory on a board: ~1-2 kB a state).
 LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
@@ -96,8 +98,8 @@ class _TokenSource:
 
 
 class Vocabulary:
-    """A tokenizer as llguidance sees it, with each token's bytes (`pieces`), byte length
-    and whether it starts by closing a string, array or object (what `finish` prefers)."""
+    """A tokenizer as llguidance sees it, with each token's bytes (`pieces`) and what
+    `Masker.finish` prefers: byte lengths, single-byte tokens, plain and comma tokens."""
 
     def __init__(self, tokenizer: Any, stop_ids: Sequence[int]) -> None:
         special = set(tokenizer.added_tokens)
@@ -113,9 +115,19 @@ class Vocabulary:
         self.stop_ids = sorted(stop_ids)
         wrapper = llguidance.TokenizerWrapper(_TokenSource(tokenizer, self.pieces, self.stop_ids))
         self.llg = llguidance.LLTokenizer(wrapper, n_vocab=self.size, eos_token=self.stop_ids)
-        self.lengths = np.array([0 if i in special else len(p) for i, p in enumerate(self.pieces)], np.int32)  # (vocab,)
-        self.closes = np.array([i not in special and p[:1] != b"" and p[0] in CLOSING_BYTES
-                                for i, p in enumerate(self.pieces)], bool)  # (vocab,)
+        ordinary = [(i, p) for i, p in enumerate(self.pieces) if i not in special and p]
+        self.lengths = np.zeros(self.size, np.int32)  # (vocab,) bytes per ordinary token, 0 for specials
+        self.plain = np.zeros(self.size, bool)  # (vocab,) no JSON structure byte, quote or escape in it
+        self.comma = np.zeros(self.size, bool)  # (vocab,) starts with a comma
+        self.quote = np.zeros(self.size, bool)  # (vocab,) a quote, after spaces or not
+        self.single: dict[int, int] = {}  # byte -> the id of the token that is just that byte
+        for token_id, piece in ordinary:
+            self.lengths[token_id] = len(piece)
+            self.plain[token_id] = not any(byte in STRUCTURE_BYTES or byte < 0x20 for byte in piece)
+            self.comma[token_id] = piece[0] == ord(",")
+            self.quote[token_id] = piece.lstrip(b" ") == b'"'
+            if len(piece) == 1:
+                self.single.setdefault(piece[0], token_id)
         self.is_stop = np.zeros(self.size, bool)  # (vocab,)
         self.is_stop[[i for i in self.stop_ids if i < self.size]] = True
         self.num_words = (self.size + 31) // 32
@@ -147,30 +159,78 @@ class Masker:
         if matcher.is_error():
             raise FormatError(f"format: {matcher.get_error()}")
         nonzero = np.flatnonzero(self._words)  # (k,) words holding an allowed id
-        bits = np.unpackbits(self._words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32)  # (k, 32)
-        rows, columns = np.nonzero(bits)
-        ids = nonzero[rows] * 32 + self._bit_offsets[columns]
-        return ids[ids < self.vocab.size]
+        if len(nonzero) * 8 > len(self._words):  # dense (inside a string): every bit at once
+            ids = np.flatnonzero(np.unpackbits(self._words.view(np.uint8), bitorder="little"))
+        else:  # sparse: only the words that hold one
+            bits = np.unpackbits(self._words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32)  # (k, 32)
+            rows, columns = np.nonzero(bits)
+            ids = nonzero[rows] * 32 + self._bit_offsets[columns]
+        return ids[ids < self.vocab.size] if len(ids) and ids[-1] >= self.vocab.size else ids
 
-    def finish(self, matcher: llguidance.LLMatcher, limit: int) -> list[int] | None:
-        """Tokens that complete the matcher's answer (a copy walks them): the end when allowed,
-        else the longest allowed token that closes something, else the longest allowed token.
-        None when none is found within `limit` tokens."""
+    def finish(self, matcher: llguidance.LLMatcher, limit: int, in_string: bool = False) -> list[int] | None:
+        """Tokens that complete the matcher's answer (a copy walks them), chosen to end soon:
+        the end when allowed; inside a JSON string its closing quote, else the longest plain
+        token; outside, a `}`, a `]`, a comma token, an opening quote (spaces before it in the
+        same token), the longest plain token
+        (a number, a literal, a word), in that order, else the longest allowed token. None
+        when none is found within `limit` tokens. `in_string`: the answer so far ends inside
+        a JSON string."""
         walker = matcher.deep_copy()
         path: list[int] = []
+        state = (in_string, False)
         while len(path) <= limit:
             ids = self.allowed(walker)
             if len(ids) == 0:
                 return None
             if self.vocab.is_stop[ids].any():
                 return path
-            closing = ids[self.vocab.closes[ids]]
-            pool = closing if len(closing) else ids
-            token = int(pool[np.argmax(self.vocab.lengths[pool])])
+            token = self._finishing_token(ids, state[0])
             if not walker.consume_token(token):
                 return None
             path.append(token)
+            state = string_state(self.vocab.pieces[token], state)
         return None
+
+    def _finishing_token(self, ids: np.ndarray, in_string: bool) -> int:
+        vocab = self.vocab
+        allowed = set(ids.tolist()) if len(ids) < 64 else None
+
+        def single(byte: str) -> int | None:
+            token_id = vocab.single.get(ord(byte))
+            if token_id is None:
+                return None
+            return token_id if (token_id in allowed if allowed is not None else _contains(ids, token_id)) else None
+
+        def longest(where: np.ndarray) -> int | None:
+            pool = ids[where[ids]]
+            return int(pool[np.argmax(vocab.lengths[pool])]) if len(pool) else None
+
+        choices = [lambda: single('"'), lambda: longest(vocab.plain)] if in_string else \
+            [lambda: single("}"), lambda: single("]"), lambda: longest(vocab.comma), lambda: longest(vocab.quote),
+             lambda: longest(vocab.plain)]
+        for choice in choices:
+            token = choice()
+            if token is not None:
+                return token
+        return int(ids[np.argmax(vocab.lengths[ids])])
+
+
+def string_state(piece: bytes, state: tuple[bool, bool]) -> tuple[bool, bool]:
+    """(inside a JSON string, after a backslash there) once `piece` is written."""
+    in_string, escaped = state
+    for byte in piece:
+        if escaped:
+            escaped = False
+        elif in_string and byte == 0x5C:  # backslash
+            escaped = True
+        elif byte == 0x22:  # quote
+            in_string = not in_string
+    return in_string, escaped
+
+
+def _contains(sorted_ids: np.ndarray, token_id: int) -> bool:
+    at = int(np.searchsorted(sorted_ids, token_id))
+    return at < len(sorted_ids) and int(sorted_ids[at]) == token_id
 
 
 class CompiledFormat:
@@ -237,12 +297,17 @@ class ConstrainedAnswer:
         self.witness: list[int] | None = list(compiled.witness)  # None: the model left it (found again when needed)
         self._witness_len = need  # its length when last known
         self._next_witness: list[int] | None = None
+        # The budget is guarded for the flat subset (a freely chosen token adds little to its
+        # finish); a general schema's answer is left free and may end `length`.
+        self._guard_budget = compiled.grammar.kind != "json"
         self.text = bytearray()
+        self._string_state = (False, False)  # (inside a JSON string, after a backslash): for finish()
         self.notes: list[str] = []
         self.num_forced = 0
         self.num_tokens = 0
         self._steps: list[tuple[int, np.ndarray, np.ndarray]] = []  # (answer bytes before, candidate ids, probs)
         self._unscored = False  # a top-k build without scores: no confidence
+        self._log_path = 0.0  # a general schema's confidence: log of its chosen spelling's probability
         self._allowed: np.ndarray | None = None  # the current state's allowed ids, computed once per token
 
     # -- the choice --------------------------------------------------------------------------
@@ -257,7 +322,7 @@ class ConstrainedAnswer:
     def done(self) -> bool:
         """Only a stop token may follow: the answer is complete, nothing is left to choose."""
         ids = self.allowed()
-        return bool(len(ids)) and bool(self.vocab.is_stop[ids].all())
+        return 0 < len(ids) <= len(self.vocab.stop_ids) and bool(self.vocab.is_stop[ids].all())
 
     def choose(self, run_post: Callable[[], list[np.ndarray]], sampler: Any, history: Sequence[int]) -> int:
         """The next token id (a stop id when the answer ends); runs the post graph only
@@ -273,6 +338,7 @@ class ConstrainedAnswer:
             self.notes.append(f"answer token {self.num_tokens + 1}: none of the post graph's top-k tokens was allowed"
                               " by the format; the answer went on along its shortest known completion")
             self._steps.append((len(self.text), ids[:0], np.zeros(0)))  # no mass seen: confidence 0
+            self._log_path = -np.inf
             return self._advance(self._witness_token())
         if values is None:  # ids without scores: greedy, first allowed in rank order
             self._unscored = True
@@ -280,21 +346,29 @@ class ConstrainedAnswer:
         if not np.isfinite(values).all():  # one bad logit among the allowed makes the choice meaningless
             raise NumericError("the model produced a non-finite logit among the format's allowed tokens:"
                                " a numeric overflow in the graphs")
-        chosen = int(sampler.sample_candidates(values, ids[candidates], history))
-        probs = _softmax(values)
-        keep = np.argsort(-probs, kind="stable")[:MAX_CONFIDENCE_CANDIDATES]
-        self._steps.append((len(self.text), ids[candidates][keep], probs[keep]))
-        return self._advance(self._within_budget(chosen))
+        offered = ids if self.scores.topk_ids_index is None else ids[candidates]  # the scored ids
+        chosen = self._within_budget(int(sampler.sample_candidates(values, offered, history)))
+        if self.grammar.kind == "json":  # the chosen spelling's probability: one number per step
+            at = np.flatnonzero(offered == chosen)
+            self._log_path += _log_prob(values, int(at[0]) if len(at) else -1)
+        else:
+            probs = _softmax(values)
+            keep = _likeliest(probs, MAX_CONFIDENCE_CANDIDATES)
+            self._steps.append((len(self.text), offered[keep], probs[keep]))
+        return self._advance(chosen)
 
     def _within_budget(self, chosen: int) -> int:
         """`chosen`, unless the end is near and no answer could be finished after it in the
-        tokens left: then the witness's next token. Far from the end nothing is checked."""
-        if self.vocab.is_stop[chosen] or self.remaining - 1 >= self._witness_len + WITNESS_MARGIN:
+        tokens left: then the witness's next token. Far from the end nothing is checked,
+        nor for a general schema (its answer may end `length`, as free text does)."""
+        if not self._guard_budget or self.vocab.is_stop[chosen] \
+                or self.remaining - 1 >= self._witness_len + WITNESS_MARGIN:
             return chosen
         if self.witness and self.witness[0] == chosen:
             return chosen
         trial = self.matcher.deep_copy()
-        after = self.masker.finish(trial, self.remaining - 1) if trial.consume_token(chosen) else None
+        in_string = string_state(self.vocab.pieces[chosen], self._string_state)[0]
+        after = self.masker.finish(trial, self.remaining - 1, in_string) if trial.consume_token(chosen) else None
         if after is not None and len(after) <= self.remaining - 1:
             self._next_witness = after
             return chosen
@@ -302,13 +376,16 @@ class ConstrainedAnswer:
         return self._witness_token()
 
     def _find_witness(self) -> None:
-        self.witness = self.masker.finish(self.matcher, self.remaining)
-        self._witness_len = self.remaining if self.witness is None else len(self.witness)
+        self.witness = self.masker.finish(self.matcher, self.remaining, self._string_state[0])
+        if self.witness is None:  # nothing finishes in the tokens left: go on freely, it ends `length`
+            self._guard_budget = False
+        else:
+            self._witness_len = len(self.witness)
 
     def _witness_token(self) -> int:
         if self.witness is None:
             self._find_witness()
-        if not self.witness:  # complete (or nothing found): end here when allowed, else any allowed token
+        if not self.witness:  # complete, or nothing found: end here when allowed, else any allowed token
             ids = self.allowed()
             stops = ids[self.vocab.is_stop[ids]]
             return int(stops[0] if len(stops) else ids[0])
@@ -325,6 +402,7 @@ class ConstrainedAnswer:
         elif self.witness is not None:
             self.witness = self.witness[1:] if self.witness and self.witness[0] == token_id else None
         self.text += self.vocab.pieces[token_id]
+        self._string_state = string_state(self.vocab.pieces[token_id], self._string_state)
         self.remaining -= 1
         self.num_tokens += 1
         self._allowed = None
@@ -352,6 +430,8 @@ class ConstrainedAnswer:
         """The chosen value's probability among the allowed answers (see the module doc)."""
         if self._unscored:
             return None
+        if self.grammar.kind == "json":
+            return round(float(np.exp(self._log_path)), 6)
         same = [answer.encode("utf-8") for answer in self.grammar.same_value(self.text.decode("utf-8"))]
         confidence = 1.0
         for written, candidates, probs in self._steps:
@@ -393,6 +473,21 @@ class PostScores:
 def _softmax(values: np.ndarray) -> np.ndarray:
     shifted = np.exp(values.astype(np.float64) - values.max())  # (n,)
     return shifted / shifted.sum()
+
+
+def _log_prob(values: np.ndarray, at: int) -> float:
+    """log softmax(values)[at] (-inf for -1: a choice outside the scored candidates)."""
+    if at < 0:
+        return -np.inf
+    top = float(values.max())
+    return float(values[at]) - top - float(np.log(np.exp(values - top, dtype=np.float64).sum()))
+
+
+def _likeliest(probs: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest probabilities (all when fewer), in no particular order: O(n)."""
+    if len(probs) <= count:
+        return np.arange(len(probs))
+    return np.argpartition(probs, len(probs) - count)[len(probs) - count:]
 
 
 def _has_boolean_words(schema: dict[str, Any] | None) -> bool:
