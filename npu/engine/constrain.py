@@ -171,7 +171,7 @@ class Masker:
         """Tokens that complete the matcher's answer (a copy walks them), chosen to end soon:
         the end when allowed; inside a JSON string its closing quote, else the longest plain
         token; outside, a `}`, a `]`, a comma token, an opening quote (spaces before it in the
-        same token), the longest plain token
+        same token), a space (only a fixed separator allows one), the smallest digit, the longest plain token
         (a number, a literal, a word), in that order, else the longest allowed token. None
         when none is found within `limit` tokens. `in_string`: the answer so far ends inside
         a JSON string."""
@@ -207,6 +207,7 @@ class Masker:
 
         choices = [lambda: single('"'), lambda: longest(vocab.plain)] if in_string else \
             [lambda: single("}"), lambda: single("]"), lambda: longest(vocab.comma), lambda: longest(vocab.quote),
+             lambda: single(" "), *(lambda digit=digit: single(digit) for digit in "0123456789"),
              lambda: longest(vocab.plain)]
         for choice in choices:
             token = choice()
