@@ -1,6 +1,8 @@
-"""Typed answers: the JSON-Schema subset a request's `format` may use, validated and normalised.
+"""Typed answers: the JSON Schema a request's `format` may be, validated and normalised.
 
-Supported (everything else is refused with a message naming the keyword):
+Two kinds of format, told apart by their shape:
+
+The flat subset keeps the meaning it has always had (and its refusals):
 
 - `{"type": "boolean"}`: the answer is yes or no (value `true` / `false`);
 - `{"type": "integer", "minimum": a, "maximum": b}`: a whole number in [a, b]; missing
@@ -14,16 +16,29 @@ Supported (everything else is refused with a message naming the keyword):
   normalised form lists them all. `additionalProperties` may only be `false`.
 
 `title` and `description` are accepted anywhere and have no effect (schema generators
-add them). `parse_format(obj)` returns the normalised dict the engine compiles:
-bounds filled in, `type` always present except for enums (`{"enum": [...]}`), and
-`required` listing every property. It raises `FormatError` whose message starts with
-the path of the offending keyword (`enum: ...`, `properties.door.minimum: ...`).
+add them). A flat format normalises to the dict the engine compiles: bounds filled in,
+`type` always present except for enums (`{"enum": [...]}`), and `required` listing every
+property.
+
+Any other JSON Schema (nested objects, `$defs`/`$ref`, arrays, strings with lengths or
+patterns, `anyOf`, a `type` list such as `["string", "null"]`, more than
+`MAX_PROPERTIES` properties, ...) normalises to `{"json_schema": schema}`, unchanged: the
+answer is JSON that validates against it and `value` is that JSON. Only its shape and
+size are checked here (a JSON object within MAX_SCHEMA_CHARS and MAX_SCHEMA_DEPTH, types
+that JSON Schema names); whether the engine can compile each keyword is the engine's
+answer (npu.engine.constrain refuses an unsupported keyword, naming it).
+
+`parse_format(obj)` accepts both kinds, `parse_flat_format(obj)` only the flat subset
+(watches: Home Assistant shows a flat answer as entities). Both raise `FormatError`
+whose message starts with the path of the offending keyword (`enum: ...`,
+`properties.door.minimum: ...`).
 
 Knows nothing of the engine or MQTT.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -35,6 +50,9 @@ MAX_ENUM_OPTIONS = 64
 MAX_OPTION_CHARS = 64
 MAX_PROPERTIES = 16
 MAX_KEY_CHARS = 64
+MAX_SCHEMA_CHARS = 16_384  # a general schema, as compact JSON
+MAX_SCHEMA_DEPTH = 32  # nested objects and lists in a general schema
+JSON_TYPES = ("null", "boolean", "object", "array", "number", "string", "integer")
 
 _ANNOTATIONS = ("title", "description")
 _KEYWORDS = {
@@ -56,12 +74,88 @@ class FormatError(ValueError):
 
 def parse_format(obj: Any) -> dict[str, Any]:
     """Validate a request's `format` and return its normalised form (see the module doc)."""
+    if isinstance(obj, dict) and not _flat_shaped(obj):
+        return {"json_schema": check_json_schema(obj)}
+    return _parse(obj, "", nested=False)
+
+
+def parse_flat_format(obj: Any) -> dict[str, Any]:
+    """Only the flat subset (see the module doc): a general schema is refused."""
+    if isinstance(obj, dict) and not _flat_shaped(obj):
+        raise FormatError("a watch's format is boolean, integer, number, an enum or a flat object of those")
     return _parse(obj, "", nested=False)
 
 
 def format_kind(schema: dict[str, Any]) -> str:
-    """"boolean", "integer", "number", "enum" or "object" of a normalised format."""
+    """"boolean", "integer", "number", "enum", "object" or "json" (any other schema) of a normalised format."""
+    if "json_schema" in schema:
+        return "json"
     return "enum" if "enum" in schema else schema["type"]
+
+
+def check_json_schema(schema: Any, where: str = "") -> dict[str, Any]:
+    """`schema` when it is a JSON Schema object within the size and depth limits, with
+    `type`s JSON Schema names; the keywords themselves are the engine's to judge."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(schema, dict):
+        raise FormatError(f"{prefix}must be a JSON object (a schema), got {_json_type(schema)}")
+    try:
+        text = json.dumps(schema, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{prefix}must be plain JSON: {exc}") from None
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise FormatError(f"{prefix}the schema is {len(text)} characters as JSON, at most {MAX_SCHEMA_CHARS}")
+    _check_schema_node(schema, where, 1)
+    return schema
+
+
+def _check_schema_node(node: Any, path: str, depth: int) -> None:
+    if depth > MAX_SCHEMA_DEPTH:
+        raise FormatError(f"{path or 'schema'}: nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _check_schema_node(item, f"{path}[{index}]", depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    kind = node.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    for name in kinds:
+        if name not in JSON_TYPES:
+            raise FormatError(f"{_at(path, 'type')}: {name!r} is not a JSON Schema type ({', '.join(JSON_TYPES)})")
+    for key, value in node.items():
+        if not isinstance(key, str):  # pragma: no cover - JSON keys are strings
+            raise FormatError(f"{path}: keys must be strings")
+        _check_schema_node(value, _at(path, key), depth + 1)
+
+
+def _flat_shaped(obj: dict[str, Any]) -> bool:
+    """True when `obj` is written in the flat subset's shape (its values are then checked
+    by the flat rules, with their messages); False sends it to the general schema path."""
+    kind = obj.get("type")
+    if kind is None:
+        if "enum" not in obj:  # {} is refused by the flat rules; anyOf, $ref, ... are schemas
+            return not obj.keys() - set(_ANNOTATIONS)
+        kind = "enum"
+    elif isinstance(kind, list):  # ["string", "null"] and the like
+        return False
+    elif not isinstance(kind, str):
+        return True  # the flat rules say what is wrong with it
+    if kind == "string" and "enum" not in obj:
+        return False
+    if kind not in _KEYWORDS or set(obj) - _KEYWORDS[kind] - set(_ANNOTATIONS):
+        return False
+    if kind != "object":
+        return True
+    if "properties" not in obj:
+        return False  # {"type": "object"}: any object (OpenAI's json_object), a general schema
+    properties = obj.get("properties")
+    if not isinstance(properties, dict):
+        return True  # the flat rules say what is wrong with it
+    if len(properties) > MAX_PROPERTIES or obj.get("additionalProperties", False) is not False:
+        return False
+    return all(isinstance(sub, dict) and sub.get("type") != "object" and _flat_shaped(sub)
+               for sub in properties.values())
 
 
 def _parse(obj: Any, path: str, nested: bool) -> dict[str, Any]:

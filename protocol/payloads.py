@@ -165,8 +165,9 @@ class AskRequest(_Inbound):
         description="A client-chosen id: earlier turns of this conversation stay in context.")
     reset: bool = Field(False, description="With conversation: forget it first (without text: only that).")
     format: dict[str, Any] | None = Field(
-        None, description="Typed answer: a JSON-Schema subset (boolean, bounded integer/number, enum of strings,"
-        " a flat object of those); the answer is decoded to fit it and the final adds value and confidence.")
+        None, description="Typed answer: a JSON Schema (boolean, bounded integer/number, enum of strings and a"
+        " flat object of those keep their own spelling; any other schema is answered as JSON); the answer is"
+        " decoded to fit it and the final adds value and confidence.")
 
     @field_validator("format", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protocol.codec import ProtocolError, describe_validation_error, parse_json_object
-from protocol.formats import FormatError, parse_format
+from protocol.formats import FormatError, parse_flat_format
 from protocol.payloads import _Outbound
 from protocol.topics import CAMERA_PATTERN, TopicError, check_camera
 
@@ -51,7 +51,7 @@ class WatchDefinition(BaseModel):
     @classmethod
     def _format(cls, value: Any) -> Any:
         try:
-            return parse_format(value)
+            return parse_flat_format(value)
         except FormatError as exc:
             raise ValueError(str(exc)) from None
 

@@ -36,7 +36,16 @@ def results(tmp_path_factory) -> Path:
     run("bench/board_sim.py", "--runs", "1", "--tokens", "2", "--builds", "internvl2_5-1b-364,internvl3-1b-448",
         "--out", str(directory / "board_sim.json"))
     run("bench/device_traffic.py", "--tiny", "--tokens", "8", "--out", str(directory / "device_traffic.json"))
+    run("bench/format_tokens.py", "--tiny", "--out", str(directory / "format_tokens.json"))
     return directory
+
+
+def test_format_tokens_json(results):
+    data = json.loads((results / "format_tokens.json").read_text())
+    assert data["tiny"] is True and data["vocab"] == 151655 and "load average" in data["uptime"]
+    assert set(data["results"]) == {"free greedy", "boolean", "object of 16 numbers"}
+    assert data["results"]["object of 16 numbers"]["finish"] == "stop"
+    assert all(row["ratio_to_free"] > 0 for name, row in data["results"].items() if name != "free greedy")
 
 
 def test_cpu_vs_transformers_json(results):
@@ -117,7 +126,8 @@ def test_benchmarks_md_from_results(results, tmp_path):
     decode = json.loads((results / "decode_overhead.json").read_text())
     assert decode["results"][0]["precision"] == "bf16"
     for heading in ("## 1. Host overhead", "## 2. CPU", "## 3. Follow-up", "## 4. MQTT", "## 5. Profiles",
-                    "## 6. Board data path", "## 7. Simulated AX630C", "## 8. Reference kernels"):
+                    "## 6. Board data path", "## 7. Simulated AX630C", "## 8. Reference kernels",
+                    "## 9. Constrained decoding"):
         assert heading in text
     assert f"{decode['results'][0]['us_per_token']:.1f}" in text
     assert "_Tiny dims (smoke run)" in text

@@ -1,9 +1,12 @@
-"""Typed answers in the engine: the token trie against brute force over the real Qwen2
-vocabulary, answers that always parse whatever the logits, the token budget, top-k post
-builds, confidence, and no more graph calls than free-text decoding."""
+"""Typed answers in the engine: llguidance's token masks against brute force over the real
+Qwen2 vocabulary, answers that always parse whatever the logits, the token budget, top-k
+post builds, confidence, a cost per token that does not grow with the answer, and no more
+graph calls than free-text decoding."""
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 
 import numpy as np
@@ -11,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npu.engine import Engine, Prompt
-from npu.engine.constrain import FormatCache, FormatTooLong
-from npu.engine.format_language import compile_language
+from npu.engine import Engine, GenerationOptions, Prompt
+from npu.engine.constrain import FormatCache, FormatError, FormatTooLong
+from npu.engine.grammars import answer_grammar
+from npu.engine.yes_no import boolean_words
 from npu.session import check_feed
 from protocol.formats import parse_format
 from tests.test_engine import (F32, HIDDEN, FakePost, FakeTopkPost, image, make_model, run, spec,  # noqa: F401
@@ -26,30 +30,63 @@ DOOR = parse_format({"type": "object", "properties": {"open": {"type": "boolean"
                      "required": ["open"]})
 LEVEL = parse_format({"type": "number", "minimum": -2.5, "maximum": 40})
 FORMATS = [BOOLEAN, COUNT, COLOUR, DOOR, LEVEL]
+QUESTION = "Is there a circle?"
 
 
-def brute_force_transitions(tokenizer, language, prefix: bytes) -> set[tuple[int, bytes]]:
+def every_answer(schema: dict) -> set[bytes]:
+    """Every answer a finite flat format admits, written as documented (protocol/formats.py)."""
+    if schema.get("type") == "boolean":
+        return {word.encode() for word in boolean_words(QUESTION)}
+    if "enum" in schema:
+        return {option.encode() for option in schema["enum"]}
+    if schema.get("type") == "integer":
+        return {str(i).encode() for i in range(schema["minimum"], schema["maximum"] + 1)}
+    literal = {"boolean": [b"true", b"false"]}
+    values = []
+    for sub in schema["properties"].values():
+        values.append(literal["boolean"] if sub.get("type") == "boolean" else
+                      [json.dumps(o).encode() for o in sub["enum"]] if "enum" in sub else sorted(every_answer(sub)))
+    keys = list(schema["properties"])
+    return {b"{" + b", ".join(json.dumps(k).encode() + b": " + v for k, v in zip(keys, combo)) + b"}"
+            for combo in itertools.product(*values)}
+
+
+def brute_force_allowed(tokenizer, answers: set[bytes], prefix: bytes, stop_ids) -> set[int]:
     special = set(tokenizer.added_tokens)
-    found = set()
-    for token_id in range(tokenizer.vocab_size):
-        piece = b"" if token_id in special else tokenizer.token_bytes(token_id)
-        if piece and language.viable(prefix + piece):
-            found.add((token_id, prefix + piece))
-    return found
+    prefixes = {a[:n] for a in answers for n in range(len(prefix) + 1, len(a) + 1)}
+    allowed = {token_id for token_id in range(tokenizer.vocab_size) if token_id not in special
+               and prefix + tokenizer.token_bytes(token_id) in prefixes}
+    return allowed | (set(stop_ids) if prefix in answers else set())
 
 
 @pytest.mark.parametrize("schema, prefix", [
     (BOOLEAN, b""), (BOOLEAN, b"Y"), (COUNT, b""), (COUNT, b"1"), (COLOUR, b"gr"), (DOOR, b'{"open": true, "pe'),
-    (LEVEL, b"-"), (LEVEL, b"3"),
+    (DOOR, b'{"open": false, "people": 1'),
 ])
-def test_the_token_trie_is_exactly_the_tokens_the_format_admits(tokenizer_and_template, schema, prefix):
+def test_the_mask_is_exactly_the_tokens_the_format_admits(tokenizer_and_template, schema, prefix):
     tokenizer, template = tokenizer_and_template
-    compiled = FormatCache(tokenizer, sorted(template.stop_ids)).compile(schema, "Is there a circle?")
-    ids, nexts = compiled.transitions(prefix)
-    walked = {(int(i), n) for i, n in zip(ids, nexts) if n is not None}
-    assert walked == brute_force_transitions(tokenizer, compiled.language, prefix)
-    stops = {int(i) for i, n in zip(ids, nexts) if n is None}
-    assert stops == (set(template.stop_ids) if compiled.language.complete(prefix) else set())
+    compiled = FormatCache(tokenizer, sorted(template.stop_ids)).compile(schema, QUESTION)
+    answer = compiled.start.deep_copy()
+    assert answer.consume_tokens(tokenizer.encode(prefix.decode())), answer.get_error()
+    from npu.engine.constrain import Masker
+
+    allowed = set(Masker(compiled.vocab).allowed(answer).tolist())
+    admitted = brute_force_allowed(tokenizer, every_answer(schema), prefix, template.stop_ids)
+    # Where the rest is forced (a key, an option's tail) llguidance offers its canonical
+    # spelling only; elsewhere every spelling. Never a token outside the format, and every
+    # next byte an answer may take stays reachable.
+    assert allowed <= admitted
+    next_bytes = {a[len(prefix)] for a in every_answer(schema) if a.startswith(prefix) and len(a) > len(prefix)}
+    assert {tokenizer.token_bytes(i)[0] for i in allowed if i not in template.stop_ids} == next_bytes
+    assert (set(template.stop_ids) <= allowed) == (prefix in every_answer(schema))
+
+
+def test_the_hand_written_trie_and_languages_are_gone():
+    assert importlib.util.find_spec("npu.engine.format_language") is None
+    import npu.engine.constrain as constrain
+
+    assert not hasattr(constrain, "VocabularyIndex") and not hasattr(constrain, "CompiledFormat") or \
+        not hasattr(constrain.CompiledFormat, "transitions")
 
 
 def check_answer(schema: dict, done) -> None:
@@ -99,12 +136,15 @@ def test_the_question_is_asked_with_the_format_hint(make_model):
 
 
 def test_a_tight_budget_still_ends_in_an_answer(make_model, tokenizer_and_template):
-    tokenizer, _ = tokenizer_and_template
+    tokenizer, template = tokenizer_and_template
+    # the tightest budget: the shortest answer the engine knows (its witness, 17-19 tokens)
+    tight = len(FormatCache(tokenizer, sorted(template.stop_ids)).compile(DOOR, "How is it?").witness)
+    assert tight <= 20
     for seed in range(8):
         _, done = run(Engine(make_model(post=FakePost(tokenizer.vocab_size, F32, seed=seed))), Prompt("How is it?"),
-                      max_tokens=17, format=DOOR)
+                      max_tokens=tight, format=DOOR)
         check_answer(DOOR, done)
-        assert done.completion_tokens <= 17
+        assert done.completion_tokens <= tight
     three_digits = {"type": "integer", "minimum": 100, "maximum": 999}
     three_digits = parse_format(three_digits)
     _, done = run(Engine(make_model()), Prompt("How many?"), max_tokens=3, format=three_digits)
@@ -213,5 +253,5 @@ def _options(schema):
 
 
 def test_every_word_of_a_value_counts_for_it():
-    language = compile_language(BOOLEAN, "Is there a dog?")
-    assert set(language.same_value(b"No")) == {b"no", b"No", b"NO"}
+    grammar = answer_grammar(BOOLEAN, "Is there a dog?")
+    assert set(grammar.same_value("No")) == {"no", "No", "NO"} and grammar.value("NO") is False

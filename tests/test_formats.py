@@ -14,6 +14,9 @@ from npu.engine.formats import format_hint, with_hint
     ({"enum": ["red", "green", "blue"]}, "Answer with one of: red, green, blue."),
     ({"type": "object", "properties": {"door": {"type": "boolean"}, "people": {"type": "integer"}}},
      "Answer in JSON with the keys: door, people."),
+    ({"json_schema": {"type": "object", "properties": {"scene": {"type": "string"}}, "required": ["scene"]}},
+     "Answer in JSON with the keys: scene."),
+    ({"json_schema": {"type": "array", "items": {"type": "integer"}}}, "Answer in JSON."),
 ])
 def test_each_format_has_its_fixed_hint(schema, hint):
     assert format_hint(schema) == hint

@@ -65,7 +65,7 @@ def test_messages_keep_roles_and_parts_in_order():
     ({"max_completion_tokens": 513}, "max_completion_tokens"), ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"seed": -1}, "seed"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string",
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strnig",
                                                                                      "pattern": "a"}}}},
      "response_format"),
     ({"model": "other"}, "model"),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks_md_board import section_board, section_reference_ab  # tools/, beside this script
 from benchmarks_md_common import TINY_NOTE, fmt, lengths, load, load_all, machine_line
+from benchmarks_md_formats import section_format_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -264,6 +265,8 @@ def render(results: Path = RESULTS) -> str:
     lines += section_device_traffic(load(results, "device_traffic"))
     lines += _each(section_board, load_all(results, "board_sim"))
     lines += _each(section_reference_ab, load_all(results, "reference_ab"))
+    lines += section_format_tokens(load(results, "format_tokens"), load(results, "format_tokens_demo"),
+                                   load(results, "format_tokens_demo_main"))
     return "\n".join(lines).rstrip() + "\n"
 
 

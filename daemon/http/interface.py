@@ -133,6 +133,8 @@ class HttpInterface:
         param = message.split(":", 1)[0] if status == 400 and message.startswith("messages[") else None
         if code == "too_long":
             param = "messages"
+        elif status == 400 and message.startswith("format:"):  # the engine refused the schema it was given
+            param = "response_format"
         headers = {"Retry-After": self.retry_after()} if status == 429 else None
         return OpenAIError(status, message, param, openai_code, headers)
 

@@ -88,14 +88,23 @@ class GenerationOptions:
     seed: int | None = None
     # Keep generating through stop tokens (parity tests and benchmarks want exact lengths).
     ignore_stop: bool = False
-    # A normalised typed-answer format (protocol/formats.py): the answer is decoded to fit it.
+    # A normalised typed-answer format (protocol/formats.py): the answer is decoded to fit it,
+    # and the question gets the format's hint sentence (npu.engine.formats).
     format: dict[str, Any] | None = None
     # The answer ends before the first of these strings (which is not sent): npu.engine.stops.
     stop: tuple[str, ...] = ()
+    # Any JSON Schema, as an OpenAI client's response_format carries it (`json_schema`, strict
+    # or not; `{"type": "object"}` for `json_object`): the answer is JSON that validates
+    # against it; the prompt is left as it is. Exclusive with `format`.
+    json_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.format is not None and self.json_schema is not None:
+            raise ValueError("format and json_schema exclude each other")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ValueError(f"json_schema must be a JSON object (a dict), got {type(self.json_schema).__name__}")
         self.sampling_params()  # SamplingParams raises ValueError for a bad value
 
     def sampling_params(self) -> SamplingParams:
@@ -264,8 +273,9 @@ class Engine:
         num_prompt = len(encoded.ids)
         budget = min(options.max_tokens, rows - num_prompt)
         typed = None
-        if options.format is not None:
-            typed = ConstrainedAnswer(self.formats.compile(options.format, question), budget, self._post_scores)
+        if options.format is not None or options.json_schema is not None:
+            compiled = self.formats.compile(options.format, question, options.json_schema)
+            typed = ConstrainedAnswer(compiled, budget, self._post_scores)
         sampler = Sampler(options.sampling_params())
         stops = StopStrings(options.stop)
         history = list(encoded.ids)  # what the repetition penalty sees: prompt and answer
