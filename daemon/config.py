@@ -236,6 +236,7 @@ class CameraConfig(_Section):
 
 class ConversationsConfig(_Section):
     max_conversations: int = Field(8, gt=0, description="conversations kept at once; a new one beyond is refused (limit)")
+    max_per_client: int = Field(4, gt=0, description="conversations one client (reply path) may hold at once; a new one beyond is refused (limit)")
     max_turns: int = Field(16, gt=0, description="turns one conversation may have; more are refused until it is reset")
     max_tokens: int = Field(0, ge=0, description="KV cache rows one conversation may fill (old turns are dropped to fit); 0 = the whole cache")
     idle_s: float = Field(600.0, gt=0, description="a conversation idle this long is forgotten")

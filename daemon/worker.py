@@ -138,11 +138,18 @@ class Worker:
         else:
             images, image_key = [], None
         return Prompt(text=request.text, images=images, image_key=image_key, system=request.system,
-                      conversation=request.conversation)
+                      conversation=request.conversation, conversation_owner=self._owner(job))
+
+    def _owner(self, job: Job) -> str:
+        """Who asks, for the conversations it opens (#21.3): the reply path the client
+        named (reply_to or MQTT 5 response topic); "" for every client that named none
+        (their replies go to `<root>/answer/<id>`, one topic per request, no identity)."""
+        topic = job.reply.topic if job.reply is not None else ""
+        return "" if topic == self.responder.topics.answer(job.job_id) else topic
 
     def _reset(self, job: Job) -> bool:
         """Forget the request's conversation; True when a question follows in the same request."""
-        forgotten = self.engine.forget_conversation(job.request.conversation)
+        forgotten = self.engine.forget_conversation(job.request.conversation, owner=self._owner(job))
         log.info("conversation reset", conversation=job.request.conversation, existed=forgotten)
         if job.request.text is not None:
             return True

@@ -70,6 +70,8 @@ class Prompt:
     system prompt and template share a KV prefix snapshot, so the key must change when
     the pixels do. None disables prefix reuse. `conversation` names a conversation the
     prompt is the next turn of (npu.engine.conversation); None: a question on its own.
+    `conversation_owner` is an opaque string naming who asks (the daemon passes the
+    client's reply path): a conversation answers only the owner that opened it.
     """
 
     text: str
@@ -77,6 +79,7 @@ class Prompt:
     image_key: Hashable | None = None
     system: str | None = None
     conversation: str | None = None
+    conversation_owner: str = ""
 
 
 @dataclass
