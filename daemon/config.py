@@ -210,7 +210,7 @@ class FramesConfig(_Section):
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded frame (width x height)")
     history: int = Field(4, gt=0, description="raw frames kept per camera; the newest answers `camera` questions")
     max_cameras: int = Field(32, gt=0, description="unconfigured cameras whose frames are kept; frames from more are dropped (memory stays bounded)")
-    max_total_bytes: int = Field(256_000_000, gt=0, description="bytes of kept frames of all cameras together; beyond it the least recently active camera's frames are evicted (sized for a 4 GB board)")
+    max_total_bytes: int = Field(256_000_000, gt=0, description="bytes of kept frames of all cameras together, raw and decoded; beyond it the least recently active camera's frames are evicted, and decoded ones are kept only within what the raw ones leave (sized for a 4 GB board)")
     unknown_camera_idle_s: float = Field(600.0, gt=0, description="an unconfigured camera that sent no frame and had none used for this long is forgotten")
 
     @model_validator(mode="after")

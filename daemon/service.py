@@ -243,6 +243,7 @@ class Service:
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
             running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
+            decoded_frame_bytes=self.worker.decoded_frame_bytes if self.worker is not None else 0,
             cmm=cmm.describe() if cmm is not None else None, model=self.model_facts or None,
             conversations=conversations, watches=watches,
         )

@@ -66,11 +66,21 @@ class Worker:
         self.last_progress = clock()  # service clock of the last step or token, for the watchdog
         self.consecutive_failures = 0
         self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32) float32 of the last caption
-        self._frames = RecentFrames(self._decode)  # camera frames: decoded once for every reader
+        # camera frames: decoded once for every reader, within what the raw frames leave of the budget
+        self._frames = RecentFrames(self._decode, budget=self._decoded_budget)
         self.watch_runner = None if watches is None else WatchRunner(
             watches, engine, inbox, responder, self._frames.rgb, self._frames.thumbnail,
             min_change=lambda camera: self.scheduler.captions.get(camera, CaptionPolicy()).min_change,
             max_tokens=limits.default_max_tokens, should_stop=self.abort.is_set)
+
+    def _decoded_budget(self) -> int | None:
+        limit = self.inbox.max_total_bytes
+        return None if limit is None else max(0, limit - self.inbox.frame_bytes)
+
+    @property
+    def decoded_frame_bytes(self) -> int:
+        """Bytes of the decoded frames the worker keeps (they count in `[frames] max_total_bytes`)."""
+        return self._frames.nbytes
 
     @property
     def healthy(self) -> bool:
@@ -102,6 +112,7 @@ class Worker:
                 self._run_caption(decision.caption_camera, now)
             return "caption"
         if not decision.expired:
+            self._frames.trim()  # raw frames that arrived meanwhile may have used the budget's room
             self.inbox.wait(idle_s if decision.wake_in is None else min(idle_s, decision.wake_in))
         return "idle"
 
