@@ -229,9 +229,9 @@ def run(args) -> dict:
 
     configure_logging("warning")  # a log line per request would be measured too
     if args.daemon_nagle:  # the daemon as it was before it set TCP_NODELAY (before/after figure)
-        import daemon.mqtt
+        import daemon.mqtt.client
 
-        daemon.mqtt._no_delay = lambda client, userdata, sock: None
+        daemon.mqtt.client.no_delay = lambda client, userdata, sock: None
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
     engine = ZeroCostEngine(args.tokens)

@@ -1,1 +1,3 @@
-"""vlmd's service: config, MQTT wiring, scheduling, worker, systemd, CLI."""
+"""vlmd's service: the core (service, worker, scheduler, inbox, responder, frames), its
+interfaces (mqtt/), configuration (config/), request journal (journal/), Home Assistant and
+watches (home/), the process loop (lifecycle, systemd, logs) and the commands (commands/)."""

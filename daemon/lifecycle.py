@@ -1,4 +1,4 @@
-"""The process main loop of `vlmd serve` (`daemon.service.main` calls `run`).
+"""The process main loop of `vlmd serve`: `main(config)` runs a daemon.service.Service.
 
 Main thread only: signal handlers just set an event and wake the loop, which then
 stops (SIGTERM/SIGINT), reloads cameras and captions (SIGHUP), publishes stats, and
@@ -24,10 +24,11 @@ import signal
 import threading
 from typing import Callable
 
-from daemon.broker import BrokerStartError
-from daemon.config import EX_CONFIG, Config
+from daemon.mqtt.broker import BrokerStartError
+from daemon import systemd
+from daemon.config import EX_CONFIG, Config, ConfigError
 from daemon.logs import get_logger
-from daemon.mqtt import MqttError
+from daemon.mqtt.connection import MqttError
 from daemon.service import EngineFactory, Service, load_engine
 from npu.model import ModelError
 from protocol.topics import TopicError
@@ -40,7 +41,7 @@ EX_RUNTIME = 1
 STALL_S = 120.0  # no step or token for this long: the worker is stuck, stop pinging the watchdog
 
 
-def run(config: Config, engine_factory: EngineFactory = load_engine, tick_s: float = 0.5,
+def main(config: Config, engine_factory: EngineFactory = load_engine, tick_s: float = 0.5,
          reload_config: Callable[[], Config] | None = None, stall_s: float = STALL_S,
          ready_wait_s: float = READY_WAIT_S) -> int:
     """Run until SIGTERM/SIGINT (exit 0 after `stopped`) or repeated engine failures (exit 1).
@@ -51,8 +52,6 @@ def run(config: Config, engine_factory: EngineFactory = load_engine, tick_s: flo
     worker has made progress within `stall_s` (an idle worker makes progress: it wakes
     at least every second).
     """
-    from daemon import systemd
-
     stop, hangup, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(signum, _frame):
@@ -117,7 +116,6 @@ def _serving_status(service: Service) -> str:
 
 def _reload(service: Service, reload_config: Callable[[], Config] | None) -> str:
     """SIGHUP: the new config's cameras, or the old ones kept; the STATUS line to show."""
-    from daemon.config import ConfigError
 
     if reload_config is None:
         log.warning("SIGHUP ignored: this daemon was not started from a config it can read again")

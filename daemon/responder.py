@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from pydantic import ValidationError
 
-from daemon.journal import FinalRecord, Journal, request_digest
+from daemon.journal.journal import FinalRecord, Journal, request_digest
 from daemon.logs import get_logger
 from daemon.scheduler import Frame, Job
 from npu.engine import DoneEvent

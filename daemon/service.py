@@ -1,16 +1,20 @@
-"""Wiring and the main loop: broker, MQTT client, inbox, worker thread, stats, signals.
+"""The service core: one inbox, one worker, one responder, the journal and the stats, and
+the interfaces requests come in through.
 
 Runtime shape (DESIGN §5):
-    paho network thread --on_message--> protocol decode --> inbox
-    worker thread: scheduler --> engine.generate --> Responder --> MQTT
-    main thread: signals, systemd notify + watchdog, stats
+    interface (MQTT: paho's network thread) --decode--> Service.submit_ask / put_frame / cancel --> inbox
+    worker thread: scheduler --> engine.generate --> Responder --> the interface's publisher
+    main thread (daemon.lifecycle): signals, systemd notify + watchdog, stats
+
+Every interface plugs in the same way: it decodes what arrives with protocol/ and calls
+`submit_ask(request, reply)` (dedupe by the journal's id window, frames pinned, journaled,
+enqueued), `put_frame(camera, data)`, `cancel(request_id)` or `refuse(refused, topic)`; it
+never schedules or runs the engine itself. MQTT is daemon.mqtt.interface.MqttInterface.
 
 `Service(config, engine_factory=..., clock=...)` is the testable unit: `start()`,
-`stop(drain_timeout)`, `wait(timeout)`, `reload(config)`. `main(config)` is what
-`vlmd serve` runs: it handles SIGTERM/SIGINT (stop) and SIGHUP (reload cameras and
-captions); the handlers only wake the loop. It returns the exit code.
-Message handlers run on paho's thread: they decode, hand over and publish refusals,
-nothing slower.
+`stop(drain_timeout)`, `wait(timeout)`, `reload(config)`. The process main loop that runs
+it (signals, systemd, exit codes) is daemon.lifecycle.main, which imports this module and
+never the other way round. Knows nothing of MQTT topics or paho beyond the interface it starts.
 """
 
 from __future__ import annotations
@@ -22,23 +26,25 @@ from typing import Any, Callable
 
 import psutil
 
-from daemon.config import Config
-from daemon.ha import birth_topic
-from daemon.home import Home
-from daemon.inbox import Inbox
-from daemon.logs import get_logger
 from daemon import settings
-from daemon.mqtt import Incoming, MqttClient
-from daemon.journal import Journal, Recovery, open_journal, request_digest, request_key
-from daemon.recovery import Restarted, revive
-from daemon.scheduler import Job, Scheduler
+from daemon.config import Config
+from daemon.home.home import Home
+from daemon.home.watches import WatchLimits, WatchRegistry
+from daemon.inbox import Inbox
+from daemon.journal.journal import Journal, Recovery, open_journal, request_digest, request_key
+from daemon.journal.recovery import Restarted, revive
+from daemon.logs import get_logger
+from daemon.mqtt.interface import MqttInterface
 from daemon.responder import Responder, RuntimeStats
-from daemon.watches import WatchLimits, WatchRegistry
+from daemon.scheduler import Job, Scheduler
 from daemon.worker import Worker
 from npu.board.cmm import read_cmm_info
-from protocol import codec, payloads
-from protocol.requests import Refused, receive_ask, receive_cancel
-from protocol.topics import SPEC, Topics
+from npu.engine import Engine
+from npu.engine.conversation import ConversationLimits
+from npu.model import load_model
+from protocol import payloads
+from protocol.requests import Refused, Reply
+from protocol.topics import Topics
 
 log = get_logger("vlmd.service")
 
@@ -47,10 +53,6 @@ EngineFactory = Callable[[Config], Any]
 
 def load_engine(config: Config) -> Any:
     """The default engine factory: the configured model (or the demo model) on its backend."""
-    from npu.engine import Engine
-    from npu.engine.conversation import ConversationLimits
-    from npu.model import load_model
-
     m, c = config.model, config.conversations
     model = load_model(
         m.path, backend=m.backend, precision=m.precision, kv_capacity=m.kv_capacity,
@@ -84,8 +86,7 @@ class Service:
         self._num_camera_refusals = 0
         self.stats = RuntimeStats()
         self.limits = settings.ask_limits(config)
-        self.broker: Any = None  # the embedded broker, when one was started
-        self.client: MqttClient | None = None
+        self.mqtt = MqttInterface(self)
         self.worker: Worker | None = None
         self.responder: Responder | None = None
         self._worker_stop = threading.Event()
@@ -100,20 +101,15 @@ class Service:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the broker (if none is configured), load the engine, connect, start the worker."""
-        url, protocol = self._broker_url()
+        """Start the interfaces' connections (the embedded broker when none is configured),
+        load the engine, open the journal, start the worker."""
         engine = self.engine_factory(self.config)
         self.model_facts = engine.model_summary()
         log.info("model loaded", **self.model_facts)  # one line: what this daemon runs
         self.journal = open_journal(self.config, os.environ, self.wall_clock)
         self._recovery = self.journal.recover()
-        self.client = MqttClient(
-            settings.client_settings(self.config, url, protocol),
-            will=(self.topics.status(), payloads.STATUS_OFFLINE.encode(), SPEC["status"].qos, SPEC["status"].retain),
-            on_message=self._on_message,
-            on_connected=self._on_connected,
-        )
-        self.responder = Responder(self.client, self.topics, self.stats, self.wall_clock, self.journal)
+        url = self.mqtt.open()
+        self.responder = Responder(self.mqtt.client, self.topics, self.stats, self.wall_clock, self.journal)
         self.worker = Worker(
             engine, self.inbox, self.scheduler, self.responder, settings.worker_limits(self.config), self.clock,
             watches=self.watches,
@@ -122,7 +118,7 @@ class Service:
             target=self.worker.run, args=(self._worker_stop,), name="vlmd-worker", daemon=True
         )
         self._worker_thread.start()
-        self.client.start()
+        self.mqtt.start()
         log.info("service started", root=self.topics.root, broker=url)
 
     def stop(self, drain_timeout: float | None = None) -> None:
@@ -140,11 +136,7 @@ class Service:
             if self._worker_thread.is_alive() and self.worker is not None:
                 self.worker.abort.set()
                 self._worker_thread.join(10.0)
-        if self.client is not None:
-            status = (self.topics.status(), payloads.STATUS_STOPPED.encode(), SPEC["status"].qos, SPEC["status"].retain)
-            self.client.stop(last=status)
-        if self.broker is not None:
-            self.broker.stop()
+        self.mqtt.stop()
         self.journal.close()
         self._stopped.set()
         log.info("service stopped")
@@ -168,6 +160,16 @@ class Service:
     @property
     def healthy(self) -> bool:
         return self.worker is not None and self.worker.healthy
+
+    @property
+    def client(self):
+        """The MQTT client (None before start)."""
+        return self.mqtt.client
+
+    @property
+    def broker(self):
+        """The embedded broker, when one was started."""
+        return self.mqtt.broker
 
     @property
     def fatal_error(self) -> str | None:
@@ -200,11 +202,7 @@ class Service:
             self.responder.topics = topics
         self.scheduler.captions = settings.caption_policies(config)
         self.inbox.configured = frozenset(config.cameras)
-        if self.client is not None:
-            self.client.unsubscribe(sorted(old_sources - new_sources))
-            self.client.subscribe([(topic, SPEC["frame"].qos) for topic in sorted(new_sources - old_sources)])
-            if self.client.connected:
-                self._publish_discovery()
+        self.mqtt.resubscribe_frames(old_sources, new_sources)
         captioned = sum(c.caption for c in config.cameras.values())
         summary = f"reloaded: {len(config.cameras)} camera(s), {captioned} captioned"
         log.info("reload", cameras=sorted(config.cameras), captioned=captioned, restart_needed=ignored or None)
@@ -220,14 +218,16 @@ class Service:
         """Main-loop duties: forget idle unconfigured cameras, publish stats when due."""
         self._expire_cameras()
         now = self.clock()
-        if now >= self._next_stats and self.client is not None and self.client.connected:
+        if now >= self._next_stats and self.mqtt.connected:
             self._next_stats = now + self.config.stats.interval_s
             self.publish_stats()
 
     def publish_stats(self) -> None:
-        message = self.stats_message()
-        spec = SPEC["stats"]
-        self.client.publish(self.topics.stats(), codec.encode(message), spec.qos, spec.retain)
+        self.mqtt.publish_stats(self.stats_message())
+
+    def stats_due_now(self) -> None:
+        """Publish stats at the next tick (after every (re)connect)."""
+        self._next_stats = 0.0
 
     def stats_message(self) -> payloads.Stats:
         with self.stats.lock:
@@ -248,64 +248,20 @@ class Service:
             conversations=conversations, watches=watches,
         )
 
-    # -- the broker -------------------------------------------------------------------
+    # -- what interfaces call (MQTT on paho's thread: never block, never raise) ----------
 
-    def _broker_url(self) -> tuple[str, str]:
-        if self.config.mqtt.broker:
-            return self.config.mqtt.broker, self.config.mqtt.protocol
-        from daemon.broker import EmbeddedBroker
-
-        embedded = self.config.embedded_broker
-        self.broker = EmbeddedBroker(embedded.host, embedded.port).start()
-        log.info("embedded broker started", url=self.broker.url)
-        return self.broker.url, "3.1.1"  # amqtt speaks MQTT 3.1.1 only
-
-    # -- paho thread: handlers (never block, never raise: MqttClient logs what escapes) --
-
-    def _on_connected(self) -> None:
-        if self._recovery is not None:  # before any message of this connection is handled
-            recovery, self._recovery = self._recovery, None
-            try:
-                self._settle(recovery)
-            except Exception:  # what is owed must not cost the connection its subscriptions
-                log.exception("journal recovery failed")
-        subscriptions = self.topics.subscriptions()
-        if self.config.fleet.enabled:
-            if self.client.is_v5:
-                subscriptions.append(self.topics.fleet_subscription(self.config.fleet.group))
-            else:
-                log.warning("fleet mode needs MQTT 5 shared subscriptions; the broker speaks 3.1.1")
-        if self.config.home_assistant.enabled:
-            subscriptions.append((birth_topic(self.config.home_assistant.discovery_prefix), 1))
-        self.client.subscribe(subscriptions)
-        spec = SPEC["status"]
-        self.client.publish(self.topics.status(), payloads.STATUS_ONLINE.encode(), spec.qos, spec.retain)
-        self._publish_discovery()
-        self._next_stats = 0.0  # fresh stats soon after every (re)connect
-
-    def _publish_discovery(self) -> None:
-        self.home.publish_discovery()
-
-    def _on_message(self, message: Incoming) -> None:
-        if self.config.home_assistant.enabled and message.topic == birth_topic(self.config.home_assistant.discovery_prefix):
-            if message.payload == b"online":
-                self._publish_discovery()
+    def settle_recovery(self) -> None:
+        """Once, at the first connection: what an earlier run owed (its finals need a broker)."""
+        if self._recovery is None:
             return
-        route = self.topics.parse(message.topic)
-        if route is None:
-            return
-        if route.kind == "frame":
-            self._on_frame(route.camera, message.payload)
-        elif route.kind in ("ask", "fleet_ask"):
-            self._on_ask(message)
-        elif route.kind == "cancel":
-            self._on_cancel(message)
-        elif route.kind == "watch_config":
-            self.home.on_watch_config(route.name, message)
-        elif route.kind == "dashboard_ask":
-            self.home.on_dashboard_ask(route.camera, message)
+        recovery, self._recovery = self._recovery, None
+        try:
+            self._settle(recovery)
+        except Exception:  # what is owed must not cost the connection its subscriptions
+            log.exception("journal recovery failed")
 
-    def _on_frame(self, camera: str, data: bytes) -> None:
+    def put_frame(self, camera: str, data: bytes) -> None:
+        """A camera's frame: kept as its newest (decoded only when a job uses it)."""
         if not data:
             return  # an empty retained message clears a topic; it is not a frame
         if len(data) > self.config.frames.max_bytes:
@@ -331,21 +287,16 @@ class Service:
                         refused_so_far=self._num_camera_refusals)
         return False
 
-    def _on_ask(self, message: Incoming) -> None:
-        """Receive (protocol.requests validates and resolves the reply path), journal,
-        enqueue. The PUBACK goes out after this returns (MqttClient), so a crash before
-        the journal write makes the broker deliver the question again."""
+    def submit_ask(self, request: payloads.AskRequest, reply: Reply, redelivered: bool = False,
+                   topic: str | None = None) -> None:
+        """A validated question with its reply path: not run again when its id was seen
+        (`_seen`), its frames pinned (or refused), journaled, enqueued; exactly one final
+        is owed from here on."""
         now, wall_now = self.clock(), self.wall_clock()
-        received = receive_ask(message.payload, self.topics, self.config.requests.max_payload_bytes, self.limits,
-                               message.response_topic, message.correlation_data)
-        if isinstance(received, Refused):
-            self._refuse(received, message.topic)
-            return
-        request = received.request
-        if self._seen(request, received.reply, message.redelivered, message.topic):
+        if self._seen(request, reply, redelivered, topic or self.topics.ask()):
             return
         deadline = None if request.expires_ms is None else now + request.expires_ms / 1000.0
-        job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=received.reply)
+        job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=reply)
         if request.camera is not None and not self._pin_frames(job, request):
             return
         expires_ts = None if request.expires_ms is None else wall_now + request.expires_ms / 1000.0
@@ -359,7 +310,7 @@ class Service:
         elif result == "closed":
             self._final(job, "shutdown", ("shutdown", payloads.ERROR_DESCRIPTIONS["shutdown"]))
 
-    def _seen(self, request: payloads.AskRequest, reply, redelivered: bool, topic: str) -> bool:
+    def _seen(self, request: payloads.AskRequest, reply: Reply, redelivered: bool, topic: str) -> bool:
         """A request seen within the id window is not run again (QoS 1 is at-least-once,
         and reconnecting clients retransmit): the same id on the same reply path with the
         same content; still running, nothing; finished, its final again. The same id and
@@ -407,7 +358,7 @@ class Service:
         job.frames = frames
         return True
 
-    def _refuse(self, refused: Refused, topic: str) -> None:
+    def refuse(self, refused: Refused, topic: str) -> None:
         """A refused ask: a final `rejected` where the client listens, else <root>/error."""
         log.info("ask refused", code=refused.code, message=refused.message, request_id=refused.request_id)
         reply = refused.reply
@@ -419,26 +370,11 @@ class Service:
         job = Job("ask", refused.request_id or payloads.new_request_id(), self.clock(), reply=refused.reply)
         self._final(job, "rejected", (refused.code, refused.message))
 
-    def _on_cancel(self, message: Incoming) -> None:
-        request = receive_cancel(message.payload)
-        if isinstance(request, Refused):
-            self.responder.error(request.code, request.message, message.topic)
-            return
-        where, job = self.inbox.cancel(request.id)
-        log.info("cancel", request_id=request.id, where=where)
+    def cancel(self, request_id: str) -> None:
+        where, job = self.inbox.cancel(request_id)
+        log.info("cancel", request_id=request_id, where=where)
         if where == "queued":
             self._final(job, "cancelled", ("cancelled", "cancelled while queued"))
 
     def _final(self, job: Job, reason: str, error: tuple[str, str]) -> None:
         self.responder.final(job, reason, error=error)
-
-
-
-# -- the process main loop --------------------------------------------------------------
-
-
-def main(config: Config, engine_factory: EngineFactory = load_engine, **options: Any) -> int:
-    """What `vlmd serve` runs; see daemon/lifecycle.py (signals, sd_notify, watchdog, reload)."""
-    from daemon.lifecycle import run
-
-    return run(config, engine_factory, **options)

@@ -8,7 +8,7 @@ limits, ask limits and the MQTT client settings.
 from __future__ import annotations
 
 from daemon.config import CameraConfig, Config
-from daemon.mqtt import ClientSettings, TlsSettings
+from daemon.mqtt.connection import ClientSettings, TlsSettings
 from daemon.scheduler import CaptionPolicy
 from daemon.worker import WorkerLimits
 from protocol.payloads import AskLimits

@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from daemon.frame_change import RecentFrames, changed, jpeg
+from daemon.frames import RecentFrames, changed, jpeg
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
 from daemon.responder import Responder
 from daemon.scheduler import CaptionPolicy, Frame, Job, Scheduler
-from daemon.watches import WatchRegistry, WatchRunner
+from daemon.home.watches import WatchRegistry, WatchRunner
 from npu.engine import DoneEvent, EngineError, EngineLike, GenerationOptions, Prompt, RequestError
 from protocol import frames as frame_codec
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from daemon.scenes import CAPTION_PROMPTS, draw_scene
+from daemon.commands.demo.scenes import CAPTION_PROMPTS, draw_scene
 from daemon.service import Service, load_engine
 from npu.model import DEMO_MODEL_DIR
 from tests.fixtures_daemon import Collector, png_bytes
@@ -201,7 +201,7 @@ def test_a_watch_flips_false_true_false_with_one_event_per_change(daemon):
     them right); each change of value gives one event, and the state stays retained."""
     d = daemon(cameras={CAMERA: {}})
     name = "circle-" + uuid.uuid4().hex[:6]
-    no_circle, circles = 100, 102  # scenes vlmd demo uses (daemon/commands/demo.py _scene_seed)
+    no_circle, circles = 100, 102  # scenes vlmd demo uses (daemon/commands/demo/ _scene_seed)
     assert all(s.kind != "circle" for s in draw_scene(no_circle)[1].shapes)
     assert sum(s.kind == "circle" for s in draw_scene(circles)[1].shapes) == 2
     send_scene(d, no_circle)

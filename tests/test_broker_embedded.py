@@ -11,7 +11,7 @@ import warnings
 import paho.mqtt.client as mqtt
 import pytest
 
-from daemon.broker import BrokerStartError, EmbeddedBroker
+from daemon.mqtt.broker import BrokerStartError, EmbeddedBroker
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from daemon.config import (
     parse_broker_url,
     redacted_dict,
 )
-from daemon.toml_text import dump_toml, toml_key_lines
+from daemon.config.toml_text import dump_toml, toml_key_lines
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,7 +50,7 @@ def issues_of(excinfo) -> list[str]:
 
 
 def test_defaults_fill_device_id_root_and_client_id(monkeypatch, tmp_path):
-    import daemon.identity as identity
+    import daemon.config.identity as identity
 
     monkeypatch.setattr(identity.socket, "gethostname", lambda: "M5Stack LLM/630")
     monkeypatch.setattr(identity, "SYS_CLASS_NET", tmp_path / "no-interfaces")

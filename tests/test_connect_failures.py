@@ -22,8 +22,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from daemon.config import Config
-from daemon.mqtt import TAKEOVER_COUNT, ClientSettings, MqttClient, wait_until
-from daemon.service import Service, main
+from daemon.mqtt.client import TAKEOVER_COUNT, MqttClient
+from daemon.mqtt.connection import ClientSettings, wait_until
+from daemon.lifecycle import main
+from daemon.service import Service
 from tests.fixtures_broker import free_port, start_mosquitto
 from tests.fixtures_daemon import FakeEngine
 from tests.test_shutdown import NotifySocket

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon import scenes
+from daemon.commands.demo import scenes
 from tests.fixtures_board import BOARD_BUILD, build_board_dir
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "npu" / "assets" / "demo_model"

@@ -5,7 +5,7 @@ payloads, `vlmd ask` commands, caption prompts and questions in TOML), so a new 
 is covered without touching this file; vlmd's default caption prompt is added. Each is
 asked the way the docs ask it (an image when the example names a camera or an image, as
 many frames as it asks for, none otherwise; the format hint for a `format`) about drawn
-scenes, and the answer is checked against `daemon.scene_questions.answer` for that scene.
+scenes, and the answer is checked against `daemon.commands.demo.questions.answer` for that scene.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon import scene_questions, scenes
+from daemon.commands.demo import questions as scene_questions, scenes
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon import scene_questions, scenes
+from daemon.commands.demo import questions as scene_questions, scenes
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "npu" / "assets" / "demo_model"

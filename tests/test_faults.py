@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 from daemon.config import Config
-from daemon.mqtt import wait_until
+from daemon.mqtt.connection import wait_until
 from daemon.service import Service, load_engine
 from tests.fixtures_broker import start_mosquitto
 from tests.fixtures_daemon import Collector, FakeEngine
@@ -219,7 +219,7 @@ FAILING_DAEMON = textwrap.dedent(
     """
     import json, sys
     from daemon.config import Config
-    from daemon.service import main
+    from daemon.lifecycle import main
     from tests.fixtures_daemon import FakeEngine
     sys.exit(main(Config.model_validate(json.loads(sys.argv[1])), engine_factory=lambda c: FakeEngine(), tick_s=0.1))
     """

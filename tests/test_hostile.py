@@ -1,6 +1,6 @@
 """Hostile input against a running daemon and a real mosquitto (issue 6, item 5).
 
-The daemon runs as its own process (`daemon.service.main`, the real main loop) with a
+The daemon runs as its own process (`daemon.lifecycle.main`, the real main loop) with a
 quick stand-in engine, so a crash is a dead process and RSS is the daemon's alone. The
 test publishes thousands of bad (and some good) messages on every inbound topic, then
 checks: the process is alive and still answers, no `offline` status was ever seen,
@@ -46,7 +46,7 @@ DAEMON_SCRIPT = textwrap.dedent(
     import numpy as np
     from daemon.config import Config
     from daemon.logs import configure_logging
-    from daemon.service import main
+    from daemon.lifecycle import main
     from npu.engine import DoneEvent, ImageError, TokenEvent
 
     class QuickEngine:

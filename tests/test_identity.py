@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config, load_config
-from daemon.identity import default_device_id, primary_mac
+from daemon.config.identity import default_device_id, primary_mac
 
 ROUTE_HEADER = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
 
@@ -79,7 +79,7 @@ def test_host_names_that_already_carry_the_mac_are_kept(tmp_path):
 
 
 def test_config_default_uses_it_and_an_explicit_id_wins(tmp_path, monkeypatch):
-    import daemon.identity as identity
+    import daemon.config.identity as identity
 
     net, route = sysfs(tmp_path, BOARD, "eth0")
     monkeypatch.setattr(identity, "SYS_CLASS_NET", net)

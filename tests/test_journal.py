@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from daemon.config import Config
 from daemon.inbox import Inbox
-from daemon.journal import FinalRecord, Journal, JournalLimits, journal_path, open_journal, request_digest, request_key
-from daemon.journal_file import MAGIC, JournalFileError, encode_record, read_records
-from daemon.recovery import Restarted, revive
+from daemon.journal.journal import (
+    FinalRecord, Journal, JournalLimits, journal_path, open_journal, request_digest, request_key,
+)
+from daemon.journal.file import MAGIC, JournalFileError, encode_record, read_records
+from daemon.journal.recovery import Restarted, revive
 from daemon.scheduler import Frame, Job
 from protocol.payloads import AskLimits, AskRequest
 from protocol.requests import Reply

@@ -3,7 +3,7 @@ revived request has its format, conversation and retained reply again."""
 
 from __future__ import annotations
 
-from daemon.journal import Journal
+from daemon.journal.journal import Journal
 from daemon.scheduler import Job
 from protocol.payloads import AskRequest
 from protocol.requests import Reply

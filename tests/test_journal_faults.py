@@ -4,7 +4,7 @@ daemon processes (the main loop `vlmd serve` runs, with a slow stand-in engine),
 - killed while answering with questions queued: after a restart each one gets exactly
   one final (text and inline-image questions are answered again, a camera question
   fails as `restarted`: its frame died with the process);
-- killed in the middle of a journal write (the test hook in daemon/journal_file.py):
+- killed in the middle of a journal write (the test hook in daemon/journal/file.py):
   the restart reads the journal up to its last whole record and the broker, which never
   got the PUBACK, delivers the question again;
 - a second restart does not publish the recovery finals again;
@@ -37,7 +37,7 @@ DAEMON = textwrap.dedent(
     import json, sys
     from daemon.config import Config
     from daemon.logs import configure_logging
-    from daemon.service import main
+    from daemon.lifecycle import main
     from tests.fixtures_daemon import FakeEngine
     configure_logging("info", "json")
     config = Config.model_validate(json.loads(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""daemon.frame_change.RecentFrames: a camera frame that a question, a caption and several
+"""daemon.frames.RecentFrames: a camera frame that a question, a caption and several
 watches look at is decoded and thumbnailed once, shared read-only; bad frames are not kept."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from daemon import frame_change
-from daemon.frame_change import RecentFrames
+from daemon import frames as frame_change
+from daemon.frames import RecentFrames
 from protocol.frames import FrameError
 from tests.fixtures_daemon import png_bytes
 

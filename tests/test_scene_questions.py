@@ -1,4 +1,4 @@
-"""daemon/scene_questions.py (the demo's questions and their right answers) and the
+"""daemon/commands/demo/questions.py (the demo's questions and their right answers) and the
 out-of-world prompts of tools/out_of_world.py: the oracle the demo model is trained and
 measured against must itself be right."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import scene_questions as sq
-from daemon import scenes
+from daemon.commands.demo import questions as sq
+from daemon.commands.demo import scenes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import out_of_world  # noqa: E402

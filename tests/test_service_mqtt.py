@@ -300,8 +300,9 @@ def test_tiny_model_frame_question_and_follow_up_reuses_the_prefix(mosquitto, ti
 
 
 def test_protocol_auto_picks_5_on_mosquitto_and_311_on_the_embedded_broker(mosquitto):
-    from daemon.broker import EmbeddedBroker
-    from daemon.mqtt import ClientSettings, MqttClient
+    from daemon.mqtt.broker import EmbeddedBroker
+    from daemon.mqtt.client import MqttClient
+    from daemon.mqtt.connection import ClientSettings
 
     def chosen(url: str) -> str:
         client = MqttClient(ClientSettings(url=url, client_id="probe-" + uuid.uuid4().hex[:6], persistent_session=False),
@@ -412,7 +413,7 @@ def test_serve_main_exits_0_on_sigterm_after_publishing_stopped(mosquitto, monke
     import tempfile
     import threading
 
-    from daemon.service import main
+    from daemon.lifecycle import main
 
     directory = tempfile.mkdtemp(prefix="vlmd-notify-", dir="/tmp")  # AF_UNIX paths must be short
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -533,7 +534,7 @@ def test_demo_model_captions_scenes_over_mqtt(mosquitto):
 
     import numpy as np
 
-    from daemon.scenes import CAPTION_PROMPTS, draw_scene
+    from daemon.commands.demo.scenes import CAPTION_PROMPTS, draw_scene
     from daemon.service import load_engine
     from npu.engine import Engine, GenerationOptions, Prompt
     from npu.model import DEMO_MODEL_DIR, load_model
@@ -649,7 +650,7 @@ def test_mqtts_with_a_private_ca(tmp_path):
 def test_serve_main_exits_1_after_repeated_engine_failures(mosquitto):
     import threading
 
-    from daemon.service import main
+    from daemon.lifecycle import main
 
     config = make_config(mosquitto.url, shutdown={"max_consecutive_failures": 2, "drain_timeout_s": 1.0})
     client = Collector(mosquitto.host, mosquitto.port, [config.root + "/#"])
@@ -674,8 +675,9 @@ def test_serve_main_exits_1_after_repeated_engine_failures(mosquitto):
 def test_protocol_auto_waits_for_a_broker_that_comes_up_later():
     """`auto` cannot probe a broker that is not up yet: it keeps probing, and connects
     with 3.1.1 once the (3.1.1-only) broker appears."""
-    from daemon.broker import EmbeddedBroker
-    from daemon.mqtt import ClientSettings, MqttClient
+    from daemon.mqtt.broker import EmbeddedBroker
+    from daemon.mqtt.client import MqttClient
+    from daemon.mqtt.connection import ClientSettings
     from tests.fixtures_broker import free_port
 
     port = free_port()

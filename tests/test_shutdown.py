@@ -1,6 +1,6 @@
 """Shutdown, reload and systemd notify through the real main loop (issue 6, items 1-3).
 
-`daemon.service.main` runs in the test's main thread with real signals (sent by a helper
+`daemon.lifecycle.main` runs in the test's main thread with real signals (sent by a helper
 thread with os.kill) and a real AF_UNIX datagram socket as NOTIFY_SOCKET, as systemd
 would give it. Checked: READY after the model loads (EXTEND_TIMEOUT_USEC and STATUS
 before it), WATCHDOG only while the worker makes progress or idles healthily, STOPPING
@@ -24,7 +24,7 @@ import uuid
 import pytest
 
 from daemon.config import Config, load_config
-from daemon.service import main
+from daemon.lifecycle import main
 from tests.fixtures_daemon import Collector, FakeEngine, noise_png
 
 pytestmark = pytest.mark.broker

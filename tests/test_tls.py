@@ -107,7 +107,7 @@ def test_wrong_credentials_are_fatal_with_their_reason(wrong, tls_broker, tls_ma
         service.start()
         assert not service.client.wait_connected(3), f"connected despite the wrong {wrong}"
         assert service.client.num_connects == 0
-        from daemon.mqtt import wait_until
+        from daemon.mqtt.connection import wait_until
 
         assert wait_until(lambda: service.fatal_error is not None, 10), f"the wrong {wrong} was retried forever"
     finally:
@@ -156,7 +156,7 @@ def test_vlmd_serve_from_a_config_file_over_mutual_tls(tls_broker, tls_material,
         "[stats]\ninterval_s = 0.5\n"
     )
     script = ("import sys; from daemon.config import load_config; from daemon.logs import configure_logging; "
-              "from daemon.service import main; from tests.fixtures_daemon import FakeEngine; "
+              "from daemon.lifecycle import main; from tests.fixtures_daemon import FakeEngine; "
               "config = load_config(sys.argv[1]); configure_logging('debug', 'json'); "
               "sys.exit(main(config, engine_factory=lambda c: FakeEngine(), tick_s=0.1))")
     env = {**os.environ, "PYTHONPATH": REPO}

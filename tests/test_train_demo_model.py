@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon import scenes
+from daemon.commands.demo import scenes
 from npu.text.template import Turn
 
 torch = pytest.importorskip("torch")

@@ -10,7 +10,7 @@ import pytest
 
 from daemon.inbox import Inbox
 from daemon.scheduler import CameraView, CaptionPolicy, Scheduler
-from daemon.watches import UNSET, Watch, WatchLimits, WatchRegistry, due_watch, observe
+from daemon.home.watches import UNSET, Watch, WatchLimits, WatchRegistry, due_watch, observe
 from daemon.responder import Responder, RuntimeStats
 from daemon.worker import Worker, WorkerLimits
 from protocol.codec import ProtocolError

@@ -15,7 +15,7 @@ import types
 import numpy as np
 import pytest
 
-from daemon import scenes
+from daemon.commands.demo import scenes
 from npu.board.data_path import PublicPath
 from npu.board.zero_copy import CACHE_LINE, CmmBuffer, ZeroCopyRuntime, ZeroCopySession
 from npu.engine import Engine, EngineError, GenerationOptions, Prompt, TokenEvent

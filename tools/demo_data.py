@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from daemon import scene_questions, scenes
+from daemon.commands.demo import questions as scene_questions, scenes
 from npu.text.template import Turn
 from out_of_world import out_of_world_prompt
 

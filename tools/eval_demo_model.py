@@ -3,10 +3,10 @@
     python tools/eval_demo_model.py [--model DIR] [--scenes 200] [--seed 9000000]
                                     [--backend ask|cli|engine|transformers] [--swap-rb] [--json]
 
-For every scene (drawn with daemon/scenes.py from seeds the training never uses) it asks:
+For every scene (drawn with daemon/commands/demo/scenes.py from seeds the training never uses) it asks:
 - a caption with every prompt of scenes.CAPTION_PROMPTS as written, and one more with a
   varied spelling (lower-case first letter, no final punctuation);
-- every phrasing of daemon/scene_questions.FORMS that the scene can be asked, each with
+- every phrasing of daemon/commands/demo/questions.py FORMS that the scene can be asked, each with
   a drawn subject and spelling;
 - typed questions as vlmd asks them for a `format` (the question, one space, the hint):
   boolean, integer and enum (colours, places, counts, yes/no; options in random order);
@@ -51,8 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from daemon import scene_questions, scenes  # noqa: E402
-from daemon.scene_questions import OUT_OF_WORLD_REPLY, draw_caption, draw_question  # noqa: E402
+from daemon.commands.demo import questions as scene_questions, scenes  # noqa: E402
+from daemon.commands.demo.questions import OUT_OF_WORLD_REPLY, draw_caption, draw_question  # noqa: E402
 from out_of_world import out_of_world_prompt  # noqa: E402
 
 DEFAULT_MODEL = REPO / "npu" / "assets" / "demo_model"

@@ -5,7 +5,7 @@
 
 Starts a private mosquitto on a free port (or uses --broker; the embedded broker when no
 mosquitto binary is installed) and vlmd's daemon in this process on the model, then for
-every scene drawn by daemon/scenes.py from held-out seeds publishes the scene as a camera
+every scene drawn by daemon/commands/demo/scenes.py from held-out seeds publishes the scene as a camera
 frame and asks, each as an ordinary MQTT client would:
 
 - boolean: "Is there a <kind>?" with {"type": "boolean"} (the kind drawn at random, so
@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from daemon import scenes  # noqa: E402
+from daemon.commands.demo import scenes  # noqa: E402
 
 HELD_OUT_SEED = 9_000_000  # the training never draws these (tools/eval_demo_model.py)
 CAMERA = "eval"

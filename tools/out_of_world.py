@@ -11,15 +11,15 @@ Held-out prompts differ from every training prompt by construction: every word l
 fixed sentences and the templates are split in two (every third entry held out), and a
 held-out prompt is a held-out sentence, a held-out template, or a training template with
 at least one held-out word. Every prompt is checked to be out of world for
-daemon.scene_questions (never an in-world question by accident).
+daemon.commands.demo.questions (never an in-world question by accident).
 """
 
 from __future__ import annotations
 
 import random
 
-from daemon import scenes
-from daemon.scene_questions import parse
+from daemon.commands.demo import scenes
+from daemon.commands.demo.questions import parse
 
 SPLITS = ("train", "held-out")
 

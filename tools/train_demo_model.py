@@ -5,8 +5,8 @@
 The model has InternVL2's exact architecture, only tiny: InternViT blocks (224x224,
 patch 14), pixel shuffle 0.5 (64 image tokens, as in InternVL2-1B), the MLP projector
 and Qwen2 decoder layers with grouped-query attention and tied embeddings. It learns to
-caption and answer questions about the synthetic scenes of daemon/scenes.py in the
-phrasings of daemon/scene_questions.py (with and without format hints, in conversations
+caption and answer questions about the synthetic scenes of daemon/commands/demo/scenes.py in the
+phrasings of daemon/commands/demo/questions.py (with and without format hints, in conversations
 of up to three turns), to reply "I only know shapes and colours." to anything else, and
 nothing more: it is a demonstration of the pipeline, not a general VLM.
 
@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import demo_data  # noqa: E402
 import out_of_world  # noqa: E402
-from daemon import scene_questions, scenes  # noqa: E402
+from daemon.commands.demo import questions as scene_questions, scenes  # noqa: E402
 from demo_data import AUX_SIZES, NUM_IMAGE_TOKENS, QUESTION_FACT_SIZES, Batch, Mix  # noqa: E402
 from npu.text.template import INTERNVL2_SYSTEM, ChatTemplate  # noqa: E402
 from npu.text.tokenizer import Tokenizer  # noqa: E402

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from daemon.config import EX_CONFIG, ConfigError, cli_overrides, ignored_env_names, load_config, redacted_dict
-    from daemon.toml_text import dump_toml
+    from daemon.config.toml_text import dump_toml
 
     overrides = cli_overrides(broker=args.broker, device_id=args.device_id, model=args.model, precision=args.precision)
     try:

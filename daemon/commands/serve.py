@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     1 runtime failures (daemon/lifecycle.py says which is which; it logs the cause)."""
     from daemon.config import EX_CONFIG, ConfigError, load_config
     from daemon.logs import configure_logging
-    from daemon.service import main
+    from daemon.lifecycle import main
     from protocol.topics import TopicError
 
     try:

@@ -27,7 +27,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from daemon import scenes
+from daemon.commands.demo import scenes
 from npu.engine.formats import BOOLEAN_HINT, NUMBER_HINT, format_hint
 
 __all__ = ["BOOLEAN_HINT", "FORMS", "HINTS", "NUMBER_HINT", "OUT_OF_WORLD_REPLY", "THINGS", "Asked", "answer",

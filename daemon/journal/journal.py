@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.config import Config
-from daemon.journal_file import RecordFile, StoredRecord, encode_record
+from daemon.journal.file import RecordFile, StoredRecord, encode_record
 from daemon.logs import get_logger
 from daemon.scheduler import Job
 from protocol.requests import Reply
@@ -365,7 +365,7 @@ def journal_path(directory: Path | None, device_id: str, env: Mapping[str, str])
     return directory / f"{device_id}.journal"
 
 
-KILL_AT_ENV = "VLMD_TEST_JOURNAL_KILL_AT"  # the test hook (daemon/journal_file.py): a request id
+KILL_AT_ENV = "VLMD_TEST_JOURNAL_KILL_AT"  # the test hook (daemon/journal/file.py): a request id
 
 
 def open_journal(config: Config, env: Mapping[str, str], wall_clock=time.time) -> Journal:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
-from daemon.ha import discovery_messages, removal
+from daemon.home.discovery import discovery_messages, removal
 from daemon.logs import get_logger
-from daemon.mqtt import Incoming
-from daemon.scheduler import Job
-from daemon.watches import Change
+from daemon.mqtt.connection import Incoming
+from daemon.home.watches import Change
 from protocol import codec, payloads
 from protocol.codec import ProtocolError
 from protocol.requests import Reply
@@ -74,12 +73,8 @@ class Home:
             service.responder.error(exc.code, exc.message, message.topic)
             return
         request = payloads.AskRequest(id=payloads.new_request_id(), text=text, camera=camera, stream=False)
-        job = Job("ask", request.id, service.clock(), camera=camera, request=request,
-                  reply=Reply(service.topics.dashboard_answer(camera), None, stream=False, retain=True))
-        if service._pin_frames(job, request):  # else refused there, on the answer topic
-            service.journal.accepted(job, service.wall_clock(), None)
-            service._enqueue(job)
-
+        # refused (no frame, unknown camera) on the answer topic itself, like any final
+        service.submit_ask(request, Reply(service.topics.dashboard_answer(camera), None, stream=False, retain=True))
 
 def _version() -> str | None:
     try:

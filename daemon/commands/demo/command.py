@@ -43,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.broker import BrokerStartError
+    from daemon.mqtt.broker import BrokerStartError
     from daemon.config import EX_CONFIG, ConfigError
     from daemon.logs import configure_logging
-    from daemon.mqtt import MqttError
+    from daemon.mqtt.connection import MqttError
     from npu.model import ModelError
 
     configure_logging("warning", "console" if sys.stderr.isatty() else "auto", sys.stderr)
@@ -90,7 +90,7 @@ def _start_daemon(args: argparse.Namespace):
 
 
 def _converse(url: str, root: str, seed: int, timeout: float, service=None) -> int:
-    from daemon.scenes import CAPTION_PROMPTS, draw_scene
+    from daemon.commands.demo.scenes import CAPTION_PROMPTS, draw_scene
     from protocol.topics import Topics
 
     topics = Topics(root)
@@ -152,7 +152,7 @@ def _typed(client, scene, timeout: float) -> bool:
 
 def _conversation(client, scene, timeout: float) -> bool:
     """Three turns about the frame; the image goes with the first only."""
-    from daemon.scenes import CAPTION_PROMPTS, NUMBERS
+    from daemon.commands.demo.scenes import CAPTION_PROMPTS, NUMBERS
 
     kinds = [shape.kind for shape in scene.shapes]
     shape = next((s for s in scene.shapes if kinds.count(s.kind) == 1), scene.shapes[0])
@@ -175,7 +175,7 @@ def _conversation(client, scene, timeout: float) -> bool:
 
 def _watch(client, topics, service, timeout: float) -> bool:
     """A watch from a retained config message, flipping as scenes with and without a circle come."""
-    from daemon.scenes import draw_scene
+    from daemon.commands.demo.scenes import draw_scene
 
     definition = {"camera": CAMERA, "question": "Is there a circle?", "format": {"type": "boolean"},
                   "interval_s": 1.0, "debounce": 1}
@@ -214,7 +214,7 @@ def _watch(client, topics, service, timeout: float) -> bool:
 
 
 def _scene_seed(wanted) -> int:
-    from daemon.scenes import draw_scene
+    from daemon.commands.demo.scenes import draw_scene
 
     return next(seed for seed in range(100, 10_000) if wanted(draw_scene(seed)[1]))
 
@@ -267,7 +267,7 @@ class _DemoClient:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from daemon.mqtt import MqttError, parse_broker_url
+        from daemon.mqtt.connection import MqttError, parse_broker_url
 
         address = parse_broker_url(url)
         self.topics = topics

@@ -35,13 +35,10 @@ Contract:
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 import paho.mqtt.client as paho
@@ -49,8 +46,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon.config import BrokerAddress
-from daemon.config import parse_broker_url as config_parse_broker_url
+from daemon.mqtt.connection import (FATAL_REFUSALS, VERSION_REFUSALS, ClientSettings, Incoming, describe_connect_error,
+                                    is_tls_failure, no_delay, parse_broker_url)
 from daemon.logs import get_logger
 
 log = get_logger("vlmd.mqtt")
@@ -58,56 +55,6 @@ log = get_logger("vlmd.mqtt")
 SESSION_EXPIRY_S = 3600  # MQTT 5: how long the broker keeps our session (and queued asks) while we are away
 PROBE_TIMEOUT_S = 5.0
 TAKEOVER_COUNT, TAKEOVER_WINDOW_S = 3, 300.0
-# CONNACK refusals that name a setting of ours: retrying with the same settings cannot work.
-FATAL_REFUSALS = frozenset({
-    "Bad user name or password", "Not authorized", "Bad authentication method", "Banned",
-    "Client identifier not valid", "Unsupported protocol version",
-})
-
-
-class MqttError(RuntimeError):
-    """A broker URL or setting vlmd cannot use."""
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://host[:port]` (default 1883) or `mqtts://host[:port]` (default 8883)."""
-    try:
-        return config_parse_broker_url(url)
-    except ValueError as exc:
-        raise MqttError(str(exc)) from None
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    insecure: bool = False
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    url: str
-    client_id: str
-    username: str = ""
-    password: str = ""
-    keepalive_s: int = 30
-    protocol: str = "auto"  # "auto" | "3.1.1" | "5"
-    persistent_session: bool = True
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 60.0
-    tls: TlsSettings = TlsSettings()
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One received message, with the MQTT 5 reply properties when present."""
-
-    topic: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    redelivered: bool = False  # the broker's DUP flag: sent before, never acknowledged
 
 
 class MqttClient:
@@ -365,7 +312,7 @@ class MqttClient:
 
     def _socket_opened(self, client, userdata, sock) -> None:
         self._attempt_reported, self._socket_error = False, None  # a new attempt
-        _no_delay(client, userdata, sock)
+        no_delay(client, userdata, sock)
 
     def _closed_before_connack(self) -> None:
         """The connection ended before any CONNACK: e.g. a TLS 1.3 broker refusing our client
@@ -424,7 +371,7 @@ class MqttClient:
             probe.tls_insecure_set(tls.insecure)
 
         def on_connect(client, userdata, flags, reason_code, properties):
-            result["v5"] = not reason_code.is_failure or reason_code.getName() not in _VERSION_REFUSALS
+            result["v5"] = not reason_code.is_failure or reason_code.getName() not in VERSION_REFUSALS
             done.set()
 
         def on_disconnect(client, userdata, flags, reason_code, properties):
@@ -465,55 +412,9 @@ class _SocketErrorRecorder(logging.Logger):
             self._owner._socket_error = error
 
 
-def is_tls_failure(error: BaseException | None) -> bool:
-    """A TLS error that the same settings will meet again (not a connection cut mid-handshake)."""
-    return isinstance(error, ssl.SSLError) and not isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
-
-
-def describe_connect_error(error: BaseException | None, host: str) -> str:
-    """A failed connection attempt in words: what a person fixes it by."""
-    if isinstance(error, socket.gaierror):
-        return f"cannot resolve the host name {host!r} ({error.strerror})"
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused (nothing listens on that port?)"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return f"certificate not accepted: {error.verify_message or error.reason}"
-    if isinstance(error, ssl.SSLError):
-        return f"{error.reason or error}" + (f" ({error.library})" if error.library else "")
-    if isinstance(error, (TimeoutError, socket.timeout)):
-        return "timed out"
-    if error is None:
-        return "unknown reason"
-    return f"{type(error).__name__}: {error}"
-
-
-_VERSION_REFUSALS = frozenset({"Unsupported protocol version", "Protocol error", "Malformed packet"})
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    """Poll `predicate` until true or `timeout`; for callers that have no event to wait on."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
 def _call_each(callbacks: list[Callable[[], None]]) -> None:
     for callback in callbacks:
         try:
             callback()
         except Exception:  # a journal that cannot write must not break paho's thread
             log.exception("delivery callback failed")
-
-
-def _no_delay(client, userdata, sock) -> None:
-    """Send small packets (answer chunks, PUBACKs) at once: with Nagle's algorithm on, each
-    waits for the previous one's ACK, which the peer delays by up to 40 ms (measured in
-    bench/mqtt_path.py: ~40 ms added per question, ~3 ms per streamed token)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # not a TCP socket (websockets): nothing to tune
-        pass
-

@@ -1,6 +1,6 @@
 """Where config values come from, and where an error should point.
 
-`load_config` (daemon/config.py) merges layers: the TOML file, then `VLMD_` environment
+`load_config` (daemon/config/) merges layers: the TOML file, then `VLMD_` environment
 variables, then overrides. Each layer is a nested dict plus its provenance: key path ->
 "file:line", "env NAME" or "override". Pydantic errors are turned into `ConfigIssue`s
 located with that provenance, so every message names the place to fix.
@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from daemon.toml_text import line_for, toml_key_lines
+from daemon.config.toml_text import line_for, toml_key_lines
 
 ENV_PREFIX = "VLMD_"
 Key = tuple[str, ...]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.frame_change import changed, thumbnail
+from daemon.frames import changed, thumbnail
 from daemon.logs import get_logger
 from daemon.scheduler import CameraView
 from npu.engine import DoneEvent, GenerationOptions, Prompt, RequestError

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from daemon.inbox import Inbox
-from daemon.journal import PendingAsk
+from daemon.journal.journal import PendingAsk
 from daemon.scheduler import Frame, Job
 from protocol.codec import describe_validation_error
 from protocol.payloads import AskLimits, AskRequest
