@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import psutil
 
-from daemon import settings
+from daemon import memory, settings
 from daemon.config import Config
 from daemon.home.home import Home
 from daemon.home.watches import WatchLimits, WatchRegistry
@@ -103,6 +103,8 @@ class Service:
     def start(self) -> None:
         """Start the interfaces' connections (the embedded broker when none is configured),
         load the engine, open the journal, start the worker."""
+        if not memory.return_large_frees():
+            log.info("large frees are not returned to the system here (not glibc): memory may stay above the budget")
         engine = self.engine_factory(self.config)
         self.model_facts = engine.model_summary()
         log.info("model loaded", **self.model_facts)  # one line: what this daemon runs
