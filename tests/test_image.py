@@ -28,7 +28,9 @@ def frame(seed: int, height: int, width: int) -> np.ndarray:
 
 
 def transformers_pixels(rgb: np.ndarray, height: int, width: int, resample: int, normalise: bool) -> np.ndarray:
-    """transformers' InternVL image processor on one RGB frame: float32 (3, H, W)."""
+    """transformers' InternVL image processor on one RGB frame: float32 (3, H, W); skips the
+    calling test, saying why, where transformers (the dev extra) is not installed."""
+    pytest.importorskip("transformers", reason="the oracle is transformers' image processor (the dev extra)")
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     processor = GotOcr2ImageProcessorPil(size={"height": height, "width": width}, resample=resample,
