@@ -49,11 +49,13 @@ class RecentFrames:
         self._size = size
         self._budget = budget
         self._entries: list[list] = []  # [data, rgb, thumbnail or None], newest last
+        self.num_decoded = 0  # frames decoded so far
 
     def rgb(self, data: bytes) -> np.ndarray:
         for entry in self._entries:
             if entry[0] is data:
                 return entry[1]
+        self.num_decoded += 1
         rgb = self._decode(data)  # raises FrameError for a bad frame: nothing is kept
         rgb.setflags(write=False)
         self._entries = [*self._entries[-(self._size - 1):], [data, rgb, None]]

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from daemon import memory
 from daemon.frames import RecentFrames, changed, jpeg
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
@@ -68,6 +69,7 @@ class Worker:
         self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32) float32 of the last caption
         # camera frames: decoded once for every reader, within what the raw frames leave of the budget
         self._frames = RecentFrames(self._decode, budget=self._decoded_budget)
+        self._decoded_at_release = 0  # RecentFrames.num_decoded when free memory was last released
         self.watch_runner = None if watches is None else WatchRunner(
             watches, engine, inbox, responder, self._frames.rgb, self._frames.thumbnail,
             min_change=lambda camera: self.scheduler.captions.get(camera, CaptionPolicy()).min_change,
@@ -113,6 +115,9 @@ class Worker:
             return "caption"
         if not decision.expired:
             self._frames.trim()  # raw frames that arrived meanwhile may have used the budget's room
+            if self._frames.num_decoded != self._decoded_at_release:  # what decoding left free goes back
+                self._decoded_at_release = self._frames.num_decoded
+                memory.release_free_memory()
             self.inbox.wait(idle_s if decision.wake_in is None else min(idle_s, decision.wake_in))
         return "idle"
 
