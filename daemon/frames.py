@@ -9,7 +9,9 @@ object: a red circle on 5 % of a frame moved the mean by 0.017 (issue 21), while
 most of one window. Colour counts too (a grey thumbnail cannot tell red from green of the
 same brightness).
 `RecentFrames` keeps the last few camera frames decoded, so a frame that a question, a
-caption and several watches look at is decoded and thumbnailed once."""
+caption and several watches look at is decoded and thumbnailed once; the decoded arrays
+count in the frame-memory budget (#21.6): they are kept only within what `budget()`
+allows (the service passes what the raw frames leave of `[frames] max_total_bytes`)."""
 
 from __future__ import annotations
 
@@ -55,21 +57,42 @@ def jpeg(rgb: np.ndarray) -> bytes:
 class RecentFrames:
     """The last `size` frames decoded (by the identity of their bytes, which the inbox keeps
     for a frame's life), each with its thumbnail once asked for. The arrays are read-only:
-    every reader shares them."""
+    every reader shares them. Their bytes stay within `budget()` (None: no bound), checked
+    whenever a frame is decoded and at `trim()`: the oldest go first, and a frame larger
+    than the whole budget is handed to its reader and not kept. Not thread-safe: the
+    worker's alone."""
 
-    def __init__(self, decode: Callable[[bytes], np.ndarray], size: int = 4) -> None:
+    def __init__(self, decode: Callable[[bytes], np.ndarray], size: int = 4,
+                 budget: Callable[[], int | None] = lambda: None) -> None:
         self._decode = decode
         self._size = size
+        self._budget = budget
         self._entries: list[list] = []  # [data, rgb, thumbnail or None], newest last
+        self.num_decoded = 0  # frames decoded so far
 
     def rgb(self, data: bytes) -> np.ndarray:
         for entry in self._entries:
             if entry[0] is data:
                 return entry[1]
+        self.num_decoded += 1
         rgb = self._decode(data)  # raises FrameError for a bad frame: nothing is kept
         rgb.setflags(write=False)
         self._entries = [*self._entries[-(self._size - 1):], [data, rgb, None]]
+        self.trim()
         return rgb
+
+    def trim(self) -> None:
+        """Forget the oldest decoded frames until the rest fit the budget."""
+        budget = self._budget()
+        if budget is None:
+            return
+        while self._entries and self.nbytes > budget:
+            self._entries = self._entries[1:]  # a new list: a stats reader never sees one mid-change
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded frames (and thumbnails) kept."""
+        return sum(entry[1].nbytes + (0 if entry[2] is None else entry[2].nbytes) for entry in self._entries)
 
     def thumbnail(self, rgb: np.ndarray) -> np.ndarray:
         for entry in self._entries:

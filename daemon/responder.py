@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from pydantic import ValidationError
 
-from daemon.journal.journal import FinalRecord, Journal
+from daemon.journal.journal import FinalRecord, Journal, request_digest
 from daemon.logs import get_logger
 from daemon.scheduler import Frame, Job
 from npu.engine import DoneEvent
@@ -125,14 +125,14 @@ class Responder:
         spec = SPEC["answer"]
         try:
             self.publisher.publish(final.topic, final.payload, spec.qos, spec.retain, final.correlation_data,
-                                   on_delivered=self._delivered_callback(final.request_id))
+                                   on_delivered=self._delivered_callback(final))
         except Exception:
             log.exception("final not republished", request_id=final.request_id)
         log.info("final republished", request_id=final.request_id, finish_reason=final.finish_reason)
 
-    def _delivered_callback(self, request_id: str) -> Callable[[], None] | None:
-        journal = self.journal
-        return None if journal is None else lambda: journal.delivered(request_id)
+    def _delivered_callback(self, final: FinalRecord) -> Callable[[], None] | None:
+        journal, key = self.journal, final.key
+        return None if journal is None else lambda: journal.delivered(key)
 
     def caption_chunk(self, camera: str, caption_id: str, seq: int, delta: str) -> None:
         """One streamed piece of a caption on caption/<camera>/stream (QoS 0)."""
@@ -204,11 +204,12 @@ class Responder:
             if finish_reason is None:
                 self.publisher.publish(reply.topic, payload, spec.qos, spec.retain, reply.correlation_data)
                 return True
+            record = FinalRecord(job.job_id, reply.topic, payload, reply.correlation_data, finish_reason)
             if self.journal is not None:
-                self.journal.final(FinalRecord(job.job_id, reply.topic, payload, reply.correlation_data, finish_reason))
+                self.journal.final(record, None if job.request is None else request_digest(job.request))
             retain = spec.retain or reply.retain  # a dashboard's answer sensor keeps its last answer
             self.publisher.publish(reply.topic, payload, spec.qos, retain, reply.correlation_data,
-                                   on_delivered=self._delivered_callback(job.job_id))
+                                   on_delivered=self._delivered_callback(record))
             return True
         except Exception:
             log.exception("reply not published", request_id=job.job_id, kind=kind)

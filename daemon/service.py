@@ -26,13 +26,13 @@ from typing import Any, Callable
 
 import psutil
 
-from daemon import settings
+from daemon import memory, settings
 from daemon.config import Config
 from daemon.http import HttpInterface, HttpServer
 from daemon.home.home import Home
 from daemon.home.watches import WatchLimits, WatchRegistry
 from daemon.inbox import Inbox
-from daemon.journal.journal import Journal, Recovery, open_journal
+from daemon.journal.journal import Journal, Recovery, open_journal, request_digest, request_key
 from daemon.journal.recovery import Restarted, revive
 from daemon.logs import get_logger
 from daemon.mqtt.interface import MqttInterface
@@ -60,7 +60,8 @@ def load_engine(config: Config) -> Any:
         prefill_chunk=m.prefill_chunk, history_groups=m.history_groups, provider=m.provider, device_id=m.device,
         data_path=m.data_path, resize=None if m.resize == "auto" else m.resize, sampling=m.sampling.overrides(),
     )
-    limits = ConversationLimits(max_conversations=c.max_conversations, max_turns=c.max_turns,
+    limits = ConversationLimits(max_conversations=c.max_conversations, max_per_owner=c.max_per_client,
+                                max_turns=c.max_turns,
                                 max_tokens=c.max_tokens or None, idle_s=c.idle_s, max_bytes=c.max_bytes,
                                 answer_room=c.answer_room)
     return Engine(model, conversation_limits=limits)  # Service.start logs its one "model loaded" line
@@ -104,6 +105,8 @@ class Service:
     def start(self) -> None:
         """Start the interfaces' connections (the embedded broker when none is configured),
         load the engine, open the journal, start the worker."""
+        if not memory.return_large_frees():
+            log.info("large frees are not returned to the system here (not glibc): memory may stay above the budget")
         engine = self.engine_factory(self.config)
         self.model_facts = engine.model_summary()
         log.info("model loaded", **self.model_facts)  # one line: what this daemon runs
@@ -249,6 +252,7 @@ class Service:
             frames=self.inbox.frame_counts(), requests=outcomes, last_ttft_ms=ttft,
             last_decode_tokens_per_s=tok_s, rss_bytes=psutil.Process().memory_info().rss, captions=captions,
             running=self.inbox.running is not None, frame_bytes=self.inbox.frame_bytes,
+            decoded_frame_bytes=self.worker.decoded_frame_bytes if self.worker is not None else 0,
             cmm=cmm.describe() if cmm is not None else None, model=self.model_facts or None,
             conversations=conversations, watches=watches, interfaces=by_interface,
         )
@@ -292,12 +296,13 @@ class Service:
                         refused_so_far=self._num_camera_refusals)
         return False
 
-    def submit_ask(self, request: payloads.AskRequest, reply: Reply, redelivered: bool = False) -> None:
+    def submit_ask(self, request: payloads.AskRequest, reply: Reply, redelivered: bool = False,
+                   topic: str | None = None) -> None:
         """A validated question with its reply path: not run again when its id was seen
         (`_seen`), its frames pinned (or refused), journaled, enqueued; exactly one final
         is owed from here on."""
         now, wall_now = self.clock(), self.wall_clock()
-        if self._seen(request.id, redelivered):
+        if self._seen(request, reply, redelivered, topic or self.topics.ask()):
             return
         deadline = None if request.expires_ms is None else now + request.expires_ms / 1000.0
         job = Job("ask", request.id, now, deadline, camera=request.camera, request=request, reply=reply)
@@ -320,12 +325,20 @@ class Service:
         elif result == "closed":
             self._final(job, "shutdown", ("shutdown", payloads.ERROR_DESCRIPTIONS["shutdown"]))
 
-    def _seen(self, request_id: str, redelivered: bool) -> bool:
-        """A request id within the id window is not run again (QoS 1 is at-least-once, and
-        reconnecting clients retransmit): still running, nothing; finished, its final again."""
-        seen = self.journal.lookup(request_id)
+    def _seen(self, request: payloads.AskRequest, reply: Reply, redelivered: bool, topic: str) -> bool:
+        """A request seen within the id window is not run again (QoS 1 is at-least-once,
+        and reconnecting clients retransmit): the same id on the same reply path with the
+        same content; still running, nothing; finished, its final again. The same id and
+        path asking something else while the first is queued or running is refused on
+        <root>/error: its own reply path and journal entry are the first one's."""
+        request_id = request.id
+        seen = self.journal.lookup(request_key(request_id, reply.topic, reply.correlation_data), request_digest(request))
         if seen is None:
             return False
+        if seen == "conflict":
+            log.info("request id in use by another request of this client: refused", request_id=request_id)
+            self.responder.error("duplicate_id", payloads.ERROR_DESCRIPTIONS["duplicate_id"], topic, request_id)
+            return True
         log.info("request id seen before: not run again", request_id=request_id, redelivered=redelivered,
                  state="in progress" if seen == "in_progress" else "finished")
         if seen != "in_progress":
@@ -363,7 +376,10 @@ class Service:
     def refuse(self, refused: Refused, topic: str) -> None:
         """A refused ask: a final `rejected` where the client listens, else <root>/error."""
         log.info("ask refused", code=refused.code, message=refused.message, request_id=refused.request_id)
-        if refused.reply is None:
+        reply = refused.reply
+        if reply is None or (refused.request_id is not None and self.journal.in_progress(
+                request_key(refused.request_id, reply.topic, reply.correlation_data))):
+            # a malformed copy of a queued or running request must not give it a second final
             self.responder.error(refused.code, refused.message, topic, refused.request_id)
             return
         job = Job("ask", refused.request_id or payloads.new_request_id(), self.clock(), reply=refused.reply)

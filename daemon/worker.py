@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from daemon import memory
 from daemon.frames import RecentFrames, changed, jpeg
 from daemon.inbox import Inbox
 from daemon.logs import get_logger, log_context
@@ -70,11 +71,22 @@ class Worker:
         self.consecutive_failures = 0
         self._thumbnails: dict[str, np.ndarray] = {}  # camera -> (32, 32, 3) float32 of the last caption
         self._captioned_at: dict[str, float] = {}  # camera -> service clock of the last caption (max_age_s)
-        self._frames = RecentFrames(self._decode)  # camera frames: decoded once for every reader
+        # camera frames: decoded once for every reader, within what the raw frames leave of the budget
+        self._frames = RecentFrames(self._decode, budget=self._decoded_budget)
+        self._decoded_at_release = 0  # RecentFrames.num_decoded when free memory was last released
         self.watch_runner = None if watches is None else WatchRunner(
             watches, engine, inbox, responder, self._frames.rgb, self._frames.thumbnail,
             min_change=lambda camera: self.scheduler.captions.get(camera, CaptionPolicy()).min_change,
             max_tokens=limits.default_max_tokens, should_stop=self.abort.is_set, preempt=self._question_waits)
+
+    def _decoded_budget(self) -> int | None:
+        limit = self.inbox.max_total_bytes
+        return None if limit is None else max(0, limit - self.inbox.frame_bytes)
+
+    @property
+    def decoded_frame_bytes(self) -> int:
+        """Bytes of the decoded frames the worker keeps (they count in `[frames] max_total_bytes`)."""
+        return self._frames.nbytes
 
     @property
     def healthy(self) -> bool:
@@ -106,6 +118,10 @@ class Worker:
                 self._run_caption(decision.caption_camera, now)
             return "caption"
         if not decision.expired:
+            self._frames.trim()  # raw frames that arrived meanwhile may have used the budget's room
+            if self._frames.num_decoded != self._decoded_at_release:  # what decoding left free goes back
+                self._decoded_at_release = self._frames.num_decoded
+                memory.release_free_memory()
             self.inbox.wait(idle_s if decision.wake_in is None else min(idle_s, decision.wake_in))
         return "idle"
 
@@ -143,7 +159,14 @@ class Worker:
         else:
             images, image_key = [], None
         return Prompt(text=request.text, images=images, image_key=image_key, system=request.system,
-                      conversation=request.conversation)
+                      conversation=request.conversation, conversation_owner=self._owner(job))
+
+    def _owner(self, job: Job) -> str:
+        """Who asks, for the conversations it opens (#21.3): the reply path the client
+        named (reply_to or MQTT 5 response topic); "" for every client that named none
+        (their replies go to `<root>/answer/<id>`, one topic per request, no identity)."""
+        topic = job.reply.topic if job.reply is not None else ""
+        return "" if topic == self.responder.topics.answer(job.job_id) else topic
 
     def _chat_prompt(self, chat: Any) -> Prompt:
         """A whole chat (protocol.openai.ChatAsk): its messages in order, each image part decoded
@@ -165,7 +188,7 @@ class Worker:
 
     def _reset(self, job: Job) -> bool:
         """Forget the request's conversation; True when a question follows in the same request."""
-        forgotten = self.engine.forget_conversation(job.request.conversation)
+        forgotten = self.engine.forget_conversation(job.request.conversation, owner=self._owner(job))
         log.info("conversation reset", conversation=job.request.conversation, existed=forgotten)
         if job.request.text is not None:
             return True

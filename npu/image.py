@@ -76,10 +76,16 @@ def _plain_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     so the result is the board runtimes' `cv::resize` output to within 1 on a few pixels."""
     x0, x1, wx0, wx1 = _source_positions(rgb.shape[1], width)
     y0, y1, wy0, wy1 = _source_positions(rgb.shape[0], height)
-    pixels = rgb.astype(np.int64)  # (h, w, 3)
-    rows = pixels[:, x0] * wx0[None, :, None] + pixels[:, x1] * wx1[None, :, None]  # (h, width, 3), scale 2^11
-    top = (wy0[:, None, None] * (rows[y0] >> 4)) >> 16
-    bottom = (wy1[:, None, None] * (rows[y1] >> 4)) >> 16
+
+    def horizontal(source_rows: np.ndarray) -> np.ndarray:
+        # only the source rows the vertical pass reads, widened after the gather: a 6000x6000
+        # frame would be 864 MB as int64, these are (height, width, 3)
+        picked = rgb[source_rows]  # (height, w, 3) uint8
+        return picked[:, x0].astype(np.int64) * wx0[None, :, None] + \
+            picked[:, x1].astype(np.int64) * wx1[None, :, None]  # (height, width, 3), scale 2^11
+
+    top = (wy0[:, None, None] * (horizontal(y0) >> 4)) >> 16
+    bottom = (wy1[:, None, None] * (horizontal(y1) >> 4)) >> 16
     return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)  # (height, width, 3)
 
 

@@ -101,6 +101,8 @@ def _files(layout: ModelLayout) -> dict[str, str | None]:
     def name(path: Path | None) -> str | None:
         if path is None:
             return None
+        if path == layout.root:  # a checkpoint keeps its tokenizer beside its weights
+            return "(the model directory)"
         return str(path.relative_to(layout.root) if path.is_relative_to(layout.root) else path)
 
     files = {graph: name(path) for graph, path in layout.graph_paths().items() if not graph.startswith("layer")}

@@ -146,8 +146,10 @@ def _decode_pixels(data: bytes, max_pixels: int) -> np.ndarray:
     with Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "WEBP"]) as image:
         _check_pixels(*image.size, max_pixels)  # the decoder's view, in case it differs
         image.load()
-        upright = ImageOps.exif_transpose(image)
-        return _to_rgb(upright)
+        # in place: without an Orientation tag exif_transpose returns a copy (Pillow's ImageOps
+        # docs), a second full-size image while the frame is decoded (144 MB at 6000x6000)
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -156,7 +158,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         grey = np.asarray(image)  # (H, W) uint16 or int32 holding 16-bit values
         grey8 = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)  # (H, W)
         return np.repeat(grey8[:, :, None], 3, axis=2)  # (H, W, 3)
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise FrameError("bad_image", f"decoder returned shape {rgb.shape}")
     return rgb

@@ -42,6 +42,7 @@ ErrorCode = Literal[
     "bad_json", "bad_request", "unsupported_version", "payload_too_large", "bad_image",
     "image_too_large", "unknown_camera", "no_frame", "busy", "too_long", "expired",
     "cancelled", "engine_error", "numeric_error", "shutdown", "restarted", "limit",
+    "duplicate_id", "conversation_not_yours",
 ]
 ERROR_CODES: tuple[str, ...] = get_args(ErrorCode)
 
@@ -62,8 +63,13 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     "engine_error": "the NPU runtime failed while answering",
     "numeric_error": "the model produced NaN or infinite logits (a numeric overflow in the graphs)",
     "shutdown": "the daemon stopped before answering",
-    "restarted": "the daemon restarted (after a crash) and could not answer again: the request expired meanwhile or its camera frames were lost",
+    "restarted": "the daemon restarted (after a crash) and could not answer again: the request expired meanwhile,"
+                 " its camera frames were lost, or its conversation was",
     "limit": "a configured limit on conversations, turns or watches was reached (the message names it)",
+    "duplicate_id": "a request with this id and reply path is queued or running and this one asks something else"
+                    " (on <root>/error: the queued request keeps its reply path)",
+    "conversation_not_yours": "the conversation was opened by another client (another reply path): a turn or reset"
+                              " must come from the reply path that opened it",
 }
 
 FinishReason = Literal["stop", "length", "cancelled", "expired", "rejected", "failed", "shutdown"]

@@ -72,7 +72,7 @@ class FakeEngine:
         self.options: list = []
         self.started = threading.Event()  # set when a generation starts
 
-    def forget_conversation(self, conversation_id: str) -> bool:
+    def forget_conversation(self, conversation_id: str, owner: str | None = None) -> bool:
         return False
 
     def conversation_stats(self) -> dict:

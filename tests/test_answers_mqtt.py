@@ -89,6 +89,29 @@ def test_a_three_turn_conversation_prefills_only_each_turns_rows(daemon):
     assert again["turn"] == 1 and "history_rows" not in again["timings"]
 
 
+def test_a_conversation_belongs_to_the_client_that_opened_it(daemon):
+    """#21.3: client B naming A's conversation is refused `conversation_not_yours`, for a
+    turn and for a reset alike, and A's conversation goes on untouched."""
+    d = daemon()
+    send_scene(d, 9_000_001)
+    conversation = "c-" + uuid.uuid4().hex[:6]
+    a, b = d.root + "/clients/A", d.root + "/clients/B"
+
+    def ask(reply_to: str, **request) -> dict:
+        request_id = "a" + uuid.uuid4().hex[:8]
+        d.ask(id=request_id, reply_to=reply_to, conversation=conversation, **request)
+        return d.client.answer(reply_to, timeout=60)[1]
+
+    assert ask(a, text=CAPTION_PROMPTS[0], camera=CAMERA, max_tokens=48)["turn"] == 1
+    turn = ask(b, text="How many shapes are there?")
+    assert turn["finish_reason"] == "rejected" and turn["error"]["code"] == "conversation_not_yours"
+    assert "history_rows" not in turn["timings"] and turn["usage"]["prompt_tokens"] == 0
+    reset = ask(b, reset=True)
+    assert reset["finish_reason"] == "rejected" and reset["error"]["code"] == "conversation_not_yours"
+    second = ask(a, text="How many shapes are there?")
+    assert second["finish_reason"] == "stop" and second["turn"] == 2 and second["timings"]["history_rows"] > 0
+
+
 @pytest.mark.parametrize("schema, check", [
     ({"type": "boolean"}, lambda v: isinstance(v, bool)),
     ({"enum": ["red", "green", "blue", "yellow", "white"]}, lambda v: v in ("red", "green", "blue", "yellow", "white")),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from daemon.cli import main
+from npu.model import DEMO_MODEL_DIR
 from tests.fixtures_board import BOARD_BUILD, M5STACK_MODEL
 
 SMALL = ["--kv-capacity", str(BOARD_BUILD["kv_capacity"]), "--prefill-chunk", str(BOARD_BUILD["prefill_chunk"])]
@@ -281,3 +282,14 @@ def test_inspect_without_a_directory_explains_the_demo_model(capsys):
     assert "tokenizer " + str((Path(__file__).parents[1] / "npu" / "assets" / "demo_model").resolve()) in out
     assert "embeddings " in out and "exported from the checkpoint's weights" in out
     assert "file      embeddings None" not in out
+
+
+def test_inspect_names_the_tokenizer_of_a_checkpoint_in_words(capsys):
+    """#21.14: the demo checkpoint keeps its tokenizer in the model directory itself; the
+    report said `file tokenizer  .`."""
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"the demo model is not built ({DEMO_MODEL_DIR})")
+    code, out = run_cli(capsys, "model", "inspect", str(DEMO_MODEL_DIR))
+    assert code == 0
+    (line,) = [row for row in out.splitlines() if row.startswith("file") and "tokenizer" in row]
+    assert line.split(None, 2)[2] == "(the model directory)"

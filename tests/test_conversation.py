@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from npu.engine import Engine, GenerationOptions, Prompt, PromptTooLong
-from npu.engine.conversation import ConversationError, ConversationLimit, ConversationLimits
+from npu.engine.conversation import ConversationError, ConversationLimit, ConversationLimits, ConversationNotYours
 from tests.test_engine import image, make_model, run, tokenizer_and_template  # noqa: F401
 
 QUESTIONS = ("What is in the picture?", "What colour is it?", "Where is it?", "Is it big?")
@@ -216,3 +216,23 @@ def test_a_later_turn_may_bring_an_image_of_its_own(make_model):
 
 def engine_image_tokens(model) -> int:
     return Engine(model).shapes.image_tokens
+
+
+def test_a_conversation_answers_only_the_owner_that_opened_it(make_model):
+    """#21.3: another owner's turn or reset is refused (nothing changes), and one owner
+    cannot take every slot."""
+    limits = ConversationLimits(max_conversations=4, max_per_owner=2)
+    engine = Engine(make_model(), conversation_limits=limits)
+    first = Prompt(QUESTIONS[0], images=[image(5)], image_key="cam:1", conversation="c1", conversation_owner="clients/A")
+    run(engine, first, max_tokens=2)
+    with pytest.raises(ConversationNotYours, match="another client"):
+        run(engine, Prompt("What colour is it?", conversation="c1", conversation_owner="clients/B"), max_tokens=2)
+    with pytest.raises(ConversationNotYours):
+        engine.forget_conversation("c1", owner="clients/B")
+    _, done = run(engine, Prompt("What colour is it?", conversation="c1", conversation_owner="clients/A"), max_tokens=2)
+    assert done.extra["turn"] == 2, "B's attempts changed nothing"
+    run(engine, Prompt("Hi.", conversation="c2", conversation_owner="clients/A"), max_tokens=2)
+    with pytest.raises(ConversationLimit, match="max_per_client"):
+        run(engine, Prompt("Hi.", conversation="c3", conversation_owner="clients/A"), max_tokens=2)
+    run(engine, Prompt("Hi.", conversation="c3", conversation_owner="clients/B"), max_tokens=2)  # B still has room
+    assert engine.forget_conversation("c1", owner="clients/A")

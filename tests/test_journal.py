@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from daemon.config import Config
 from daemon.inbox import Inbox
-from daemon.journal.journal import FinalRecord, Journal, JournalLimits, journal_path, open_journal
+from daemon.journal.journal import (
+    FinalRecord, Journal, JournalLimits, journal_path, open_journal, request_digest, request_key,
+)
 from daemon.journal.file import MAGIC, JournalFileError, encode_record, read_records
 from daemon.journal.recovery import Restarted, revive
 from daemon.scheduler import Frame, Job
@@ -52,6 +54,11 @@ def final(request_id: str, reason: str = "stop") -> FinalRecord:
     return FinalRecord(request_id, f"clients/{request_id}", payload, b"\x00c", reason)
 
 
+def key(request_id: str):
+    """The key of the request `ask_job(request_id)` builds: its id on its reply path."""
+    return request_key(request_id, f"clients/{request_id}", b"\x00c")
+
+
 def test_a_restart_owes_unanswered_requests_and_unacknowledged_finals(tmp_path, journals):
     path = tmp_path / "dev.journal"
     clock = WallClock()
@@ -60,7 +67,7 @@ def test_a_restart_owes_unanswered_requests_and_unacknowledged_finals(tmp_path, 
     frame = Frame("cam", 3, b"jpeg", 999_999.5, 1.0)
     journal.accepted(ask_job("done"), clock.now, None)
     journal.final(final("done"))
-    journal.delivered("done")
+    journal.delivered(key("done"))
     journal.accepted(ask_job("in-flight"), clock.now, None)
     journal.final(final("in-flight"))  # published, never acknowledged
     journal.accepted(ask_job("queued", image_b64="aGVsbG8="), clock.now, clock.now + 5.0)
@@ -79,8 +86,8 @@ def test_a_restart_owes_unanswered_requests_and_unacknowledged_finals(tmp_path, 
     assert queued.request["image_b64"] == "aGVsbG8=" and queued.expires_ts == clock.now + 5.0
     assert pending["camera"].frames == [{"camera": "cam", "seq": 3, "received_ts": 999_999.5}]
     # the id window survives the restart too
-    assert again.lookup("done") == final("done") and again.lookup("queued") == "in_progress"
-    assert again.lookup("never") is None
+    assert again.lookup(key("done")) == final("done") and again.lookup(key("queued")) == "in_progress"
+    assert again.lookup(key("never")) is None
 
 
 def test_revived_requests_run_again_unless_expired_or_their_frames_are_gone(tmp_path, journals):
@@ -150,19 +157,19 @@ def test_the_id_window_forgets_by_age_and_count_and_lets_refusals_be_retried(tmp
     for n in range(5):
         journal.accepted(ask_job(f"r{n}"), clock.now, None)
         journal.final(final(f"r{n}"))
-        journal.delivered(f"r{n}")
-    assert [journal.lookup(f"r{n}") is None for n in range(5)] == [True, True, False, False, False]
+        journal.delivered(key(f"r{n}"))
+    assert [journal.lookup(key(f"r{n}")) is None for n in range(5)] == [True, True, False, False, False]
     journal.final(final("busy", reason="rejected"))
-    assert journal.lookup("busy") == final("busy", "rejected")  # not yet delivered: still owed
-    journal.delivered("busy")
-    assert journal.lookup("busy") is None  # a retry of a refused request runs
+    assert journal.lookup(key("busy")) == final("busy", "rejected")  # not yet delivered: still owed
+    journal.delivered(key("busy"))
+    assert journal.lookup(key("busy")) is None  # a retry of a refused request runs
     clock.now += 61
     journal.final(final("fresh"))
-    assert journal.lookup("r4") is None and journal.lookup("fresh") == final("fresh")
+    assert journal.lookup(key("r4")) is None and journal.lookup(key("fresh")) == final("fresh")
     journal.accepted(ask_job("running"), clock.now, None)
     clock.now += 10**6
     journal.final(final("later"))
-    assert journal.lookup("running") == "in_progress", "a request without a final is never forgotten"
+    assert journal.lookup(key("running")) == "in_progress", "a request without a final is never forgotten"
 
 
 def test_compaction_keeps_the_file_bounded_and_the_live_records(tmp_path, journals):
@@ -174,7 +181,7 @@ def test_compaction_keeps_the_file_bounded_and_the_live_records(tmp_path, journa
     for n in range(400):
         journal.accepted(ask_job(f"q{n}"), 1.0, None)
         journal.final(final(f"q{n}"))
-        journal.delivered(f"q{n}")
+        journal.delivered(key(f"q{n}"))
         sizes.append(path.stat().st_size)
     assert max(sizes) < 60_000 and sizes[-1] < 60_000
     journal.close()
@@ -182,7 +189,7 @@ def test_compaction_keeps_the_file_bounded_and_the_live_records(tmp_path, journa
     recovery = again.recover()
     assert [p.request_id for p in recovery.pending] == ["open"]
     assert recovery.pending[0].request["image_b64"] == "QUJD" * 500
-    assert again.lookup("q399") == final("q399") and again.lookup("q0") is None
+    assert again.lookup(key("q399")) == final("q399") and again.lookup(key("q0")) is None
 
 
 def test_an_inline_image_beyond_the_bound_is_not_journaled_and_fails_after_a_crash(tmp_path, journals):
@@ -229,5 +236,44 @@ def test_writes_are_cheap_enough_for_the_mqtt_thread(tmp_path, journals):
     for n in range(200):
         journal.accepted(ask_job(f"t{n}"), 1.0, None)
         journal.final(final(f"t{n}"))
-        journal.delivered(f"t{n}")
+        journal.delivered(key(f"t{n}"))
     print(f"\njournal: {(time.perf_counter() - started) / 200 * 1e6:.0f} us per request (3 records)")
+
+
+def test_an_id_belongs_to_its_reply_path_and_a_repeat_must_ask_the_same(tmp_path, journals):
+    """#21.1/#21.11: the window is keyed by (id, reply topic, correlation data) and
+    compares what was asked; it survives a restart that way too."""
+    clock = WallClock()
+    path = tmp_path / "dev.journal"
+    journal = journals(path, wall_clock=clock)
+    journal.recover()
+    a = ask_job("q1")
+    journal.accepted(a, clock.now, None)
+    other_client = request_key("q1", "clients/B", b"\x00c")
+    assert journal.lookup(other_client, request_digest(a.request)) is None, "another client's q1 is its own"
+    assert journal.lookup(key("q1"), request_digest(a.request)) == "in_progress"
+    other_question = AskRequest.model_validate({"id": "q1", "text": "Say hello."})
+    assert journal.lookup(key("q1"), request_digest(other_question)) == "conflict"
+    journal.final(final("q1"), request_digest(a.request))
+    journal.delivered(key("q1"))
+    journal.close()
+    again = journals(path, wall_clock=clock)
+    assert again.recover().pending == []
+    assert again.lookup(key("q1"), request_digest(a.request)) == final("q1"), "a retransmission: the same final"
+    assert again.lookup(key("q1"), request_digest(other_question)) is None, "after its final: a new request"
+    assert again.lookup(request_key("q1", "clients/q1", b"other"), request_digest(a.request)) is None
+    assert again.in_progress(key("q1")) is False
+
+
+def test_a_recovered_conversation_turn_fails_restarted_saying_its_history_is_gone(tmp_path, journals):
+    """#21.5: the conversation lived in memory; its turn is not answered as turn 1 in silence."""
+    clock = WallClock()
+    journal = journals(tmp_path / "dev.journal", wall_clock=clock)
+    journal.recover()
+    journal.accepted(ask_job("turn2", conversation="c1"), clock.now, None)
+    journal.accepted(ask_job("fresh", conversation="c2", reset=True), clock.now, None)
+    journal.close()
+    recovery = journals(tmp_path / "dev.journal", wall_clock=clock).recover()
+    revived = {p.request_id: revive(p, Inbox(), AskLimits(), 50.0, clock.now) for p in recovery.pending}
+    assert isinstance(revived["turn2"], Restarted) and "conversation 'c1' was lost" in revived["turn2"].why
+    assert isinstance(revived["fresh"], Job), "a reset with its question needs no history"

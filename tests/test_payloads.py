@@ -187,7 +187,7 @@ def test_stats_is_open_for_extra_counters():
 
 def test_error_codes_and_finish_reasons():
     assert set(ERROR_DESCRIPTIONS) == set(ERROR_CODES)
-    assert len(ERROR_CODES) == 17
+    assert len(ERROR_CODES) == 19
     assert FINISH_REASONS == ("stop", "length", "cancelled", "expired", "rejected", "failed", "shutdown")
 
 

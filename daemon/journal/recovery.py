@@ -5,8 +5,11 @@ A request accepted by the previous run without a final is run again when it has 
 expired, still validates, and its inputs are still there: text-only and inline-image
 questions always are (the image is in the journal, unless it was too large for it);
 camera questions only when the frames they pinned are still held, which after a process
-restart they are not (the frame store lives in memory). Everything else ends `failed`
-with code `restarted` and a message that says why.
+restart they are not (the frame store lives in memory). A later turn of a conversation
+is not run again either: the conversation's earlier turns and KV rows lived in the
+engine's memory, and answering the turn without them would answer another question
+(#21.5); a `reset` (with or without a question) needs no history and runs. Everything
+else ends `failed` with code `restarted` and a message that says why.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def revive(pending: PendingAsk, inbox: Inbox, limits: AskLimits, now: float, wal
     except ValidationError as exc:
         return Restarted(job, f"the daemon restarted and the request no longer validates: {describe_validation_error(exc)}")
     job.camera = job.request.camera
+    if job.request.conversation is not None and not job.request.reset:
+        return Restarted(job, f"the daemon restarted and conversation {job.request.conversation!r} was lost with it"
+                              " (conversations live in memory): reset it, or ask again to start it over at turn 1")
     if pending.frames:
         frames = _held_frames(inbox, pending.frames)
         if frames is None:

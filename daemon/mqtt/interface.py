@@ -144,7 +144,7 @@ class MqttInterface:
         if isinstance(received, Refused):
             service.refuse(received, message.topic)
             return
-        service.submit_ask(received.request, received.reply, redelivered=message.redelivered)
+        service.submit_ask(received.request, received.reply, redelivered=message.redelivered, topic=message.topic)
 
     def _on_cancel(self, message: Incoming) -> None:
         request = receive_cancel(message.payload)

@@ -17,6 +17,10 @@ Conversations idle for `idle_s` are forgotten. When a turn would not leave
 `min(max_tokens, answer_room)` rows for its answer within `max_tokens` (default: the
 cache), the oldest turns are dropped and the rest re-prefilled; the final says so.
 Too many conversations or turns are refused (`ConversationLimit`, naming the limit).
+Each conversation belongs to the owner that opened it (an opaque string the caller
+passes: who asks, nothing more is known of it here): another owner's turn or reset is
+refused (`ConversationNotYours`), and one owner may hold at most `max_per_owner`
+conversations, so one client cannot take every slot.
 
 Bookkeeping only: the engine (npu/engine/core.py) restores, prefills and decodes.
 """
@@ -51,9 +55,16 @@ class ConversationError(RequestError):
     code = "bad_request"
 
 
+class ConversationNotYours(RequestError):
+    """A turn or reset for a conversation another owner opened."""
+
+    code = "conversation_not_yours"
+
+
 @dataclass(frozen=True)
 class ConversationLimits:
     max_conversations: int = 8
+    max_per_owner: int = 4  # conversations one owner may hold at once
     max_turns: int = 16
     max_tokens: int | None = None  # rows one conversation may fill; None = the KV cache
     idle_s: float = 600.0
@@ -61,7 +72,7 @@ class ConversationLimits:
     answer_room: int = 128  # rows kept for an answer (at most max_tokens) before old turns go
 
     def __post_init__(self) -> None:
-        for name in ("max_conversations", "max_turns", "max_bytes", "answer_room"):
+        for name in ("max_conversations", "max_per_owner", "max_turns", "max_bytes", "answer_room"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.idle_s <= 0 or (self.max_tokens is not None and self.max_tokens < 2):
@@ -87,6 +98,7 @@ class TurnRecord:
 class Conversation:
     conversation_id: str
     system: str | None
+    owner: str = ""  # who opened it (opaque)
     turns: list[TurnRecord] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)  # every row so far, answers as generated
     valid_rows: int = 0  # leading rows of `ids` the cache (live) or the snapshot holds
@@ -163,11 +175,15 @@ class ConversationStore:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def forget(self, conversation_id: str, reason: str = "reset") -> bool:
-        """Drop a conversation (a reset); True when it existed."""
-        conversation = self._conversations.pop(conversation_id, None)
+    def forget(self, conversation_id: str, reason: str = "reset", owner: str | None = None) -> bool:
+        """Drop a conversation (a reset); True when it existed. With `owner` (a client's
+        reset), ConversationNotYours when another owner opened it (nothing changed)."""
+        conversation = self._conversations.get(conversation_id)
         if conversation is None:
             return False
+        if owner is not None and owner != conversation.owner:
+            raise ConversationNotYours(_not_yours(conversation_id))
+        del self._conversations[conversation_id]
         if self.live == conversation_id:
             self.live = None
         if reason != "reset":
@@ -237,15 +253,23 @@ class ConversationStore:
         conversation_id = prompt.conversation
         conversation = self._conversations.get(conversation_id)
         notes = []
+        owner = prompt.conversation_owner
+        if conversation is not None and conversation.owner != owner:
+            raise ConversationNotYours(_not_yours(conversation_id))
         if conversation is None:
             if len(self._conversations) >= self.limits.max_conversations:
                 raise ConversationLimit(
                     f"there are already {len(self._conversations)} conversations, the limit (max_conversations): reset"
                     f" one, or wait until one has been idle for idle_s ({self.limits.idle_s:g} s)")
+            held = sum(c.owner == owner for c in self._conversations.values())
+            if held >= self.limits.max_per_owner:
+                raise ConversationLimit(
+                    f"this client already holds {held} conversations, the limit per client (max_per_client): reset"
+                    f" one, or wait until one has been idle for idle_s ({self.limits.idle_s:g} s)")
             if conversation_id in self._forgotten:  # told once, when this turn is recorded
                 notes.append(f"conversation {conversation_id!r} was forgotten because {self._forgotten[conversation_id]};"
                              " it starts again at turn 1")
-            conversation = Conversation(conversation_id, prompt.system)
+            conversation = Conversation(conversation_id, prompt.system, owner)
         elif conversation.num_turns >= self.limits.max_turns:
             raise ConversationLimit(f"conversation {conversation_id!r} has had {conversation.num_turns} turns, the limit"
                                     " (max_turns): reset it to go on")
@@ -326,6 +350,11 @@ class ConversationStore:
         self.live = conversation_id
         self._fit_bytes(keep=conversation_id)
         return conversation.num_turns
+
+
+def _not_yours(conversation_id: str) -> str:
+    return (f"conversation {conversation_id!r} was opened by another client (another reply path): only the client that"
+            " opened it may continue or reset it; choose another conversation id")
 
 
 def _turn_parts(template: Any, previous_images: int, num_images: int, image_tokens: int,

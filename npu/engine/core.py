@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -147,7 +147,7 @@ class EngineLike(Protocol):
     def generate(self, prompt: Prompt, options: GenerationOptions | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
 
-    def forget_conversation(self, conversation_id: str) -> bool: ...
+    def forget_conversation(self, conversation_id: str, owner: str | None = None) -> bool: ...
 
     def conversation_stats(self) -> dict[str, int]: ...
 
@@ -350,9 +350,10 @@ class Engine:
             extra.update(turn, **({"notes": notes} if notes else {}))
         yield DoneEvent(text, finish, num_prompt, len(answer_ids), timings, extra)
 
-    def forget_conversation(self, conversation_id: str) -> bool:
-        """Drop a conversation and its KV snapshot (a reset); True when it existed."""
-        return self.conversations.forget(conversation_id)
+    def forget_conversation(self, conversation_id: str, owner: str | None = None) -> bool:
+        """Drop a conversation and its KV snapshot (a reset); True when it existed.
+        With `owner`: ConversationNotYours when another owner opened it."""
+        return self.conversations.forget(conversation_id, owner=owner)
 
     def conversation_stats(self) -> dict[str, int]:
         return self.conversations.stats()

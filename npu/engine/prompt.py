@@ -76,6 +76,8 @@ class Prompt:
 
     `messages`, when given, is the whole chat (npu/text/messages.py) and replaces `text` and
     `system`; `images` are then its image parts' pixels, in the order the parts come.
+    `conversation_owner` is an opaque string naming who asks (the daemon passes the
+    client's reply path): a conversation answers only the owner that opened it.
     """
 
     text: str
@@ -84,6 +86,7 @@ class Prompt:
     system: str | None = None
     conversation: str | None = None
     messages: tuple[ChatMessage, ...] = ()
+    conversation_owner: str = ""
 
 
 @dataclass

