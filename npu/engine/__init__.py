@@ -4,7 +4,8 @@ prefill plan, follow-up prefixes, prompts and request errors, sampling, bf16 log
 Callers import the public names from here: `from npu.engine import Engine, Prompt, ...`.
 """
 
-from npu.engine.core import DoneEvent, Engine, EngineLike, Event, GenerationOptions, TokenEvent
+from npu.engine.core import Engine
+from npu.engine.events import DoneEvent, EngineLike, Event, GenerationOptions, TokenEvent
 from npu.engine.logits import argmax_logits, bf16_order_keys
 from npu.engine.prefill import plan_prefill
 from npu.engine.prefix import REPLAY_POLICIES
