@@ -178,16 +178,22 @@ class Inbox:
             self._changed.notify_all()
             return "queued"
 
-    def cancel(self, request_id: str) -> tuple[CancelResult, Job | None]:
-        """Remove a queued job (returned, for its final) or flag the running one."""
+    def cancel(self, request_id: str, reply_topic: str | None = None) -> tuple[CancelResult, Job | None]:
+        """Remove a queued job (returned, for its final) or flag the running one. With
+        `reply_topic`, only a job answered on that topic: ids are unique per client, so a
+        cancel from one client never reaches another's request of the same id."""
+        def named(job: Job) -> bool:
+            return job.job_id == request_id and (
+                reply_topic is None or (job.reply is not None and job.reply.topic == reply_topic))
+
         with self._lock:
             for job in self._queue:
-                if job.job_id == request_id and job.kind == "ask":
+                if named(job) and job.kind == "ask":
                     self._queue.remove(job)
                     job.cancel_event.set()
                     self._changed.notify_all()
                     return "queued", job
-            if self._running is not None and self._running.job_id == request_id:
+            if self._running is not None and named(self._running):
                 self._running.cancel_event.set()
                 return "running", self._running
             return "unknown", None

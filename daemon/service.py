@@ -385,8 +385,9 @@ class Service:
         job = Job("ask", refused.request_id or payloads.new_request_id(), self.clock(), reply=refused.reply)
         self._final(job, "rejected", (refused.code, refused.message))
 
-    def cancel(self, request_id: str) -> None:
-        where, job = self.inbox.cancel(request_id)
+    def cancel(self, request_id: str, reply_topic: str | None = None) -> None:
+        """Cancel a request; with `reply_topic`, only the one answered there (the client's own)."""
+        where, job = self.inbox.cancel(request_id, reply_topic)
         log.info("cancel", request_id=request_id, where=where)
         if where == "queued":
             self._final(job, "cancelled", ("cancelled", "cancelled while queued"))

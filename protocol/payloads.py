@@ -280,6 +280,9 @@ class CancelRequest(_Inbound):
     """On `<root>/cancel`: stop a queued or running request (its final says `cancelled`)."""
 
     id: RequestId = Field(description="The request to cancel.")
+    reply_to: str | None = Field(None, description="The reply path the request named (its reply_to, or on MQTT 5 its"
+                                 " response topic): a cancel stops only a request whose reply path it names;"
+                                 " without one, only requests answered on <root>/answer/<id>.")
 
     @field_validator("id")
     @classmethod

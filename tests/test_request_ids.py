@@ -6,6 +6,7 @@ once finished its final is published again unchanged."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -68,6 +69,32 @@ def test_two_clients_may_use_the_same_id(daemon):
     with pytest.raises(TimeoutError):
         d.client.next(1.0, a)  # A is not answered a second time
     assert len(engine.prompts) == 2
+
+
+def test_a_cancel_reaches_only_the_request_whose_reply_path_it_names(daemon):
+    """#21.1 for cancels: client B's cancel of "q1" (no reply path: the default answer topic)
+    neither stops client A's running q1 (reply_to clients/A) nor its queued one; A's own
+    cancel, naming its reply_to, does."""
+    engine = FakeEngine(token_delay_s=0.05, extra_words=60)
+    d = daemon(engine=engine)
+    a = d.root + "/clients/A"
+    d.ask(id="q1", text="talk a lot", reply_to=a, stream=False)
+    assert engine.started.wait(10)
+    d.ask(id="q2", text="?", reply_to=a, stream=False)
+    wait_for(lambda: d.service.inbox.depth == 1, what="q2 queued")
+    for request_id in ("q1", "q2"):
+        d.client.publish(d.topics.cancel(), {"id": request_id})  # another client, same ids
+        d.client.publish(d.topics.cancel(), {"id": request_id, "reply_to": d.root + "/clients/B"})
+    time.sleep(0.5)
+    assert d.service.inbox.depth == 1 and not d.service.inbox.running.cancel_event.is_set()
+    d.client.publish(d.topics.cancel(), {"id": "q2", "reply_to": a})
+    d.client.publish(d.topics.cancel(), {"id": "q1", "reply_to": a})
+    finals = {}
+    while len(finals) < 2:
+        message = json.loads(d.client.next(30, a).payload)
+        finals[message["id"]] = message["finish_reason"]
+    assert finals == {"q1": "cancelled", "q2": "cancelled"}
+    assert len(engine.prompts) == 1
 
 
 def test_a_malformed_copy_of_a_queued_id_leaves_it_alone(daemon):

@@ -151,4 +151,8 @@ class MqttInterface:
         if isinstance(request, Refused):
             self.service.responder.error(request.code, request.message, message.topic)
             return
-        self.service.cancel(request.id)
+        # A cancel names the request's reply path as the ask did (reply_to, else the response
+        # topic, else the default answer topic): another client's request of the same id is
+        # never reached (#21.1).
+        reply_topic = request.reply_to or message.response_topic or self.service.topics.answer(request.id)
+        self.service.cancel(request.id, reply_topic)
