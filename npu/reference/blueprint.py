@@ -133,18 +133,18 @@ class Blueprint:
             text, vision = config, None
         _check_qwen2(text)
         tie = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
-        n_heads = _need(text, "num_attention_heads")
-        hidden = _need(text, "hidden_size")
+        n_heads = config_int(text, "num_attention_heads")
+        hidden = config_int(text, "hidden_size")
         return cls(
             kind=kind,
             hidden=hidden,
-            n_layers=_need(text, "num_hidden_layers"),
+            n_layers=config_int(text, "num_hidden_layers"),
             n_heads=n_heads,
             n_kv_heads=int(text.get("num_key_value_heads") or n_heads),
             head_dim=int(text.get("head_dim") or hidden // n_heads),
-            intermediate=_need(text, "intermediate_size"),
-            vocab=_need(text, "vocab_size"),
-            rope_theta=_rope_theta(text),
+            intermediate=config_int(text, "intermediate_size"),
+            vocab=config_int(text, "vocab_size"),
+            rope_theta=rope_theta_of(text),
             rms_eps=float(text.get("rms_norm_eps", 1e-6)),
             tie_embeddings=tie,
             vision=vision,
@@ -179,13 +179,15 @@ def _check_qwen2(text: dict[str, Any]) -> None:
         )
 
 
-def _need(section: dict[str, Any], key: str) -> int:
+def config_int(section: dict[str, Any], key: str) -> int:
+    """`section[key]` as an int; BlueprintError naming the key when config.json lacks it."""
     if key not in section:
         raise BlueprintError(f"config.json lacks {key!r}")
     return int(section[key])
 
 
-def _rope_theta(text: dict[str, Any]) -> float:
+def rope_theta_of(text: dict[str, Any]) -> float:
+    """The text model's RoPE base; BlueprintError for any RoPE but the plain one."""
     params = text.get("rope_parameters") or text.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
@@ -209,7 +211,7 @@ def _check_gelu(*acts: str | None) -> None:
 
 def _native_vision(config: dict[str, Any]) -> VisionBlueprint:
     v = config.get("vision_config") or {}
-    text_hidden = _need(config.get("text_config") or {}, "hidden_size")
+    text_hidden = config_int(config.get("text_config") or {}, "hidden_size")
     _check_gelu(v.get("hidden_act"), config.get("projector_hidden_act"))
     layer = config.get("vision_feature_layer", -1)
     if not isinstance(layer, int):
@@ -219,10 +221,10 @@ def _native_vision(config: dict[str, Any]) -> VisionBlueprint:
     return VisionBlueprint(
         image_size=_square(v.get("image_size", 448), "image_size"),
         patch=_square(v.get("patch_size", 14), "patch_size"),
-        hidden=_need(v, "hidden_size"),
-        n_layers=_need(v, "num_hidden_layers"),
-        n_heads=_need(v, "num_attention_heads"),
-        intermediate=_need(v, "intermediate_size"),
+        hidden=config_int(v, "hidden_size"),
+        n_layers=config_int(v, "num_hidden_layers"),
+        n_heads=config_int(v, "num_attention_heads"),
+        intermediate=config_int(v, "intermediate_size"),
         norm=v.get("norm_type", "layer_norm"),
         eps=float(v.get("layer_norm_eps", 1e-6)),
         qk_norm=bool(v.get("use_qk_norm", False)),
@@ -235,7 +237,7 @@ def _native_vision(config: dict[str, Any]) -> VisionBlueprint:
 
 def _original_vision(config: dict[str, Any]) -> VisionBlueprint:
     v = config.get("vision_config") or {}
-    text_hidden = _need(config.get("llm_config") or {}, "hidden_size")
+    text_hidden = config_int(config.get("llm_config") or {}, "hidden_size")
     _check_gelu(v.get("hidden_act"))
     ps_version = config.get("ps_version", "v1")
     if ps_version != "v2":
@@ -244,10 +246,10 @@ def _original_vision(config: dict[str, Any]) -> VisionBlueprint:
     return VisionBlueprint(
         image_size=_square(size, "image_size"),
         patch=_square(v.get("patch_size", 14), "patch_size"),
-        hidden=_need(v, "hidden_size"),
-        n_layers=_need(v, "num_hidden_layers"),
-        n_heads=_need(v, "num_attention_heads"),
-        intermediate=_need(v, "intermediate_size"),
+        hidden=config_int(v, "hidden_size"),
+        n_layers=config_int(v, "num_hidden_layers"),
+        n_heads=config_int(v, "num_attention_heads"),
+        intermediate=config_int(v, "intermediate_size"),
         norm=v.get("norm_type", "rms_norm"),
         eps=float(v.get("layer_norm_eps", 1e-6)),
         qk_norm=bool(v.get("qk_normalization", False)),
@@ -267,14 +269,14 @@ def _qwen3_vl(config: dict[str, Any]) -> Blueprint:
         raise BlueprintError(f"Qwen3-VL RoPE {params}: expected the default type with an mrope_section")
     if text.get("attention_bias"):
         raise BlueprintError("Qwen3-VL with attention biases is not supported")
-    n_heads, hidden = _need(text, "num_attention_heads"), _need(text, "hidden_size")
+    n_heads, hidden = config_int(text, "num_attention_heads"), config_int(text, "hidden_size")
     head_dim = int(text.get("head_dim") or hidden // n_heads)
     if sum(section) != head_dim // 2:
         raise BlueprintError(f"mrope_section {section} does not cover head_dim/2 = {head_dim // 2} frequencies")
     return Blueprint(
-        kind=KIND_QWEN3_VL, hidden=hidden, n_layers=_need(text, "num_hidden_layers"), n_heads=n_heads,
+        kind=KIND_QWEN3_VL, hidden=hidden, n_layers=config_int(text, "num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=int(text.get("num_key_value_heads") or n_heads), head_dim=head_dim,
-        intermediate=_need(text, "intermediate_size"), vocab=_need(text, "vocab_size"),
+        intermediate=config_int(text, "intermediate_size"), vocab=config_int(text, "vocab_size"),
         rope_theta=float(params.get("rope_theta", text.get("rope_theta", 10000.0))),
         rms_eps=float(text.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
@@ -335,7 +337,7 @@ def qwen3_vision_blueprint(vision: dict[str, Any], text_hidden: int) -> Qwen3Vis
     if int(vision.get("out_hidden_size", text_hidden)) != text_hidden:
         raise BlueprintError("the vision out_hidden_size must equal the text hidden_size")
     return Qwen3VisionBlueprint(
-        hidden=_need(vision, "hidden_size"), depth=_need(vision, "depth"), n_heads=_need(vision, "num_heads"),
-        intermediate=_need(vision, "intermediate_size"), out_hidden=text_hidden, patch=patch, merge=merge,
+        hidden=config_int(vision, "hidden_size"), depth=config_int(vision, "depth"), n_heads=config_int(vision, "num_heads"),
+        intermediate=config_int(vision, "intermediate_size"), out_hidden=text_hidden, patch=patch, merge=merge,
         temporal=2, pos_side=pos_side, deepstack=tuple(int(i) for i in vision.get("deepstack_visual_indexes", ())),
         act=act, rope_theta=float(rope.get("rope_theta", 10000.0)), image_size=side)

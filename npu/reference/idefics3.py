@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from npu.reference.blueprint import Blueprint, BlueprintError
+from npu.reference.blueprint import Blueprint, BlueprintError, config_int, rope_theta_of
 from npu.reference.checkpoint import CheckpointError, Weights, checkpoint_files, read_config, read_safetensors
 
 KIND_SMOLVLM = "smolvlm"
@@ -89,15 +89,15 @@ class SmolVLMBlueprint:
             raise BlueprintError(f"text model {text.get('model_type')!r} is not supported (SmolVLM's is Llama)")
         if text.get("attention_bias") or text.get("mlp_bias"):
             raise BlueprintError("Llama with attention or MLP biases is not supported")
-        n_heads = _need(text, "num_attention_heads")
-        hidden = _need(text, "hidden_size")
+        n_heads = config_int(text, "num_attention_heads")
+        hidden = config_int(text, "hidden_size")
         tie = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
         text_bp = Blueprint(
-            kind=KIND_SMOLVLM, hidden=hidden, n_layers=_need(text, "num_hidden_layers"), n_heads=n_heads,
+            kind=KIND_SMOLVLM, hidden=hidden, n_layers=config_int(text, "num_hidden_layers"), n_heads=n_heads,
             n_kv_heads=int(text.get("num_key_value_heads") or n_heads),
             head_dim=int(text.get("head_dim") or hidden // n_heads),
-            intermediate=_need(text, "intermediate_size"), vocab=_need(text, "vocab_size"),
-            rope_theta=_rope_theta(text), rms_eps=float(text.get("rms_norm_eps", 1e-6)),
+            intermediate=config_int(text, "intermediate_size"), vocab=config_int(text, "vocab_size"),
+            rope_theta=rope_theta_of(text), rms_eps=float(text.get("rms_norm_eps", 1e-6)),
             tie_embeddings=tie, vision=None, template=None,
         )
         v = config.get("vision_config") or {}
@@ -105,12 +105,12 @@ class SmolVLMBlueprint:
             raise BlueprintError(f"vision activation {v.get('hidden_act')!r} is not supported (only gelu_pytorch_tanh)")
         vision = SmolVisionBlueprint(
             image_size=int(v.get("image_size", 512)), patch=int(v.get("patch_size", 16)),
-            hidden=_need(v, "hidden_size"), n_layers=_need(v, "num_hidden_layers"),
-            n_heads=_need(v, "num_attention_heads"), intermediate=_need(v, "intermediate_size"),
+            hidden=config_int(v, "hidden_size"), n_layers=config_int(v, "num_hidden_layers"),
+            n_heads=config_int(v, "num_attention_heads"), intermediate=config_int(v, "intermediate_size"),
             eps=float(v.get("layer_norm_eps", 1e-6)), scale_factor=int(config.get("scale_factor", 2)),
             text_hidden=hidden,
         )
-        return cls(text=text_bp, vision=vision, image_token_id=_need(config, "image_token_id"))
+        return cls(text=text_bp, vision=vision, image_token_id=config_int(config, "image_token_id"))
 
 
 def is_idefics3_config(config: dict[str, Any]) -> bool:
@@ -118,20 +118,6 @@ def is_idefics3_config(config: dict[str, Any]) -> bool:
     return config.get("model_type") in MODEL_TYPES or any(
         a in ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration") for a in architectures
     )
-
-
-def _need(section: dict[str, Any], key: str) -> int:
-    if key not in section:
-        raise BlueprintError(f"config.json lacks {key!r}")
-    return int(section[key])
-
-
-def _rope_theta(text: dict[str, Any]) -> float:
-    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise BlueprintError(f"RoPE type {rope_type!r} is not supported (only plain RoPE)")
-    return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
 # ---------------------------------------------------------------- names
